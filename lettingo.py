@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -587,6 +588,40 @@ def chat_prompt(tokenizer, messages, answer_prefix: str = "") -> list[int]:
     """Token ids of a chat prompt ending where the assistant starts (plus an optional forced prefix)."""
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return tokenizer(text + answer_prefix, add_special_tokens=False)["input_ids"]
+
+
+def extract_tag(text: str, tag: str) -> str | None:
+    """Content of the last complete <tag>...</tag> (case-insensitive), stripped; None if there is none."""
+    low = text.lower()
+    close = low.rfind(f"</{tag}>")
+    if close < 0:
+        return None
+    open_ = low.rfind(f"<{tag}>", 0, close)
+    return None if open_ < 0 else text[open_ + len(tag) + 2:close].strip()
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """All JSON objects of a file; a bad line is reported with its number and skipped."""
+    if not os.path.isfile(path):
+        raise LettingoError(f"{path}: no such file")
+    rows, bad = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+                rows.append(row)
+            except ValueError as e:
+                bad += 1
+                print(f"warning: {path}:{i}: unreadable line skipped ({str(e)[:80]})", file=sys.stderr)
+    if bad:
+        print(f"warning: {path}: {bad} unreadable line(s) skipped, {len(rows)} read", file=sys.stderr)
+    if not rows:
+        raise LettingoError(f"{path}: no readable rows")
+    return rows
 
 
 def main():
