@@ -1,0 +1,398 @@
+"""data/prepare.py -- rating datasets -> leak-free LettinGo samples (train/val/test JSONL + stats.json).
+
+One sample = one target interaction of one user, with the history strictly before it:
+    python data/prepare.py movielens --raw ../shared/data/ml-100k --out runs/ml100k
+    python data/prepare.py synthetic --users 200 --out runs/synth
+Protocols: the public GRPO code's (profile from the last 10 interactions): --profile-history 10 --recent 0;
+the paper's (profile from older history, 10 recent kept raw): --profile-history 30 --recent 10.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import bisect
+import csv
+import glob
+import gzip
+import io
+import json
+import os
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from datetime import datetime, timezone
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from lettingo import LettingoError, cli  # noqa: E402
+
+
+class Drops:
+    """Every dropped row is counted by reason; the first few line numbers are kept for the report."""
+
+    def __init__(self):
+        self.count, self.where = Counter(), defaultdict(list)
+
+    def add(self, reason, where=None):
+        self.count[reason] += 1
+        if where is not None and len(self.where[reason]) < 5:
+            self.where[reason].append(where)
+
+    def report(self):
+        return {r: {"count": n, "examples": self.where.get(r, [])} for r, n in sorted(self.count.items())}
+
+
+def open_text(path, encoding="utf-8"):
+    """Text lines of a plain or .gz file, decoded strictly so a bad byte is reported per line."""
+    if not os.path.isfile(path):
+        raise LettingoError(f"{path}: no such file")
+    raw = gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
+    return raw, encoding
+
+
+def lines(path, drops: Drops, encoding="utf-8", skip_header=False):
+    """Yield (line number, text) of a file; undecodable lines and truncated .gz streams are reported."""
+    raw, enc = open_text(path, encoding)
+    n = 0
+    try:
+        with raw:
+            for n, b in enumerate(raw, 1):
+                if skip_header and n == 1:
+                    continue
+                try:
+                    text = b.decode(enc).rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    drops.add("malformed line", f"{os.path.basename(path)}:{n}: not {enc} ({e.reason} at byte {e.start})")
+                    continue
+                if text.strip():
+                    yield n, text
+    except (EOFError, OSError, gzip.BadGzipFile) as e:
+        drops.add("truncated file", f"{os.path.basename(path)}: stream ends after line {n} ({e})")
+        print(f"warning: {path}: truncated or corrupt after line {n} ({e}); using what was read", file=sys.stderr)
+    if n == 0:
+        raise LettingoError(f"{path}: file is empty")
+
+
+# ----------------------------------------------------------------------------- sources
+# Each reader returns (ratings, items): ratings = [(user, item, rating, timestamp, review)], items =
+# {item: (title, description)}; items is None when the source has no metadata (ids name the items).
+
+def read_movielens(folder, drops):
+    if not os.path.isdir(folder):
+        raise LettingoError(f"--raw {folder}: no such folder (expected a MovieLens folder with u.data, "
+                            "ratings.dat or ratings.csv)")
+    p = lambda f: os.path.join(folder, f)
+    items, ratings = {}, []
+    if os.path.isfile(p("u.data")):                                         # ML-100K
+        genres = [g.split("|")[0] for _, g in lines(p("u.genre"), drops, "latin-1")] if os.path.isfile(p("u.genre")) else []
+        for n, line in lines(p("u.item"), drops, "latin-1"):
+            f = line.split("|")
+            if len(f) < 5:
+                drops.add("malformed item line", f"u.item:{n}")
+                continue
+            g = [genres[i] for i, flag in enumerate(f[5:]) if flag == "1" and i < len(genres)]
+            items[f[0]] = (f[1], describe_movie(f[1], g))
+        rows, sep = lines(p("u.data"), drops), "\t"
+    elif os.path.isfile(p("ratings.dat")):                                  # ML-1M / ML-10M
+        for n, line in lines(p("movies.dat"), drops, "latin-1"):
+            f = line.split("::")
+            if len(f) != 3:
+                drops.add("malformed item line", f"movies.dat:{n}")
+                continue
+            items[f[0]] = (f[1], describe_movie(f[1], f[2].split("|")))
+        rows, sep = lines(p("ratings.dat"), drops), "::"
+    elif os.path.isfile(p("ratings.csv")):                                  # ml-latest(-small)
+        for n, line in lines(p("movies.csv"), drops, skip_header=True):
+            f = next(csv.reader([line]))
+            if len(f) != 3:
+                drops.add("malformed item line", f"movies.csv:{n}")
+                continue
+            items[f[0]] = (f[1], describe_movie(f[1], f[2].split("|")))
+        rows, sep = lines(p("ratings.csv"), drops, skip_header=True), ","
+    else:
+        raise LettingoError(f"--raw {folder}: no u.data, ratings.dat or ratings.csv there")
+    fname = {"\t": "u.data", "::": "ratings.dat", ",": "ratings.csv"}[sep]
+    for n, line in rows:
+        f = line.split(sep)
+        try:
+            if len(f) != 4:
+                raise ValueError(f"{len(f)} fields, expected 4")
+            ratings.append((f[0], f[1], float(f[2]), int(f[3]), ""))
+        except ValueError as e:
+            drops.add("malformed line", f"{fname}:{n}: {e}")
+    return ratings, items
+
+
+def describe_movie(title, genres):
+    year = title[-5:-1] if title.endswith(")") and title[-5:-1].isdigit() else None
+    genres = [g for g in genres if g and g not in ("unknown", "(no genres listed)")]
+    return ". ".join(x for x in [f"Released {year}" if year else "", "Genres: " + ", ".join(genres) if genres else ""] if x)
+
+
+def parse_json_or_literal(text):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return ast.literal_eval(text)  # Amazon 2014 metadata is Python-literal, not JSON
+
+
+def read_amazon(path, drops, meta=None, review_chars=200):
+    """2014/2018 (reviewerID, asin, overall, unixReviewTime) or 2023 (user_id, parent_asin, rating,
+    timestamp in ms) review lines; optional metadata (title, description) from --meta."""
+    items = None
+    if meta:
+        items = {}
+        for n, line in lines(meta, drops):
+            try:
+                m = parse_json_or_literal(line)
+                key = m.get("parent_asin") or m["asin"]
+                desc = m.get("description") or ""
+                desc = " ".join(desc) if isinstance(desc, list) else str(desc)
+                items[key] = (m.get("title") or key, desc[:300])
+            except (ValueError, SyntaxError, KeyError, AttributeError):
+                drops.add("malformed item line", f"{os.path.basename(meta)}:{n}")
+    ratings = []
+    for n, line in lines(path, drops):
+        try:
+            r = json.loads(line)
+            if "reviewerID" in r:
+                user, item, rating, ts = r["reviewerID"], r["asin"], float(r["overall"]), int(r["unixReviewTime"])
+                text = " ".join(x for x in (r.get("summary"), r.get("reviewText")) if x)
+            else:
+                user, item, rating = r["user_id"], r.get("parent_asin") or r["asin"], float(r["rating"])
+                ts = int(r["timestamp"]) // 1000
+                text = " ".join(x for x in (r.get("title"), r.get("text")) if x)
+            ratings.append((user, item, rating, ts, text[:review_chars]))
+        except (ValueError, KeyError, TypeError) as e:
+            drops.add("malformed line", f"{os.path.basename(path)}:{n}: {type(e).__name__} {e}")
+    return ratings, items
+
+
+def read_yelp(folder, drops, review_chars=200):
+    if not os.path.isdir(folder):
+        raise LettingoError(f"--raw {folder}: no such folder (expected the Yelp review.json and business.json)")
+    find = lambda name: (glob.glob(os.path.join(folder, f"*{name}.json")) + glob.glob(os.path.join(folder, f"*{name}.json.gz")) or [None])[0]
+    review, business = find("review"), find("business")
+    if not review or not business:
+        raise LettingoError(f"--raw {folder}: needs *review.json and *business.json")
+    items = {}
+    for n, line in lines(business, drops):
+        try:
+            b = json.loads(line)
+            items[b["business_id"]] = (b["name"], ", ".join(x for x in (b.get("categories"), b.get("city")) if x))
+        except (ValueError, KeyError) as e:
+            drops.add("malformed item line", f"{os.path.basename(business)}:{n}: {e}")
+    ratings = []
+    for n, line in lines(review, drops):
+        try:
+            r = json.loads(line)
+            ts = int(datetime.strptime(r["date"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc).timestamp())
+            ratings.append((r["user_id"], r["business_id"], float(r["stars"]), ts, (r.get("text") or "")[:review_chars]))
+        except (ValueError, KeyError, TypeError) as e:
+            drops.add("malformed line", f"{os.path.basename(review)}:{n}: {type(e).__name__} {e}")
+    return ratings, items
+
+
+# ----------------------------------------------------------------------------- synthetic users
+
+GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Animation", "Documentary", "Fantasy"]
+ADJ = ["Silent", "Last", "Golden", "Broken", "Hidden", "Crimson", "Endless", "Little", "Wild", "Frozen", "Secret", "Lost"]
+NOUN = ["River", "Kingdom", "Summer", "Machine", "Garden", "Storm", "Letter", "Island", "Road", "Planet", "Heart", "City"]
+
+
+def synthetic(n_users, seed=0, n_items=400, min_ratings=20, max_ratings=60, total_ratings=None):
+    """Users with latent traits and ratings drawn from a stated model:
+        score = 3.0 + generosity + 1.3 [item has a liked genre] - 1.6 [item has a disliked genre]
+                + quality_item + Normal(0, noise_user);   rating = clip(round(score), 1, 5)
+    generosity ~ U(-1, 1), noise ~ U(0.2, 1.0) (consistency), 2 liked and 1-2 disliked genres.
+    Returns (ratings, items, oracle profiles {user: text}). Deterministic for a seed."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    items, item_genres = {}, []
+    for i in range(n_items):
+        g = list(rng.choice(len(GENRES), size=int(rng.integers(1, 3)), replace=False))
+        item_genres.append(set(g))
+        title = f"The {ADJ[rng.integers(len(ADJ))]} {NOUN[rng.integers(len(NOUN))]} {i} ({1970 + int(rng.integers(50))})"
+        desc = f"Genres: {', '.join(GENRES[k] for k in g)}. A {GENRES[g[0]].lower()} story."
+        items[str(i)] = (title, desc)
+    quality = rng.normal(0, 0.3, n_items)
+    counts = rng.integers(min_ratings, max_ratings + 1, n_users)
+    if total_ratings:  # an exact total spread evenly (ML-1M-sized files for the speed check)
+        counts = np.full(n_users, total_ratings // n_users)
+        counts[: total_ratings % n_users] += 1
+        if counts.max() > n_items:
+            raise LettingoError(f"--total-ratings needs at least {counts.max()} items per user; raise --items")
+    ratings, oracle = [], {}
+    for u in range(n_users):
+        gen, noise = rng.uniform(-1, 1), rng.uniform(0.2, 1.0)
+        prefs = rng.choice(len(GENRES), size=3 + int(rng.integers(0, 2)), replace=False)
+        liked, disliked = set(prefs[:2].tolist()), set(prefs[2:].tolist())
+        chosen = rng.choice(n_items, size=int(counts[u]), replace=False)
+        like = np.array([bool(item_genres[i] & liked) for i in chosen])
+        dislike = np.array([bool(item_genres[i] & disliked) for i in chosen])
+        score = 3.0 + gen + 1.3 * like - 1.6 * dislike + quality[chosen] + rng.normal(0, noise, len(chosen))
+        stars = np.clip(np.rint(score), 1, 5)
+        times = 1_000_000_000 + np.sort(rng.integers(0, 10**8, len(chosen)))
+        uid = str(u + 1)
+        ratings += [(uid, str(i), float(r), int(t), "") for i, r, t in zip(chosen, stars, times)]
+        tone = "generously" if gen > 0.33 else "harshly" if gen < -0.33 else "about average"
+        oracle[uid] = (f"This user rates {tone} (typical rating about {3.0 + gen:.1f}). They love "
+                       f"{' and '.join(GENRES[k] for k in sorted(liked))} and dislike "
+                       f"{' and '.join(GENRES[k] for k in sorted(disliked))}. Their ratings are "
+                       f"{'very consistent' if noise < 0.45 else 'fairly consistent' if noise < 0.75 else 'noisy'}.")
+    return ratings, items, oracle
+
+
+def export_movielens(folder, ratings, items):
+    """Write ratings in the ML-1M layout (ratings.dat / movies.dat, `::`-separated)."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "movies.dat"), "w", encoding="latin-1") as f:
+        for i, (title, desc) in items.items():
+            f.write(f"{i}::{title}::{desc.split('. ')[0].replace('Genres: ', '').replace(', ', '|')}\n")
+    with open(os.path.join(folder, "ratings.dat"), "w") as f:
+        f.writelines(f"{u}::{i}::{int(r)}::{t}\n" for u, i, r, t, _ in ratings)
+
+
+# ----------------------------------------------------------------------------- samples
+
+def build_samples(ratings, items, args, drops, oracle=None):
+    """Group by user, order by time, split users, and cut one sample per target interaction."""
+    by_user, seen = defaultdict(list), set()
+    for u, i, r, t, text in ratings:
+        if items is not None and i not in items:
+            drops.add("unknown item", f"user {u} item {i}")
+            continue
+        if (u, i) in seen:
+            drops.add("duplicate", f"user {u} item {i}")
+            continue
+        seen.add((u, i))
+        by_user[u].append((t, i, r, text))
+    del seen
+    by_item = defaultdict(list)                     # item -> sorted timestamps + prefix sums of ratings
+    for u, rows in by_user.items():
+        rows.sort()
+        for t, i, r, _ in rows:
+            by_item[i].append((t, r))
+    item_index = {}
+    for i, rows in by_item.items():
+        rows.sort()
+        ts, sums, s = [], [0.0], 0.0
+        for t, r in rows:
+            ts.append(t)
+            s += r
+            sums.append(s)
+        item_index[i] = (ts, sums)
+    eligible = []
+    for u in sorted(by_user):
+        if len(by_user[u]) < args.min_interactions:
+            drops.add("too little history", f"user {u}: {len(by_user[u])} interactions")
+        else:
+            eligible.append(u)
+    random.Random(args.seed).shuffle(eligible)
+    need = args.test_users + args.val_users
+    if len(eligible) <= need:
+        raise LettingoError(f"only {len(eligible)} users have >= {args.min_interactions} interactions; "
+                            f"--test-users {args.test_users} + --val-users {args.val_users} leaves none for training")
+    split_users = {"test": eligible[:args.test_users], "val": eligible[args.test_users:need],
+                   "train": eligible[need:need + args.train_users] if args.train_users else eligible[need:]}
+    out = {}
+    for split, users in split_users.items():
+        samples = []
+        for u in users:
+            rows = by_user[u]
+            k = 1 if split != "train" else args.targets_per_user
+            for j in range(len(rows) - k, len(rows)):
+                s = make_sample(u, rows, j, items, item_index, args, drops, oracle)
+                if s:
+                    samples.append(s)
+        out[split] = samples
+    return out, by_user
+
+
+def make_sample(u, rows, j, items, item_index, args, drops, oracle):
+    t, i, r, _ = rows[j]
+    first_same = bisect.bisect_left(rows, (t,))     # rows at the target's timestamp are not "before" it
+    earlier = rows[:min(first_same, j)]
+    if len(earlier) < args.min_history:
+        drops.add("too little history", f"user {u} target {i}: {len(earlier)} earlier interactions")
+        return None
+    as_dict = lambda row: {"item_id": row[1], "title": items[row[1]][0] if items else row[1],
+                           "rating": row[2], "timestamp": row[0], **({"review": row[3]} if row[3] else {})}
+    recent = earlier[len(earlier) - args.recent:] if args.recent else []
+    older = earlier[:len(earlier) - args.recent] if args.recent else earlier
+    ts, sums = item_index[i]
+    n_before = bisect.bisect_left(ts, t)            # other users' ratings strictly before the target
+    title, desc = items[i] if items else (i, "")
+    sample = {"user_id": u, "item_id": i, "title": title, "description": desc, "rating": r,
+              "label": "like" if r >= args.like_min else "dislike" if r <= args.dislike_max else "neutral",
+              "timestamp": t, "history": [as_dict(x) for x in older[-args.profile_history:]],
+              "recent": [as_dict(x) for x in recent],
+              "user_mean": round(sum(x[2] for x in earlier) / len(earlier), 4),
+              "item_mean": round(sums[n_before] / n_before, 4) if n_before else None}
+    if oracle:
+        sample["oracle_profile"] = oracle[u]
+    return sample
+
+
+def main():
+    p = argparse.ArgumentParser(description="Turn a ratings dataset into leak-free LettinGo samples.")
+    p.add_argument("source", choices=["movielens", "amazon", "yelp", "synthetic"])
+    p.add_argument("--raw", help="movielens/yelp: the dataset folder; amazon: the reviews file (.json/.jsonl[.gz])")
+    p.add_argument("--meta", help="amazon: optional metadata file (titles, descriptions)")
+    p.add_argument("--out", required=True, help="output folder for train/val/test.jsonl and stats.json")
+    p.add_argument("--profile-history", type=int, default=10, help="interactions the profile is written from (default 10)")
+    p.add_argument("--recent", type=int, default=0, help="most recent interactions kept raw for the recommender (paper: 10)")
+    p.add_argument("--min-interactions", type=int, default=20, help="users with fewer are dropped (default 20)")
+    p.add_argument("--min-history", type=int, default=5, help="targets with fewer earlier interactions are dropped")
+    p.add_argument("--test-users", type=int, default=200)
+    p.add_argument("--val-users", type=int, default=50)
+    p.add_argument("--train-users", type=int, default=0, help="cap on training users (default 0 = all the rest)")
+    p.add_argument("--targets-per-user", type=int, default=1, help="train users: last N interactions as targets")
+    p.add_argument("--like-min", type=float, default=4.0, help="rating >= this is 'like' (default 4)")
+    p.add_argument("--dislike-max", type=float, default=2.0, help="rating <= this is 'dislike' (default 2)")
+    p.add_argument("--review-chars", type=int, default=200, help="review text kept per interaction")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--users", type=int, default=300, help="synthetic: number of users")
+    p.add_argument("--items", type=int, default=400, help="synthetic: catalog size")
+    p.add_argument("--total-ratings", type=int, default=0, help="synthetic: exact number of ratings (0 = 20-60 per user)")
+    p.add_argument("--export-movielens", metavar="DIR", help="synthetic: also write ratings.dat/movies.dat (ML-1M layout)")
+    args = p.parse_args()
+    t0, drops, oracle = time.time(), Drops(), None
+    if args.source == "synthetic":
+        ratings, items, oracle = synthetic(args.users, args.seed, args.items, total_ratings=args.total_ratings)
+        if args.export_movielens:
+            export_movielens(args.export_movielens, ratings, items)
+    elif not args.raw:
+        raise LettingoError(f"{args.source} needs --raw PATH")
+    elif args.source == "movielens":
+        ratings, items = read_movielens(args.raw, drops)
+    elif args.source == "amazon":
+        ratings, items = read_amazon(args.raw, drops, args.meta, args.review_chars)
+    else:
+        ratings, items = read_yelp(args.raw, drops, args.review_chars)
+    if not ratings:
+        raise LettingoError(f"no readable ratings in {args.raw}")
+    splits, by_user = build_samples(ratings, items, args, drops, oracle)
+    os.makedirs(args.out, exist_ok=True)
+    for split, samples in splits.items():
+        with open(os.path.join(args.out, f"{split}.jsonl"), "w") as f:
+            f.writelines(json.dumps(s) + "\n" for s in samples)
+    stats = {"source": args.source, "raw": args.raw, "options": vars(args),
+             "ratings_read": len(ratings), "users_read": len({r[0] for r in ratings}),
+             "items_rated": len({r[1] for r in ratings}), "items_in_catalog": len(items) if items is not None else None,
+             "ratings_kept": sum(len(v) for v in by_user.values()),
+             "rating_counts": dict(sorted(Counter(r[2] for r in ratings).items())),
+             "dropped": drops.report(), "seconds": round(time.time() - t0, 2),
+             **{f"{s}_samples": len(v) for s, v in splits.items()},
+             **{f"{s}_users": len({x['user_id'] for x in v}) for s, v in splits.items()}}
+    with open(os.path.join(args.out, "stats.json"), "w") as f:
+        json.dump(stats, f, indent=2)
+    print(f"{stats['ratings_read']:,} ratings, {stats['users_read']:,} users, {stats['items_rated']:,} items rated "
+          f"-> train {len(splits['train'])} / val {len(splits['val'])} / test {len(splits['test'])} samples "
+          f"in {args.out} ({stats['seconds']} s)")
+    for reason, d in drops.report().items():
+        print(f"dropped {d['count']:,} ({reason}), e.g. {'; '.join(map(str, d['examples'][:3]))}")
+
+
+if __name__ == "__main__":
+    cli(main)
