@@ -1,0 +1,406 @@
+"""reward.py -- task-driven evaluation of profiles: a frozen recommender (the judge) predicts the
+user's reaction to a new item from the profile; the reward is how right it was.
+
+    python reward.py eval --data runs/synth/test.jsonl --profiles profiles.jsonl --judge smollm2-135m
+    python reward.py serve --model smollm2-135m --port 8008      # OpenAI-compatible judge server
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import queue
+import random
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+
+from lettingo import (LettingoError, chat_prompt, cli, extract_tag, format_interactions, load_model,
+                      predictor_messages, read_jsonl)
+from rollout import generate
+
+LABELS = ("like", "neutral", "dislike")
+FORMAT_PENALTY = -1.0   # the public GRPO code's reward for a missing/unclosed profile tag
+
+
+# ----------------------------------------------------------------------------- parsing and rewards
+
+def parse_rating(text: str) -> float | None:
+    """The last <rating>x</rating> (any case, any spaces) as a number in [1, 5], else None."""
+    inner = extract_tag(text or "", "rating")
+    try:
+        value = float(inner)
+    except (TypeError, ValueError):
+        return None
+    return value if 1.0 <= value <= 5.0 else None
+
+
+def parse_sentiment(text: str) -> str | None:
+    inner = (extract_tag(text or "", "sentiment") or "").lower()
+    return inner if inner in LABELS else None
+
+
+def task_reward(task: str, pred, sample) -> float:
+    """rating: 1 - |pred - true| / 4 (the public code's); sentiment: 1 if the label is right (the paper's)."""
+    if task == "rating":
+        return 1.0 - abs(pred - sample["rating"]) / 4.0
+    return float(pred == sample["label"])
+
+
+# ----------------------------------------------------------------------------- judges
+# One interface: predict(list of chat message lists, task) -> predictions (None = the judge failed).
+
+class LocalJudge:
+    """The frozen recommender in-process. mode="expect": one forward with the answer tag forced; the
+    prediction is the expected rating (or the most likely label) under the next-token distribution
+    over the valid answers. mode="decode": greedy decoding of a tagged answer, as the public code."""
+
+    def __init__(self, model, tokenizer, mode="expect", batch_size=16):
+        if mode not in ("expect", "decode"):
+            raise LettingoError(f"unknown judge mode {mode!r} (expect | decode)")
+        self.model, self.tok, self.mode, self.batch_size = model, tokenizer, mode, batch_size
+        self.failures = 0
+
+    def answer_tokens(self, prefix: str, answers) -> list[int]:
+        """The token each answer starts with right after the forced prefix (checked to be distinct)."""
+        base = self.tok(prefix, add_special_tokens=False)["input_ids"]
+        ids = []
+        for a in answers:
+            full = self.tok(prefix + a, add_special_tokens=False)["input_ids"]
+            if full[:len(base)] != base:
+                raise LettingoError(f"the judge's tokenizer merges {prefix!r} with the answer {a!r}")
+            ids.append(full[len(base)])
+        if len(set(ids)) != len(ids):
+            raise LettingoError("the judge's tokenizer does not give each answer its own first token")
+        return ids
+
+    @torch.no_grad()
+    def probabilities(self, messages, task):
+        """[N, len(answers)] probabilities of the answers, renormalised over them."""
+        prefix, answers = ("<rating>", [str(k) for k in range(1, 6)]) if task == "rating" else ("<sentiment>", LABELS)
+        prompts = [chat_prompt(self.tok, m, answer_prefix=prefix) for m in messages]
+        cand = torch.tensor(self.answer_tokens(prefix, answers))
+        device = self.model.lm_head.weight.device
+        out = torch.empty(len(prompts), len(answers))
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        for c in range(0, len(order), self.batch_size):
+            idx = order[c:c + self.batch_size]
+            P = max(len(prompts[i]) for i in idx)
+            tokens = torch.zeros(len(idx), P, dtype=torch.long)
+            mask = torch.zeros(len(idx), P, dtype=torch.bool)
+            for r, i in enumerate(idx):                      # left padding: last position = answer slot
+                tokens[r, P - len(prompts[i]):] = torch.tensor(prompts[i])
+                mask[r, P - len(prompts[i]):] = True
+            logits = self.model(tokens.to(device), mask=mask.to(device), last_only=True)[:, -1].float().cpu()
+            out[idx] = torch.softmax(logits[:, cand], dim=-1)
+        return out
+
+    def predict(self, messages, task):
+        if self.mode == "expect":
+            p = self.probabilities(messages, task)
+            if task == "rating":
+                return (p @ torch.arange(1.0, 6.0)).tolist()
+            return [LABELS[i] for i in p.argmax(-1).tolist()]
+        prompts = [chat_prompt(self.tok, m) for m in messages]
+        stop = ("</rating>",) if task == "rating" else ("</sentiment>",)
+        outs = generate(self.model, prompts, max_new_tokens=20, temperature=0, stop=stop, tokenizer=self.tok,
+                        batch_size=self.batch_size)
+        parse = parse_rating if task == "rating" else parse_sentiment
+        return [parse(o[0].text) for o in outs]
+
+
+class JudgeFailure(Exception):
+    pass
+
+
+class HTTPJudge:
+    """Any OpenAI-compatible /v1/chat/completions endpoint (vLLM, SGLang, llama.cpp, `reward.py serve`).
+    Concurrent requests; each retried with exponential backoff; after the last retry the prediction is
+    None (counted in `failures`), never a made-up score."""
+
+    def __init__(self, url, model="judge", timeout=30.0, retries=3, concurrency=8, backoff=0.5):
+        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/v1/chat/completions")
+        self.model, self.timeout, self.retries, self.concurrency, self.backoff = model, timeout, retries, concurrency, backoff
+        self.failures, self.retried, self.bad_answers = 0, 0, 0
+        self.lock = threading.Lock()
+
+    def ask(self, messages) -> str:
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": 20}).encode()
+        last = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                with self.lock:
+                    self.retried += 1
+                time.sleep(self.backoff * 2 ** (attempt - 1))
+            try:
+                req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=self.timeout) as r:
+                    return json.loads(r.read())["choices"][0]["message"]["content"]
+            except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+                last = e
+        raise JudgeFailure(f"{self.url}: {type(last).__name__}: {last} (after {self.retries} retries)")
+
+    def predict(self, messages, task):
+        parse = parse_rating if task == "rating" else parse_sentiment
+
+        def one(m):
+            try:
+                answer = parse(self.ask(m))
+            except JudgeFailure as e:
+                with self.lock:
+                    self.failures += 1
+                    if self.failures <= 3:
+                        print(f"warning: judge failed: {e}", file=sys.stderr)
+                return None
+            if answer is None:
+                with self.lock:
+                    self.bad_answers += 1
+            return answer
+
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(one, messages))
+
+
+def make_judge(judge: str | None = None, judge_url: str | None = None, mode="expect", batch_size=16, device=None,
+               timeout=30.0, retries=3):
+    if judge_url:
+        return HTTPJudge(judge_url, model=judge or "judge", timeout=timeout, retries=retries)
+    model, tok = load_model(judge or "smollm2-135m", device=device)
+    return LocalJudge(model, tok, mode, batch_size)
+
+
+# ----------------------------------------------------------------------------- scoring profiles
+
+@dataclass
+class Scored:
+    reward: float | None        # None: the judge failed -> leave the sample out, never score it
+    prediction: object = None
+    status: str = "ok"          # ok | format (no complete profile tag) | judge_failed
+
+
+def score_profiles(samples, texts, judge, task) -> list[Scored]:
+    """(sample, generated text) -> reward. Format failures get -1 without asking the judge."""
+    profiles = [extract_tag(t, "user_profile") for t in texts]
+    ask = [i for i, p in enumerate(profiles) if p]
+    preds = judge.predict([predictor_messages(samples[i], profiles[i], task) for i in ask], task) if ask else []
+    out = [Scored(FORMAT_PENALTY, None, "format") for _ in texts]
+    for i, pred in zip(ask, preds):
+        out[i] = Scored(None, None, "judge_failed") if pred is None else Scored(task_reward(task, pred, samples[i]), pred)
+    return out
+
+
+def metrics(task, preds, samples, boot=1000, seed=0) -> dict:
+    """rating: MAE, RMSE; sentiment: accuracy, macro-F1 -- each with a bootstrap 95% interval."""
+    pairs = [(p, s) for p, s in zip(preds, samples) if p is not None]
+    if not pairs:
+        return {"n": 0}
+    if task == "rating":
+        fns = {"MAE": lambda ps: sum(abs(p - s["rating"]) for p, s in ps) / len(ps),
+               "RMSE": lambda ps: math.sqrt(sum((p - s["rating"]) ** 2 for p, s in ps) / len(ps))}
+    else:
+        fns = {"accuracy": lambda ps: sum(p == s["label"] for p, s in ps) / len(ps), "macro_F1": macro_f1}
+    rng = random.Random(seed)
+    out = {"n": len(pairs)}
+    for name, fn in fns.items():
+        draws = sorted(fn([pairs[rng.randrange(len(pairs))] for _ in pairs]) for _ in range(boot))
+        out[name] = (fn(pairs), draws[int(0.025 * boot)], draws[int(0.975 * boot) - 1])
+    return out
+
+
+def macro_f1(pairs):
+    f1s = []
+    for c in LABELS:
+        tp = sum(p == c and s["label"] == c for p, s in pairs)
+        fp = sum(p == c and s["label"] != c for p, s in pairs)
+        fn = sum(p != c and s["label"] == c for p, s in pairs)
+        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    return sum(f1s) / len(f1s)
+
+
+# ----------------------------------------------------------------------------- eval CLI
+
+def baseline_predictions(task, samples):
+    """No LLM at all: the global mean (majority label) of all history ratings, and the user's own mean."""
+    hist = [h for s in samples for h in s["history"] + s.get("recent", [])]
+    if task == "rating":
+        g = sum(h["rating"] for h in hist) / max(1, len(hist))
+        return {"global mean (no LLM)": [g] * len(samples), "user mean (no LLM)": [s["user_mean"] for s in samples]}
+    lab = lambda r: "like" if r >= 4 else "dislike" if r <= 2 else "neutral"   # prepare.py's default thresholds
+    glob = Counter(lab(h["rating"]) for h in hist).most_common(1)[0][0]
+    user = [Counter(lab(h["rating"]) for h in s["history"] + s.get("recent", [])).most_common(1)[0][0]
+            if s["history"] else glob for s in samples]
+    return {"majority label (no LLM)": [glob] * len(samples), "user's majority label (no LLM)": user}
+
+
+def run_eval(args):
+    samples = read_jsonl(args.data)[:args.limit or None]
+    judge = make_judge(args.judge, args.judge_url, args.mode, args.batch_size, timeout=args.timeout, retries=args.retries)
+    task = args.task
+    rows = {name: (preds, None) for name, preds in baseline_predictions(task, samples).items()}
+    conditions = {"no profile": [predictor_messages(s, None, task) for s in samples],
+                  "raw history": [predictor_messages(s, None, task, format_interactions(s["history"])) for s in samples]}
+    if all(s.get("oracle_profile") for s in samples):
+        conditions["oracle profile"] = [predictor_messages(s, s["oracle_profile"], task) for s in samples]
+    from tqdm import tqdm
+    for name, msgs in tqdm(conditions.items(), desc="judging", file=sys.stderr):
+        rows[name] = (judge.predict(msgs, task), None)
+    if args.profiles:
+        texts = profile_texts(args.profiles, samples)
+        flat = [(s, t) for s, ts in zip(samples, texts) for t in ts]
+        scored = score_profiles([s for s, _ in flat], [t for _, t in flat], judge, task)
+        # a failed profile carries no information: the judge answers as if it had none
+        fallback = dict(zip(map(id, samples), rows["no profile"][0]))
+        preds = [sc.prediction if sc.status == "ok" else fallback[id(s)] if sc.status == "format" else None
+                 for (s, _), sc in zip(flat, scored)]
+        rows[f"profiles ({args.profiles})"] = (preds, scored)
+        samples_flat = [s for s, _ in flat]
+    print_table(task, rows, samples, samples_flat if args.profiles else None)
+    if args.out:
+        with open(args.out, "w") as f:
+            for i, s in enumerate(samples):
+                f.write(json.dumps({"user_id": s["user_id"], "item_id": s["item_id"], "truth": s["rating"] if task == "rating"
+                                    else s["label"], **{k: v[0][i] for k, v in rows.items() if not k.startswith("profiles")}}) + "\n")
+    failures = getattr(judge, "failures", 0)
+    print(f"judge failures: {failures}" + (f", retries: {judge.retried}, unparseable answers: {judge.bad_answers}"
+                                           if isinstance(judge, HTTPJudge) else ""))
+
+
+def profile_texts(path, samples):
+    """Generated texts per sample, matched by (user_id, item_id) -- or by order when the ids are absent."""
+    rows = read_jsonl(path)
+    by_key = {(r.get("user_id"), r.get("item_id")): r for r in rows}
+    out = []
+    for i, s in enumerate(samples):
+        r = by_key.get((s["user_id"], s["item_id"]))
+        if r is None:
+            raise LettingoError(f"{path}: no profile for user {s['user_id']} item {s['item_id']}")
+        out.append([g["text"] for g in r["generations"]] if "generations" in r else [r["text"]])
+    return out
+
+
+def print_table(task, rows, samples, samples_flat):
+    names = ("MAE", "RMSE") if task == "rating" else ("accuracy", "macro_F1")
+    print(f"\n{'condition':<44}" + "".join(f"{n:>22}" for n in names) + f"{'format fail':>13}{'judge fail':>12}")
+    for name, (preds, scored) in rows.items():
+        ss = samples_flat if scored is not None else samples
+        m = metrics(task, preds, ss)
+        cells = "".join(f"{m[n][0]:>8.3f} [{m[n][1]:.3f},{m[n][2]:.3f}]" if n in m else f"{'-':>22}" for n in names)
+        fmt = f"{sum(s.status == 'format' for s in scored) / len(scored):>13.1%}" if scored else f"{'-':>13}"
+        fail = sum(p is None for p in preds)
+        print(f"{name:<44}{cells}{fmt}{fail:>12}")
+    print(f"({len(samples)} samples; [95% bootstrap interval])")
+
+
+# ----------------------------------------------------------------------------- serve
+
+def serve(args):
+    """OpenAI-compatible chat completions for the local model; concurrent requests are batched."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    model, tok = load_model(args.model, device=args.device)
+    pending: queue.Queue = queue.Queue()
+
+    def worker():  # drain whatever is waiting and decode it as one batch
+        while True:
+            batch = [pending.get()]
+            while len(batch) < args.batch_size:
+                try:
+                    batch.append(pending.get(timeout=0.005))
+                except queue.Empty:
+                    break
+            try:
+                groups: dict = {}
+                for job in batch:
+                    req = job["req"]
+                    key = (int(req.get("max_tokens") or 256), float(req.get("temperature") or 0.0),
+                           tuple(req.get("stop") or ()) if not isinstance(req.get("stop"), str) else (req["stop"],))
+                    groups.setdefault(key, []).append(job)
+                for (max_tokens, temp, stop), jobs in groups.items():
+                    outs = generate(model, [chat_prompt(tok, j["req"]["messages"]) for j in jobs], max_new_tokens=max_tokens,
+                                    temperature=temp, stop=stop, tokenizer=tok, batch_size=args.batch_size)
+                    for j, o in zip(jobs, outs):
+                        j["result"] = o[0]
+                        j["done"].set()
+            except Exception as e:  # a bad request must not kill the server
+                for job in batch:
+                    job["error"] = str(e)
+                    job["done"].set()
+
+    threading.Thread(target=worker, daemon=True).start()
+
+    class Handler(BaseHTTPRequestHandler):
+        def reply(self, code, obj):
+            data = json.dumps(obj).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path.rstrip("/") in ("/v1/models", "/health"):
+                return self.reply(200, {"object": "list", "data": [{"id": args.model, "object": "model"}]})
+            self.reply(404, {"error": {"message": "not found"}})
+
+        def do_POST(self):
+            if not self.path.rstrip("/").endswith("/chat/completions"):
+                return self.reply(404, {"error": {"message": "only /v1/chat/completions"}})
+            try:
+                req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                if not isinstance(req.get("messages"), list):
+                    raise ValueError("`messages` must be a list")
+            except ValueError as e:
+                return self.reply(400, {"error": {"message": f"bad request: {e}"}})
+            job = {"req": req, "done": threading.Event()}
+            pending.put(job)
+            job["done"].wait()
+            if "error" in job:
+                return self.reply(500, {"error": {"message": job["error"]}})
+            s = job["result"]
+            self.reply(200, {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "created": int(time.time()),
+                             "model": args.model, "choices": [{"index": 0, "message": {"role": "assistant", "content": s.text},
+                                                               "finish_reason": "length" if s.finish == "length" else "stop"}],
+                             "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": len(s.tokens),
+                                       "total_tokens": s.prompt_tokens + len(s.tokens)}})
+
+        def log_message(self, *a):
+            pass
+
+    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    print(f"serving {args.model} on http://{args.host}:{server.server_address[1]}/v1/chat/completions", flush=True)
+    server.serve_forever()
+
+
+def main():
+    p = argparse.ArgumentParser(description="Judge user profiles by how well a frozen recommender predicts with them.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("eval", help="metrics for baselines and given profiles, side by side")
+    e.add_argument("--data", required=True, help="samples JSONL from data/prepare.py (e.g. DIR/test.jsonl)")
+    e.add_argument("--profiles", help="profiles JSONL from rollout.py (matched by user_id, item_id)")
+    e.add_argument("--judge", default="smollm2-135m", help="local judge model (or the model name sent to --judge-url)")
+    e.add_argument("--judge-url", help="OpenAI-compatible server instead of a local judge")
+    e.add_argument("--task", default="rating", choices=["rating", "sentiment"])
+    e.add_argument("--mode", default="expect", choices=["expect", "decode"], help="local judge: expected value or greedy answer")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--limit", type=int, default=0, help="only the first N samples")
+    e.add_argument("--timeout", type=float, default=30.0, help="HTTP judge: seconds per request")
+    e.add_argument("--retries", type=int, default=3, help="HTTP judge: retries per request")
+    e.add_argument("--out", help="per-sample predictions JSONL")
+    s = sub.add_parser("serve", help="OpenAI-compatible chat server for a local model")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8008)
+    s.add_argument("--batch-size", type=int, default=16, help="max concurrent requests decoded together")
+    s.add_argument("--device", default=None)
+    args = p.parse_args()
+    run_eval(args) if args.cmd == "eval" else serve(args)
+
+
+if __name__ == "__main__":
+    cli(main)

@@ -1,0 +1,181 @@
+"""reward.py: parsing and rewards by hand, expect mode vs brute force, HTTP judge vs the real server
+and a fault-injecting one."""
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from lettingo import chat_prompt, load_model, predictor_messages
+from reward import (FORMAT_PENALTY, HTTPJudge, LocalJudge, metrics, parse_rating, parse_sentiment,
+                    score_profiles, task_reward)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = {"user_id": "1", "item_id": "9", "title": "Heat (1995)", "description": "Genres: Action", "rating": 2.0,
+          "label": "dislike", "history": [{"title": "Up (2009)", "rating": 5.0}], "recent": [], "user_mean": 5.0}
+
+
+def test_parsing_edge_cases():
+    assert parse_rating("<rating>4.50</rating>") == 4.5
+    assert parse_rating("<RATING> 4.5 </rating>") == 4.5
+    assert parse_rating("<rating>2</rating> then <rating>3.25</rating>") == 3.25      # the last complete tag
+    assert parse_rating("<rating>4.5") is None                                          # no closing tag
+    assert parse_rating("<rating>7.0</rating>") is None and parse_rating("<rating>0.5</rating>") is None
+    assert parse_rating("<rating>four</rating>") is None and parse_rating("") is None
+    assert parse_sentiment("<sentiment> Like </sentiment>") == "like"
+    assert parse_sentiment("<sentiment>love</sentiment>") is None
+
+
+def test_rewards_by_hand():
+    assert task_reward("rating", 3.0, SAMPLE) == pytest.approx(1 - 1 / 4)
+    assert task_reward("rating", 5.0, SAMPLE) == pytest.approx(1 - 3 / 4)
+    assert task_reward("sentiment", "dislike", SAMPLE) == 1.0 and task_reward("sentiment", "like", SAMPLE) == 0.0
+
+    class Fixed:  # a judge that always answers 4 (or fails for one profile)
+        def __init__(self):
+            self.asked = 0
+
+        def predict(self, messages, task):
+            self.asked += len(messages)
+            return [None if "FAIL" in m[0]["content"] else 4.0 for m in messages]
+
+    j = Fixed()
+    texts = ["<user_profile>likes action</user_profile>", "<user_profile>unclosed", "no tag at all",
+             "<user_profile>a</user_profile><user_profile>FAIL</user_profile>"]
+    out = score_profiles([SAMPLE] * 4, texts, j, "rating")
+    assert out[0].reward == pytest.approx(0.5) and out[0].status == "ok"
+    assert out[1].reward == out[2].reward == FORMAT_PENALTY and out[1].status == "format"
+    assert out[3].reward is None and out[3].status == "judge_failed"     # never scored as a bad profile
+    assert j.asked == 2                                                  # format failures never reach the judge
+
+
+def test_metrics_by_hand():
+    ss = [dict(SAMPLE, rating=r, label=l) for r, l in ((1.0, "dislike"), (4.0, "like"), (3.0, "neutral"), (5.0, "like"))]
+    m = metrics("rating", [2.0, 4.0, None, 3.0], ss, boot=200)
+    assert m["n"] == 3 and m["MAE"][0] == pytest.approx(1.0) and m["RMSE"][0] == pytest.approx((5 / 3) ** 0.5)
+    m = metrics("sentiment", ["dislike", "like", "like", "neutral"], ss, boot=200)
+    # like: tp1 fp1 fn1 -> .5; dislike: 1.0; neutral: tp0 -> 0
+    assert m["accuracy"][0] == 0.5 and m["macro_F1"][0] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+
+
+@pytest.mark.parametrize("task", ["rating", "sentiment"])
+def test_expect_mode_matches_brute_force(tiny, task):
+    folder, _ = tiny
+    model, tok = load_model(folder, device="cpu")
+    judge = LocalJudge(model, tok, "expect", batch_size=2)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
+    samples = [dict(SAMPLE, title=f"Film {k}" * (k + 1)) for k in range(3)]
+    msgs = [predictor_messages(s, "likes dramas", task) for s in samples]
+    preds = judge.predict(msgs, task)
+    hook.remove()
+    assert len(calls) == 2                                     # one forward per batch, no decode loop
+    prefix = "<rating>" if task == "rating" else "<sentiment>"
+    answers = ["1", "2", "3", "4", "5"] if task == "rating" else ["like", "neutral", "dislike"]
+    for m, pred in zip(msgs, preds):                           # brute force: each answer's first token
+        ids = chat_prompt(tok, m, answer_prefix=prefix)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids]))[0, -1]
+        base = tok(prefix, add_special_tokens=False)["input_ids"]
+        first = [tok(prefix + a, add_special_tokens=False)["input_ids"][len(base)] for a in answers]
+        p = torch.softmax(logits[first], -1)
+        if task == "rating":
+            assert pred == pytest.approx(sum((k + 1) * p[k].item() for k in range(5)), abs=1e-5)
+        else:
+            assert pred == answers[int(p.argmax())]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_http_judge_against_real_server(tiny):
+    folder, _ = tiny
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "reward.py"), "serve", "--model", folder, "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in proc.stdout.readline()
+        judge = HTTPJudge(f"http://127.0.0.1:{port}", timeout=30, retries=1)
+        msgs = [predictor_messages(SAMPLE, f"profile {k}", "rating") for k in range(5)]
+        preds = judge.predict(msgs, "rating")
+        assert judge.failures == 0 and len(preds) == 5
+        # the tiny random model rarely writes a valid tag: unparseable answers are None and counted
+        assert judge.bad_answers == sum(p is None for p in preds)
+        raw = judge.ask(msgs[0])
+        model, tok = load_model(folder, device="cpu")
+        from rollout import generate
+        want = generate(model, [chat_prompt(tok, msgs[0])], max_new_tokens=20, temperature=0, tokenizer=tok)[0][0].text
+        assert raw == want                                     # the server answers greedily with our model
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+class Faulty(BaseHTTPRequestHandler):
+    hits = {}
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        mode = self.path.strip("/").split("/")[0]
+        Faulty.hits[mode] = Faulty.hits.get(mode, 0) + 1
+        if mode == "hang":
+            time.sleep(2)
+        if mode == "flaky" and Faulty.hits[mode] % 2 == 1:     # fails every other call: a retry recovers
+            return self.send_error(500)
+        body = b"{not json" if mode == "badjson" else b"" if mode == "err500" else json.dumps(
+            {"choices": [{"message": {"content": "<rating>4.00</rating>"}}]}).encode()
+        if mode == "err500":
+            return self.send_error(500)
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_http_judge_faults():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Faulty)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    msgs = [predictor_messages(SAMPLE, "p", "rating")] * 2
+    try:
+        for mode in ("err500", "hang", "badjson"):
+            j = HTTPJudge(f"{base}/{mode}", timeout=0.5, retries=2, backoff=0.01)
+            assert j.predict(msgs, "rating") == [None, None]            # failures, not scores
+            assert j.failures == 2 and j.retried == 4
+        assert Faulty.hits["err500"] == 6                               # 1 try + 2 retries, per request
+        j = HTTPJudge(f"{base}/flaky", timeout=2, retries=2, backoff=0.01, concurrency=1)
+        assert j.predict(msgs, "rating") == [4.0, 4.0] and j.failures == 0 and j.retried == 2
+        out = score_profiles([SAMPLE], ["<user_profile>x</user_profile>"], HTTPJudge(f"{base}/err500", timeout=0.5,
+                                                                                       retries=0), "rating")
+        assert out[0].reward is None and out[0].status == "judge_failed"
+    finally:
+        server.shutdown()
+
+
+def test_eval_cli_on_synthetic(tiny, tmp_path):
+    folder, _ = tiny
+    subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), "synthetic", "--users", "40", "--out",
+                    str(tmp_path), "--test-users", "6", "--val-users", "2"], check=True, capture_output=True)
+    prof = tmp_path / "p.jsonl"
+    rows = [json.loads(x) for x in open(tmp_path / "test.jsonl")]
+    prof.write_text("".join(json.dumps({"user_id": r["user_id"], "item_id": r["item_id"], "generations": [
+        {"text": f"<user_profile>{r['oracle_profile']}</user_profile>"}, {"text": "broken"}]}) + "\n" for r in rows))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "reward.py"), "eval", "--data", str(tmp_path / "test.jsonl"),
+                        "--profiles", str(prof), "--judge", folder], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for row in ("global mean (no LLM)", "user mean (no LLM)", "no profile", "raw history", "oracle profile", "profiles ("):
+        assert row in r.stdout
+    line = [x for x in r.stdout.splitlines() if x.startswith("profiles (")][0]
+    assert "50.0%" in line                                                # one of two generations has no tag
