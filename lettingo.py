@@ -319,18 +319,20 @@ class Transformer(nn.Module):
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, chunk=1024):
-    """log p(target) for each position, computed chunk by chunk: only [chunk, V] logits exist at a
-    time, and each chunk is recomputed in backward instead of stored. hidden [B, T, D], targets
-    [B, T] -> logprobs [B, T] fp32 (and entropies [B, T] when asked, no grad)."""
+    """log p(target) at each position whose target is >= 0 (others give 0), computed chunk by
+    chunk: only [chunk, V] logits exist at a time, and each chunk is recomputed in backward instead
+    of stored. hidden [B, T, D], targets [B, T] -> logprobs [B, T] fp32 (and entropies, no grad)."""
     B, T, D = hidden.shape
-    h, t = hidden.reshape(B * T, D), targets.reshape(B * T)
+    flat = targets.reshape(B * T)
+    where = (flat >= 0).nonzero().squeeze(1)            # skip prompt/padding positions entirely
+    h, t = hidden.reshape(B * T, D)[where], flat[where]
 
     def piece(h_c, t_c):
         logits = (h_c @ weight.t()).float() / temperature
         return logits.gather(1, t_c[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
     lp, ent = [], []
-    for i in range(0, B * T, chunk):
+    for i in range(0, len(t), chunk):
         h_c, t_c = h[i:i + chunk], t[i:i + chunk]
         if torch.is_grad_enabled() and h_c.requires_grad:
             lp.append(torch.utils.checkpoint.checkpoint(piece, h_c, t_c, use_reentrant=False))
@@ -340,8 +342,10 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, chun
             with torch.no_grad():
                 logp = torch.log_softmax((h_c @ weight.t()).float() / temperature, dim=-1)
                 ent.append(-(logp.exp() * logp).sum(-1))
-    lp = torch.cat(lp).view(B, T)
-    return (lp, torch.cat(ent).view(B, T)) if entropy else lp
+    rows, cols = where // T, where % T                  # scatter back to [B, T] (not a view: FSDP-safe)
+    full = lambda parts: torch.zeros(B, T, device=hidden.device).index_put((rows, cols), torch.cat(parts)) \
+        if parts else torch.zeros(B, T, device=hidden.device)
+    return (full(lp), full(ent)) if entropy else full(lp)
 
 
 # ----------------------------------------------------------------------------- checkpoint I/O

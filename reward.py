@@ -196,6 +196,19 @@ def score_profiles(samples, texts, judge, task) -> list[Scored]:
     return out
 
 
+def profile_predictions(samples, texts, judge, task):
+    """Predictions with each generated profile, for metrics: a text without a complete profile tag
+    carries no information, so the judge answers for it as if it had no profile.
+    -> (predictions, scored) where a prediction is None only when the judge failed."""
+    scored = score_profiles(samples, texts, judge, task)
+    failed = [i for i, sc in enumerate(scored) if sc.status == "format"]
+    fallback = judge.predict([predictor_messages(samples[i], None, task) for i in failed], task) if failed else []
+    preds = [sc.prediction for sc in scored]
+    for i, p in zip(failed, fallback):
+        preds[i] = p
+    return preds, scored
+
+
 def metrics(task, preds, samples, boot=1000, seed=0) -> dict:
     """rating: MAE, RMSE; sentiment: accuracy, macro-F1 -- each with a bootstrap 95% interval."""
     pairs = [(p, s) for p, s in zip(preds, samples) if p is not None]
@@ -254,11 +267,7 @@ def run_eval(args):
     if args.profiles:
         texts = profile_texts(args.profiles, samples)
         flat = [(s, t) for s, ts in zip(samples, texts) for t in ts]
-        scored = score_profiles([s for s, _ in flat], [t for _, t in flat], judge, task)
-        # a failed profile carries no information: the judge answers as if it had none
-        fallback = dict(zip(map(id, samples), rows["no profile"][0]))
-        preds = [sc.prediction if sc.status == "ok" else fallback[id(s)] if sc.status == "format" else None
-                 for (s, _), sc in zip(flat, scored)]
+        preds, scored = profile_predictions([s for s, _ in flat], [t for _, t in flat], judge, task)
         rows[f"profiles ({args.profiles})"] = (preds, scored)
         samples_flat = [s for s, _ in flat]
     print_table(task, rows, samples, samples_flat if args.profiles else None)

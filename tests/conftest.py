@@ -36,7 +36,7 @@ def make_model(folder, family="llama", seed=0, **overrides):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
     tok = make_tokenizer(folder)
     kw = dict(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-              num_key_value_heads=2, intermediate_size=96, max_position_embeddings=512,
+              num_key_value_heads=2, intermediate_size=96, max_position_embeddings=2048,
               bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     kw.update(overrides)
     cfg = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[family](**kw)

@@ -117,7 +117,7 @@ def test_bad_input(tiny):
     with pytest.raises(LettingoError, match="empty prompt list"):
         generate(m, [], max_new_tokens=4)
     with pytest.raises(LettingoError, match="context"):
-        generate(m, [[5] * 600], max_new_tokens=4)
+        generate(m, [[5] * 2100], max_new_tokens=4)
     with pytest.raises(LettingoError, match="not found"):
         load_model("no-such-model")
 

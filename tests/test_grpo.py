@@ -1,0 +1,169 @@
+"""grpo.py: the algorithm against hand-computed values; the loop learns, matches across ranks,
+resumes exactly, survives a killed checkpoint write and never applies a non-finite step."""
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_model
+
+from grpo import clipped_policy_loss, group_advantages, kl_k3, token_weights
+from train import apply_update, latest_checkpoint, make_optimizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOY = os.path.join(ROOT, "tests", "toy_grpo.py")
+
+
+def test_group_advantages_by_hand():
+    adv, flat = group_advantages([1.0, 0.0, 0.5, 0.5], 2)
+    s = math.sqrt(0.5) + 1e-6                             # unbiased std of (1, 0), plus verl's eps
+    assert adv[:2] == pytest.approx([0.5 / s, -0.5 / s], rel=1e-9) and adv[2:] == [0.0, 0.0] and flat == 1
+    adv, _ = group_advantages([1.0, None, 3.0, None, None, 2.0], 3, eps=0.0)
+    assert adv[1] is None and adv[3] is None and adv[4] is None
+    assert adv[0] == pytest.approx(-1 / math.sqrt(2)) and adv[2] == pytest.approx(1 / math.sqrt(2))
+    assert adv[5] == pytest.approx(2.0)                   # a group of one: mean 0, std 1 (verl)
+    adv, _ = group_advantages([1.0, 0.0, 2.0], 3, std_scaling=False)   # Dr. GRPO: r - mean
+    assert adv == pytest.approx([0.0, -1.0, 1.0])
+
+
+def test_clipped_loss_value_and_gradient():
+    old = torch.zeros(4)
+    logp = torch.log(torch.tensor([1.5, 0.5, 1.1, 0.5])).requires_grad_()
+    adv = torch.tensor([1.0, 1.0, -2.0, -2.0])
+    loss, clipped = clipped_policy_loss(logp, old, adv, 0.2, 0.2)
+    # by hand: max(-A r, -A clip(r)): r=1.5,A=1 -> max(-1.5,-1.2)=-1.2 (clipped); r=.5,A=1 -> max(-.5,-.8)=-.5
+    #          r=1.1,A=-2 -> max(2.2, 2.2)=2.2 (inside); r=.5,A=-2 -> max(1.0, 1.6)=1.6 (clipped)
+    assert loss.tolist() == pytest.approx([-1.2, -0.5, 2.2, 1.6])
+    assert clipped.tolist() == [True, False, False, True]
+    g, = torch.autograd.grad(loss.sum(), logp)
+    # d/dlogp of -A r = -A r; zero where clipped
+    assert g.tolist() == pytest.approx([0.0, -0.5, 2.2, 0.0])
+    # dual clip: A < 0 and a huge ratio -> loss capped at -A c
+    big = torch.log(torch.tensor([10.0]))
+    l2, c2 = clipped_policy_loss(big, torch.zeros(1), torch.tensor([-1.0]), 0.2, 0.28, dual_clip=3.0)
+    assert l2.item() == pytest.approx(3.0) and c2.item()
+    l3, _ = clipped_policy_loss(torch.log(torch.tensor([1.3])), torch.zeros(1), torch.tensor([1.0]), 0.2, 0.28)
+    assert l3.item() == pytest.approx(-1.28)              # clip-higher
+
+
+def test_k3_kl_by_hand():
+    logp, ref = torch.tensor([-1.0, -2.0, -30.0]), torch.tensor([-1.5, -1.0, 0.0])
+    d = [-0.5, 1.0, 20.0]
+    want = [math.exp(x) - x - 1 for x in d[:2]] + [10.0]   # the last one is clamped at 10
+    assert kl_k3(logp, ref).tolist() == pytest.approx(want)
+
+
+def test_aggregation_modes_by_hand():
+    L = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0, 6.0])]
+    lens = [2, 4]
+    agg = lambda mode: sum((x * w).sum() for x, w in zip(L, token_weights(lens, mode, n_seqs=2, n_tokens=6, max_len=4)))
+    assert agg("token-mean").item() == pytest.approx(21 / 6)
+    assert agg("seq-mean-token-mean").item() == pytest.approx((1.5 + 4.5) / 2)
+    assert agg("seq-mean-token-sum-norm").item() == pytest.approx(21 / (2 * 4))
+
+
+def test_non_finite_step_is_skipped():
+    model = torch.nn.Linear(3, 2)
+    opt, sched = make_optimizer(model, 0.1, 0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    model(torch.ones(1, 3)).sum().backward()
+    model.weight.grad[0, 0] = float("nan")
+    norm, ok = apply_update(model, opt, sched, 1.0, loss_sum=1.0)
+    assert not ok and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert not opt.state                                   # nothing stepped, not even Adam's moments
+    model(torch.ones(1, 3)).sum().backward()
+    _, ok = apply_update(model, opt, sched, 1.0, loss_sum=float("inf"))
+    assert not ok and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model(torch.ones(1, 3)).sum().backward()
+    _, ok = apply_update(model, opt, sched, 1.0, loss_sum=1.0)
+    assert ok and not torch.equal(before[0], model.weight)
+
+
+@pytest.fixture(scope="module")
+def toy_setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("toy")
+    make_model(str(d / "model"), "llama", tie_word_embeddings=True)
+    subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), "synthetic", "--users", "40", "--out",
+                    str(d / "data"), "--test-users", "4", "--val-users", "4", "--profile-history", "3"],
+                   check=True, capture_output=True)
+    return d
+
+
+def toy(setup, out, *extra, nproc=1):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
+    args = ["--model", setup / "model", "--judge", setup / "model", "--data", setup / "data", "--out", out,
+            "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "12", "--eval-every", "100",
+            "--val-users", "2", "--lr", "3e-3", "--token-budget", "1500", *extra]
+    r = subprocess.run(cmd + [TOY] + [str(a) for a in args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "model", "model.safetensors"))
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_it_learns(toy_setup, tmp_path):
+    toy(toy_setup, tmp_path, "--steps", "12", "--group-size", "8", "--mini-batches", "1", "--save-every", "100")
+    rewards = [json.loads(x)["reward_mean"] for x in open(tmp_path / "metrics.jsonl")]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.08, rewards
+
+
+def test_two_ranks_match_one(toy_setup, tmp_path):
+    toy(toy_setup, tmp_path / "one", "--steps", "2", "--save-every", "2")
+    toy(toy_setup, tmp_path / "two", "--steps", "2", "--save-every", "2", nproc=2)
+    a, b = weights(tmp_path / "one" / "ckpt-000002"), weights(tmp_path / "two" / "ckpt-000002")
+    start = weights_start(toy_setup)
+    assert max_diff(a, start) > 1e-3                       # the steps did move the weights
+    assert max_diff(a, b) < 1e-5
+
+
+def weights_start(setup):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(setup, "model", "model.safetensors"))
+
+
+def test_resume_is_exact_and_survives_killed_write(toy_setup, tmp_path, monkeypatch):
+    toy(toy_setup, tmp_path / "straight", "--steps", "4", "--save-every", "2")
+    toy(toy_setup, tmp_path / "split", "--steps", "2", "--save-every", "2")
+    # a write killed midway leaves only a .tmp folder: the previous checkpoint stays the latest
+    shutil.copytree(tmp_path / "split" / "ckpt-000002", tmp_path / "split" / "ckpt-000004.tmp")
+    os.remove(tmp_path / "split" / "ckpt-000004.tmp" / "trainer.pt")
+    assert latest_checkpoint(str(tmp_path / "split")).endswith("ckpt-000002")
+    toy(toy_setup, tmp_path / "split", "--steps", "4", "--save-every", "2", "--resume")
+    assert max_diff(weights(tmp_path / "straight" / "ckpt-000004"), weights(tmp_path / "split" / "ckpt-000004")) < 1e-6
+    from transformers import AutoModelForCausalLM           # the checkpoint is a loadable HF folder
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "split" / "ckpt-000004" / "model"))
+
+
+def test_killed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
+    """A crash inside save_model (after the temp folder exists) never touches the last good one."""
+    import train
+    from lettingo import load_model
+    make_model(str(tmp_path / "m"), "llama")
+    d = train.setup_distributed()
+    model, tok = load_model(str(tmp_path / "m"), device="cpu")
+    model = train.shard(model, d.device)
+    opt, sched = make_optimizer(model, 1e-3, 0.0)
+    train.save_checkpoint(str(tmp_path / "run"), 1, model, tok, opt, sched, {}, d)
+
+    def crash(*a, **k):
+        os.makedirs(a[2], exist_ok=True)
+        open(os.path.join(a[2], "model.safetensors"), "w").write("half")
+        raise KeyboardInterrupt("killed")
+    monkeypatch.setattr(train, "save_model", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(str(tmp_path / "run"), 2, model, tok, opt, sched, {}, d)
+    assert latest_checkpoint(str(tmp_path / "run")).endswith("ckpt-000001")
+    load_model(os.path.join(latest_checkpoint(str(tmp_path / "run")), "model"))
+    import torch.distributed as dist
+    dist.destroy_process_group()

@@ -1,0 +1,249 @@
+"""train.py -- the training machinery grpo.py and dpo.py share: distributed set-up, FSDP2 wrapping,
+packed log-prob forwards, the guarded optimizer step, atomic checkpoints with exact resume, logging.
+
+Runs alike as `python x.py` (one process) and `torchrun --nproc_per_node=N x.py`: a single process
+still forms a 1-rank process group, so both go through the same FSDP code path.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from lettingo import LettingoError, Transformer, load_model, save_model
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def setup_distributed() -> Dist:
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python x.py`: a 1-rank group on a free local port
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]), RANK="0", WORLD_SIZE="1")
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def all_sum(x: float | int, device) -> float:
+    t = torch.tensor(float(x), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def all_max(x: float | int, device) -> float:
+    t = torch.tensor(float(x), dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.item()
+
+
+def gather_objects(obj):
+    """Every rank's object, in rank order, on every rank."""
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shard(model: Transformer, device) -> Transformer:
+    """FSDP2: one unit per block, then the root (embeddings, final norm, head). fp32 master weights;
+    on GPU compute in bf16 and reduce gradients in fp32. Gradients are summed across ranks (divide
+    factor 1): every loss here is already normalised by global counts, so the sum is the gradient."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+    for block in model.model.layers:
+        fully_shard(block, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    for m in model.modules():
+        if hasattr(m, "set_gradient_divide_factor"):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no pre-multiplied sum
+    return model
+
+
+def load_policy(path, d: Dist, checkpointing=False):
+    """The trainable policy (fp32 master weights, sharded) and a plain copy for fast rollouts."""
+    model, tok = load_model(path, dtype=torch.float32, device=d.device)
+    model.checkpointing = checkpointing
+    rollout_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
+    rollout, _ = load_model(path, dtype=rollout_dtype, device=d.device)
+    return shard(model, d.device).train(), rollout, tok
+
+
+@torch.no_grad()
+def sync_rollout_model(policy, rollout):
+    """Copy the sharded policy into the plain rollout model: one all-gather per tensor per step, so
+    sampling runs with no FSDP hooks and no collective per decoded token (at the cost of one full
+    copy of the weights per rank, as verl's colocated inference engine)."""
+    dst = dict(rollout.named_parameters())
+    for name, p in policy.named_parameters():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        dst[name].copy_(full)
+
+
+# ----------------------------------------------------------------------------- packed log-probs
+
+def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
+    """Indices grouped greedily (in order) so each group's total length stays within the budget."""
+    groups, cur, size = [], [], 0
+    for i, n in enumerate(lengths):
+        if cur and size + n > token_budget:
+            groups.append(cur)
+            cur, size = [], 0
+        cur.append(i)
+        size += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+def completion_logprobs(model, seqs: list[tuple[list[int], list[int]]], device, temperature=1.0, entropy=False):
+    """The one log-prob function: log p(completion token | prompt, earlier completion) for each
+    (prompt, completion) pair, all packed into one row (documents do not attend to each other, no
+    padding). Returns a list of [len(completion)] tensors (and entropies when asked)."""
+    tokens, doc_ids, targets, spans, pos = [], [], [], [], 0
+    for d, (prompt, comp) in enumerate(seqs):
+        seq = prompt + comp
+        tokens += seq
+        doc_ids += [d] * len(seq)
+        # position t predicts token t+1: only positions that predict a completion token count
+        targets += [-1] * (len(prompt) - 1) + comp + [-1]
+        spans.append((pos + len(prompt) - 1, len(comp)))
+        pos += len(seq)
+    t = lambda x: torch.tensor([x], device=device)
+    out = model(t(tokens), doc_ids=t(doc_ids), targets=t(targets), temperature=temperature, entropy=entropy)
+    lp, ent = out if entropy else (out, None)
+    pieces = [lp[0, s:s + n] for s, n in spans]                              # [1, N] -> per sequence
+    return (pieces, [ent[0, s:s + n] for s, n in spans]) if entropy else pieces
+
+
+# ----------------------------------------------------------------------------- the guarded step
+
+def apply_update(model, optimizer, scheduler, max_norm: float, loss_sum: float) -> tuple[float, bool]:
+    """Clip and step -- unless the loss or the global gradient norm is not finite: then the
+    gradients are dropped and nothing is applied (returns applied=False)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+    ok = bool(torch.isfinite(torch.tensor([norm, loss_sum])).all())
+    if ok:
+        optimizer.step()
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return norm, ok
+
+
+def make_optimizer(model, lr, weight_decay, warmup_steps=0):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
+    return opt, sched
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, state: dict, d: Dist, keep=2):
+    """run_dir/ckpt-STEP/{model (HF folder), trainer.pt}. Written under a temp name and renamed, so a
+    run killed mid-write leaves the previous checkpoint as the latest complete one."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rng = gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),
+                          "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
+    if d.main:
+        final = os.path.join(run_dir, f"ckpt-{step:06d}")
+        tmp = final + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_model(model, tokenizer, os.path.join(tmp, "model"), state_dict=full)
+        torch.save({"step": step, "optimizer": osd, "scheduler": scheduler.state_dict(), "rng": rng, "state": state},
+                   os.path.join(tmp, "trainer.pt"))
+        os.replace(tmp, final)
+        for old in sorted(checkpoints(run_dir))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def checkpoints(run_dir):
+    if not os.path.isdir(run_dir):
+        return []
+    return [os.path.join(run_dir, n) for n in os.listdir(run_dir)
+            if n.startswith("ckpt-") and not n.endswith(".tmp") and os.path.isfile(os.path.join(run_dir, n, "trainer.pt"))]
+
+
+def latest_checkpoint(run_dir) -> str | None:
+    found = sorted(checkpoints(run_dir))
+    return found[-1] if found else None
+
+
+def load_trainer_state(ckpt, model, optimizer, scheduler, d: Dist) -> dict:
+    """Optimizer, scheduler and RNG states of a checkpoint (the weights come from ckpt/model)."""
+    blob = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=blob["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(blob["scheduler"])
+    rng = blob["rng"][d.rank] if d.rank < len(blob["rng"]) else blob["rng"][0]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(rng["python"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return blob["state"] | {"step": blob["step"]}
+
+
+def resolve_start(run_dir, model_path, resume: bool) -> tuple[str, str | None]:
+    """-> (weights to load, checkpoint to resume from or None)."""
+    if not resume:
+        return model_path, None
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise LettingoError(f"--resume: no complete checkpoint in {run_dir}")
+    return os.path.join(ckpt, "model"), ckpt
+
+
+# ----------------------------------------------------------------------------- logging
+
+class Logger:
+    """metrics.jsonl + a concise console line (rank 0 only); wandb when asked for and installed."""
+
+    def __init__(self, run_dir, d: Dist, wandb_project=None, config=None):
+        self.main, self.run_dir = d.main, run_dir
+        self.wandb = None
+        if self.main:
+            os.makedirs(run_dir, exist_ok=True)
+            if wandb_project:
+                try:
+                    import wandb
+                    self.wandb = wandb.init(project=wandb_project, config=config, dir=run_dir)
+                except ImportError:
+                    print("warning: --wandb given but wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
+
+    def log(self, row: dict, line: str | None = None, file="metrics.jsonl"):
+        if not self.main:
+            return
+        row = {"time": round(time.time(), 3), **row}
+        with open(os.path.join(self.run_dir, file), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb and file == "metrics.jsonl":
+            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
+        if line:
+            print(line, flush=True)
