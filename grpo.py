@@ -12,19 +12,18 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 
-from lettingo import PROFILE_CLOSE, LettingoError, chat_prompt, cli, load_model, profile_messages, read_jsonl
-from reward import make_judge, metrics, profile_predictions, score_profiles
+from lettingo import PROFILE_CLOSE, LettingoError, cli, load_model, profile_answer, profile_prompt, read_jsonl
+from reward import make_judge, score_profiles
 from rollout import generate
-from train import (Logger, all_max, all_sum, apply_update, completion_logprobs, gather_objects, load_policy,
-                   load_trainer_state, make_optimizer, micro_batches, resolve_start, save_checkpoint, setup_distributed,
-                   shard, sync_rollout_model)
+from train import (Logger, all_max, all_sum, apply_update, completion_logprobs, load_policy, load_trainer_state,
+                   logprobs_no_grad, make_optimizer, resolve_start, save_checkpoint, setup_distributed, shard,
+                   sync_rollout_model, synced_groups, validate, demo_data, compute_dtype)
 
 # ----------------------------------------------------------------------------- the algorithm
 
@@ -93,23 +92,6 @@ def token_weights(lengths: list[int], mode: str, n_seqs: float, n_tokens: float,
 # ----------------------------------------------------------------------------- one step
 
 
-def synced_groups(lengths, budget, device):
-    """Micro-batches, padded with empty ones so every rank runs the same number of forwards (FSDP
-    issues collectives per forward/backward: unequal counts would deadlock)."""
-    groups = micro_batches(lengths, budget)
-    return groups + [[] for _ in range(int(all_max(len(groups), device)) - len(groups))]
-
-
-@torch.no_grad()
-def logprobs_no_grad(model, seqs, budget, device, temperature=1.0):
-    out = []
-    for g in synced_groups([len(p) + len(c) for p, c in seqs], budget, device):
-        batch = [seqs[i] for i in g] or [([0], [0])]                  # an empty group still runs
-        lps = completion_logprobs(model, batch, device, temperature)
-        out += lps[:len(g)]
-    return out
-
-
 def update(policy, ref, optimizer, scheduler, items, args, d, tok):
     """PPO epochs over mini-batches of (prompt, completion, advantage) items; returns stats."""
     seqs = [(it["prompt"], it["tokens"]) for it in items]
@@ -175,7 +157,7 @@ def sample_seed(seed, step, index):
 def grpo_step(step, batch, global_idx, mini_batch, policy, rollout, ref, tok, scorer, optimizer, scheduler, args, d):
     t0 = time.time()
     sync_rollout_model(policy, rollout)
-    prompts = [chat_prompt(tok, profile_messages(s)) for s in batch]
+    prompts = [profile_prompt(tok, s) for s in batch]
     outs = generate(rollout, prompts, n=args.group_size, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_p=args.top_p, stop=(PROFILE_CLOSE,),
                     seed=[sample_seed(args.seed, step, i) for i in global_idx], tokenizer=tok,
@@ -208,28 +190,9 @@ def grpo_step(step, batch, global_idx, mini_batch, policy, rollout, ref, tok, sc
            "response_length": gen_tokens / max(n_all, 1), **st, "lr": scheduler.get_last_lr()[0],
            "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2,
            "rollout_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9)}
-    examples = [{"user_id": s["user_id"], "reward": sc.reward, "status": sc.status, "text": o.text}
+    examples = [{"user_id": s["user_id"], "reward": sc.reward, "status": sc.status, "text": profile_answer(o.text, o.finish)}
                 for (s, _, o), sc in zip(flat[:args.group_size], scored)]
     return row, examples
-
-
-# ----------------------------------------------------------------------------- validation
-
-
-def validate(rollout, tok, judge, val, args, d):
-    """Greedy profiles for the validation users, judged: the task metric users care about."""
-    mine = val[d.rank::d.world]
-    texts = []
-    if mine:
-        outs = generate(rollout, [chat_prompt(tok, profile_messages(s)) for s in mine], max_new_tokens=args.max_new_tokens,
-                        temperature=0, stop=(PROFILE_CLOSE,), tokenizer=tok, batch_size=args.rollout_batch_size)
-        texts = [o[0].text for o in outs]
-    preds, scored = profile_predictions(mine, texts, judge, args.task) if mine else ([], [])
-    rows = [r for part in gather_objects(list(zip(mine, preds, [sc.status for sc in scored]))) for r in part]
-    m = metrics(args.task, [p for _, p, _ in rows], [s for s, _, _ in rows], boot=200)
-    key = "MAE" if args.task == "rating" else "accuracy"
-    return {"val_" + key: m[key][0] if key in m else None, "val_format_rate": sum(st != "format" for *_, st in rows) / max(len(rows), 1),
-            "val_judge_failures": sum(st == "judge_failed" for *_, st in rows)}, texts[:2]
 
 
 # ----------------------------------------------------------------------------- main
@@ -268,6 +231,8 @@ def parse_args(argv):
     a("--token-budget", type=int, default=8192, help="max tokens per packed training micro-batch")
     a("--rollout-batch-size", type=int, default=64, help="max rows decoded together")
     a("--activation-checkpointing", action="store_true")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+      help="compute dtype of training and rollouts (fp32 master weights); auto = bf16 on GPU, fp32 on CPU")
     a("--eval-every", type=int, default=10)
     a("--val-users", type=int, default=64, help="validation users evaluated (0 = all in val.jsonl)")
     a("--save-every", type=int, default=50)
@@ -278,16 +243,9 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
-DEMO = ["--data", "runs/demo-data", "--out", "runs/grpo-demo", "--steps", "10", "--prompts-per-step", "4",
-        "--group-size", "4", "--mini-batches", "1", "--max-new-tokens", "80", "--lr", "1e-5", "--kl-coef", "0",
-        "--eval-every", "5", "--val-users", "24", "--save-every", "10", "--token-budget", "4096"]
-
-
-def demo_data(folder):
-    if not os.path.isfile(os.path.join(folder, "train.jsonl")):
-        here = os.path.dirname(os.path.abspath(__file__))
-        subprocess.run([sys.executable, os.path.join(here, "data", "prepare.py"), "synthetic", "--users", "300",
-                        "--out", folder, "--test-users", "60", "--val-users", "30"], check=True)
+DEMO = ["--data", "runs/demo-data", "--out", "runs/grpo-demo", "--steps", "12", "--prompts-per-step", "4",
+        "--group-size", "4", "--mini-batches", "1", "--max-new-tokens", "64", "--lr", "1e-5", "--kl-coef", "0",
+        "--eval-every", "6", "--val-users", "16", "--save-every", "12", "--token-budget", "4096", "--dtype", "bfloat16"]
 
 
 def main(argv=None):
@@ -313,15 +271,16 @@ def run(args, demo=False, scorer=None):
     train = read_jsonl(os.path.join(args.data, "train.jsonl"))
     val = read_jsonl(os.path.join(args.data, "val.jsonl"))[:args.val_users or None]
     weights, ckpt = resolve_start(args.out, args.model, args.resume)
-    policy, rollout, tok = load_policy(weights, d, args.activation_checkpointing)
+    dtype = compute_dtype(args.dtype, d.device)
+    policy, rollout, tok = load_policy(weights, d, args.activation_checkpointing, dtype)
     ref = None
     if args.kl_coef > 0:  # the reference is the starting model, also when resuming
-        ref = shard(load_model(args.model, dtype=torch.float32, device=d.device)[0], d.device).eval()
+        ref = shard(load_model(args.model, dtype=torch.float32, device=d.device)[0], dtype).eval()
         for p_ in ref.parameters():
             p_.requires_grad_(False)
     judge = make_judge(args.judge, args.judge_url, args.judge_mode, device=d.device)
     if scorer is None:
-        scorer = lambda samples, outs: score_profiles(samples, [o.text for o in outs], judge, args.task)
+        scorer = lambda samples, outs: score_profiles(samples, [profile_answer(o.text, o.finish) for o in outs], judge, args.task)
     optimizer, scheduler = make_optimizer(policy, args.lr, args.weight_decay, args.warmup_steps)
     start = 0
     if ckpt:
@@ -370,13 +329,14 @@ def run(args, demo=False, scorer=None):
 
 
 def plot_run(run_dir):
-    """reward_mean per step (top) and the validation metric (bottom) as a PNG: a tiny rasteriser
+    """reward_mean and format_rate per step and the validation metric as a PNG: a tiny rasteriser
     on numpy + zlib, so the plot needs nothing beyond the runtime requirements."""
     import numpy as np
     rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
     val = read_jsonl(os.path.join(run_dir, "validation.jsonl")) if os.path.isfile(os.path.join(run_dir, "validation.jsonl")) else []
     key = next((k for k in ("val_MAE", "val_accuracy") if val and k in val[0]), None)
-    series = [("reward_mean", [(r["step"], r["reward_mean"]) for r in rows if "reward_mean" in r], (200, 40, 40))]
+    series = [(k, [(r["step"], r[k]) for r in rows if k in r], c) for k, c in (("reward_mean", (200, 40, 40)),
+                                                                               ("format_rate", (40, 150, 40)))]
     if key:
         series.append((key, [(r["step"], r[key]) for r in val if r.get(key) is not None], (40, 40, 200)))
     W, H, pad = 640, 240 * len(series), 36

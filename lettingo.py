@@ -126,13 +126,17 @@ def apply_rope(x, cos, sin):
 
 @dataclass
 class Attn:
-    """How tokens may attend, computed once per forward and shared by all layers.
-    SDPA path: `mask` [B, 1, Tq, Tk] bool (or None = plain causal). Flash path: `cu_seqlens` over
-    the valid tokens `index` of the flattened [B*T] batch (documents packed back to back)."""
+    """How tokens may attend, computed once per forward and shared by all layers. Either
+    `mask` [B, 1, Tq, Tk] bool (None = plain causal); or packed documents as `cu_seqlens` over the
+    tokens `index` of the flattened [B*T] batch (flash-attn varlen); or, for SDPA, `rows` [D, L]:
+    each document gathered into its own right-padded row (`row_valid`), so plain causal attention
+    applies and no [N, N] mask is ever built."""
     mask: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_len: int = 0
     index: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    row_valid: torch.Tensor | None = None
 
 
 class KVCache:
@@ -192,6 +196,13 @@ class Attention(nn.Module):
             y = torch.zeros(B * T, self.nh, self.hd, dtype=o.dtype, device=o.device)
             y[attn.index] = o
             y = y.view(B, T, -1)
+        elif attn.rows is not None:  # SDPA over packed documents: one right-padded row each
+            qd, kd, vd = (t.transpose(1, 2).reshape(B * T, -1, self.hd)[attn.rows].transpose(1, 2)
+                          for t in (q, k, v))                                    # [D, H, L, hd]
+            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=self.nkv != self.nh)
+            o = o.transpose(1, 2)[attn.row_valid]                                # [N, H, hd]
+            y = torch.zeros(B * T, self.nh, self.hd, dtype=o.dtype, device=o.device)
+            y = y.index_put((attn.rows[attn.row_valid],), o).view(B, T, -1)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, is_causal=attn.mask is None,
                                                enable_gqa=self.nkv != self.nh)
@@ -253,28 +264,31 @@ class Transformer(nn.Module):
     def attention_plan(self, mask, doc_ids, cache, T, x) -> Attn:
         """mask [B, T] bool: real tokens of a left/right padded batch. doc_ids [B, T] int: packed
         documents (a token sees only earlier tokens of its own document)."""
-        if cache is None and self.use_flash(x) and (mask is not None or doc_ids is not None):
-            # valid tokens of each document/row back to back: cu_seqlens = [0, n1, n1+n2, ...]
-            valid = mask.flatten() if mask is not None else torch.ones(doc_ids.numel(), dtype=torch.bool, device=x.device)
-            ids = (doc_ids if doc_ids is not None else
-                   torch.arange(mask.shape[0], device=x.device)[:, None].expand_as(mask)).flatten()
+        dev = x.device
+        if cache is None and (doc_ids is not None or (mask is not None and self.use_flash(x))):
+            # segments of the flattened batch: a new one starts at each row start or document change
+            B = x.shape[0]
+            valid = mask.flatten() if mask is not None else torch.ones(B * T, dtype=torch.bool, device=dev)
+            ids = (doc_ids if doc_ids is not None else torch.zeros(B, T, dtype=torch.long, device=dev))
+            ids = (ids + torch.arange(B, device=dev)[:, None] * (int(ids.max()) + 1)).flatten()
             index = valid.nonzero().squeeze(1)
             ids = ids[index]
-            bounds = torch.cat([torch.tensor([0], device=x.device), (ids[1:] != ids[:-1]).nonzero().squeeze(1) + 1,
-                                torch.tensor([len(ids)], device=x.device)])
-            return Attn(cu_seqlens=bounds.to(torch.int32), max_len=int((bounds[1:] - bounds[:-1]).max()), index=index)
-        if mask is None and doc_ids is None and cache is None:
+            starts = torch.cat([torch.tensor([0], device=dev), (ids[1:] != ids[:-1]).nonzero().squeeze(1) + 1])
+            lens = torch.diff(starts, append=torch.tensor([len(ids)], device=dev))
+            if self.use_flash(x):
+                cu = torch.cat([torch.tensor([0], device=dev), lens.cumsum(0)]).to(torch.int32)
+                return Attn(cu_seqlens=cu, max_len=int(lens.max()), index=index)
+            span = torch.arange(int(lens.max()), device=dev)
+            row_valid = span[None, :] < lens[:, None]                                 # [D, L]
+            rows = torch.where(row_valid, index[(starts[:, None] + span[None, :]).clamp(max=len(ids) - 1)], 0)
+            return Attn(rows=rows, row_valid=row_valid)
+        if mask is None and cache is None:
             return Attn()  # plain causal
         past = cache.length if cache is not None else 0
-        q_pos = torch.arange(past, past + T, device=x.device)
-        k_pos = torch.arange(past + T, device=x.device)
+        q_pos = torch.arange(past, past + T, device=dev)
+        k_pos = torch.arange(past + T, device=dev)
         allowed = (k_pos[None, :] <= q_pos[:, None])[None]                         # [1, Tq, Tk] causal
-        if doc_ids is not None:
-            allowed = allowed & (doc_ids[:, :, None] == doc_ids[:, None, :])
-        if cache is not None:
-            allowed = allowed & cache.valid[:, None, :past + T]
-        elif mask is not None:
-            allowed = allowed & mask[:, None, :]
+        allowed = allowed & (cache.valid[:, None, :past + T] if cache is not None else mask[:, None, :])
         # a padding query that may see nothing would give NaN: let it see itself (output unused)
         allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]
         return Attn(mask=allowed[:, None])                                             # [B, 1, Tq, Tk]
@@ -541,7 +555,8 @@ PROFILE_OPEN, PROFILE_CLOSE = "<user_profile>", "</user_profile>"
 def format_interactions(items, with_review=True) -> str:
     lines = []
     for it in items:
-        line = f"- {it['title']}: rated {it['rating']:g}/5"
+        about = f" [{it['genres']}]" if it.get("genres") else ""
+        line = f"- {it['title']}{about}: rated {it['rating']:g}/5"
         if with_review and it.get("review"):
             line += f' -- "{it["review"]}"'
         lines.append(line)
@@ -560,6 +575,18 @@ def profile_messages(sample) -> list[dict]:
         "and which they dislike. Be concrete and brief (at most 120 words). "
         f"Put the profile between {PROFILE_OPEN} and {PROFILE_CLOSE}.")
     return [{"role": "user", "content": text}]
+
+
+def profile_prompt(tokenizer, sample) -> list[int]:
+    """The writer's turn starts with the opening tag already in place (small models rarely open it
+    themselves); the profile then ends at the closing tag or at the end of the turn."""
+    return chat_prompt(tokenizer, profile_messages(sample), answer_prefix=PROFILE_OPEN)
+
+
+def profile_answer(completion: str, finish: str) -> str:
+    """The writer's whole answer: the forced opening tag + the completion; ending the turn (EOS)
+    closes the profile, running out of tokens leaves it unclosed (a format failure)."""
+    return PROFILE_OPEN + completion + (PROFILE_CLOSE if finish == "eos" and PROFILE_CLOSE not in completion else "")
 
 
 def item_text(sample) -> str:

@@ -131,8 +131,9 @@ class HTTPJudge:
         self.failures, self.retried, self.bad_answers = 0, 0, 0
         self.lock = threading.Lock()
 
-    def ask(self, messages) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": 0.0, "max_tokens": 20}).encode()
+    def ask(self, messages, temperature=0.0, max_tokens=20) -> str:
+        body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
+                           "max_tokens": max_tokens}).encode()
         last = None
         for attempt in range(self.retries + 1):
             if attempt:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from lettingo import (KVCache, LettingoError, Transformer, chat_prompt, cli, extract_tag, load_model,
-                      profile_messages, read_jsonl)
+                      profile_answer, profile_prompt, read_jsonl)
 
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>")
 
@@ -165,7 +165,7 @@ def finalize(res: Sample, tokenizer, stop) -> Sample:
 def prompt_of(row: dict, tokenizer) -> list[int]:
     """A LettinGo sample (has `history`) gets the profile-writer prompt; else its `messages`."""
     if "history" in row:
-        return chat_prompt(tokenizer, profile_messages(row))
+        return profile_prompt(tokenizer, row)
     if isinstance(row.get("messages"), list):
         return chat_prompt(tokenizer, row["messages"])
     raise LettingoError("a row has neither `history` (a LettinGo sample) nor `messages` (a chat)")
@@ -207,8 +207,9 @@ def main():
             f.write(json.dumps({
                 "user_id": row.get("user_id"), "item_id": row.get("item_id"),
                 "prompt": tok.decode(prompt), "prompt_tokens": len(prompt),
-                "generations": [{"text": s.text, "profile": extract_tag(s.text, "user_profile"),
-                                 "tokens": len(s.tokens), "finish": s.finish} for s in samples]}) + "\n")
+                "generations": [{"text": text, "profile": extract_tag(text, "user_profile"), "tokens": len(s.tokens),
+                                 "finish": s.finish} for s in samples
+                                for text in [profile_answer(s.text, s.finish) if "history" in row else s.text]]}) + "\n")
     gen = sum(len(s.tokens) for ss in outs for s in ss)
     print(f"{len(rows)} prompts x {args.n} samples -> {args.out}: {dt:.1f}s, "
           f"{len(rows) / dt:.2f} prompts/s, {gen / dt:.1f} generated tokens/s")

@@ -11,6 +11,7 @@ import os
 import random
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +22,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from lettingo import LettingoError, Transformer, load_model, save_model
+from lettingo import PROFILE_CLOSE, LettingoError, Transformer, load_model, profile_answer, profile_prompt, save_model
+from reward import metrics, profile_predictions
+from rollout import generate
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -70,11 +73,18 @@ def gather_objects(obj):
     return out
 
 
-def shard(model: Transformer, device) -> Transformer:
-    """FSDP2: one unit per block, then the root (embeddings, final norm, head). fp32 master weights;
-    on GPU compute in bf16 and reduce gradients in fp32. Gradients are summed across ranks (divide
-    factor 1): every loss here is already normalised by global counts, so the sum is the gradient."""
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
+def compute_dtype(name: str, device) -> torch.dtype:
+    """--dtype auto: bf16 on GPU, fp32 on CPU (where bf16 is ~2x faster but optional)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def shard(model: Transformer, dtype: torch.dtype) -> Transformer:
+    """FSDP2: one unit per block, then the root (embeddings, final norm, head). Master weights stay
+    fp32; forward/backward run in `dtype`, gradients are reduced in fp32. Gradients are summed across
+    ranks (divide factor 1): every loss here is already normalised by global counts."""
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for block in model.model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
@@ -85,13 +95,12 @@ def shard(model: Transformer, device) -> Transformer:
     return model
 
 
-def load_policy(path, d: Dist, checkpointing=False):
-    """The trainable policy (fp32 master weights, sharded) and a plain copy for fast rollouts."""
+def load_policy(path, d: Dist, checkpointing=False, dtype=torch.float32):
+    """The trainable policy (fp32 master weights, sharded) and a plain `dtype` copy for rollouts."""
     model, tok = load_model(path, dtype=torch.float32, device=d.device)
     model.checkpointing = checkpointing
-    rollout_dtype = torch.bfloat16 if d.device.type == "cuda" else torch.float32
-    rollout, _ = load_model(path, dtype=rollout_dtype, device=d.device)
-    return shard(model, d.device).train(), rollout, tok
+    rollout, _ = load_model(path, dtype=dtype, device=d.device)
+    return shard(model, dtype).train(), rollout, tok
 
 
 @torch.no_grad()
@@ -139,6 +148,39 @@ def completion_logprobs(model, seqs: list[tuple[list[int], list[int]]], device, 
     lp, ent = out if entropy else (out, None)
     pieces = [lp[0, s:s + n] for s, n in spans]                              # [1, N] -> per sequence
     return (pieces, [ent[0, s:s + n] for s, n in spans]) if entropy else pieces
+
+
+def synced_groups(lengths, budget, device):
+    """Micro-batches, padded with empty ones so every rank runs the same number of forwards (FSDP
+    issues collectives per forward/backward: unequal counts would deadlock)."""
+    groups = micro_batches(lengths, budget)
+    return groups + [[] for _ in range(int(all_max(len(groups), device)) - len(groups))]
+
+
+@torch.no_grad()
+def logprobs_no_grad(model, seqs, budget, device, temperature=1.0):
+    out = []
+    for g in synced_groups([len(p) + len(c) for p, c in seqs], budget, device):
+        batch = [seqs[i] for i in g] or [([0], [0])]                  # an empty group still runs
+        lps = completion_logprobs(model, batch, device, temperature)
+        out += lps[:len(g)]
+    return out
+
+
+def validate(rollout, tok, judge, val, args, d):
+    """Greedy profiles for the validation users, judged: the task metric users care about."""
+    mine = val[d.rank::d.world]
+    texts = []
+    if mine:
+        outs = generate(rollout, [profile_prompt(tok, s) for s in mine], max_new_tokens=args.max_new_tokens,
+                        temperature=0, stop=(PROFILE_CLOSE,), tokenizer=tok, batch_size=args.rollout_batch_size)
+        texts = [profile_answer(o[0].text, o[0].finish) for o in outs]
+    preds, scored = profile_predictions(mine, texts, judge, args.task) if mine else ([], [])
+    rows = [r for part in gather_objects(list(zip(mine, preds, [sc.status for sc in scored]))) for r in part]
+    m = metrics(args.task, [p for _, p, _ in rows], [s for s, _, _ in rows], boot=200)
+    key = "MAE" if args.task == "rating" else "accuracy"
+    return {"val_" + key: m[key][0] if key in m else None, "val_format_rate": sum(st != "format" for *_, st in rows) / max(len(rows), 1),
+            "val_judge_failures": sum(st == "judge_failed" for *_, st in rows)}, texts[:2]
 
 
 # ----------------------------------------------------------------------------- the guarded step
@@ -218,6 +260,14 @@ def resolve_start(run_dir, model_path, resume: bool) -> tuple[str, str | None]:
     if ckpt is None:
         raise LettingoError(f"--resume: no complete checkpoint in {run_dir}")
     return os.path.join(ckpt, "model"), ckpt
+
+
+def demo_data(folder):
+    """Synthetic users for the no-argument demos (made once)."""
+    if not os.path.isfile(os.path.join(folder, "train.jsonl")):
+        here = os.path.dirname(os.path.abspath(__file__))
+        subprocess.run([sys.executable, os.path.join(here, "data", "prepare.py"), "synthetic", "--users", "300",
+                        "--out", folder, "--test-users", "60", "--val-users", "30", "--profile-history", "6"], check=True)
 
 
 # ----------------------------------------------------------------------------- logging

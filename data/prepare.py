@@ -14,7 +14,6 @@ import bisect
 import csv
 import glob
 import gzip
-import io
 import json
 import os
 import random
@@ -179,7 +178,8 @@ def read_yelp(folder, drops, review_chars=200):
     for n, line in lines(business, drops):
         try:
             b = json.loads(line)
-            items[b["business_id"]] = (b["name"], ", ".join(x for x in (b.get("categories"), b.get("city")) if x))
+            items[b["business_id"]] = (b["name"], ". ".join(x for x in (b.get("categories") and f"Categories: {b['categories']}",
+                                                                        b.get("city") and f"City: {b['city']}") if x))
         except (ValueError, KeyError) as e:
             drops.add("malformed item line", f"{os.path.basename(business)}:{n}: {e}")
     ratings = []
@@ -309,6 +309,15 @@ def build_samples(ratings, items, args, drops, oracle=None):
     return out, by_user
 
 
+def genres_of(description: str) -> str:
+    """The genre/category part of an item description, shown next to history items."""
+    for part in description.split(". "):
+        for key in ("Genres: ", "Categories: "):
+            if part.startswith(key):
+                return part[len(key):].rstrip(".")
+    return ""
+
+
 def make_sample(u, rows, j, items, item_index, args, drops, oracle):
     t, i, r, _ = rows[j]
     first_same = bisect.bisect_left(rows, (t,))     # rows at the target's timestamp are not "before" it
@@ -317,6 +326,7 @@ def make_sample(u, rows, j, items, item_index, args, drops, oracle):
         drops.add("too little history", f"user {u} target {i}: {len(earlier)} earlier interactions")
         return None
     as_dict = lambda row: {"item_id": row[1], "title": items[row[1]][0] if items else row[1],
+                           **({"genres": genres_of(items[row[1]][1])} if items and genres_of(items[row[1]][1]) else {}),
                            "rating": row[2], "timestamp": row[0], **({"review": row[3]} if row[3] else {})}
     recent = earlier[len(earlier) - args.recent:] if args.recent else []
     older = earlier[:len(earlier) - args.recent] if args.recent else earlier

@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -59,6 +58,7 @@ def test_movielens_100k_fields(tmp_path):
     assert s["item_id"] == "4" and s["rating"] == 2.0 and s["label"] == "dislike" and s["timestamp"] == 204
     assert s["title"] == "Both (1999)" and s["description"] == "Released 1999. Genres: Action, Comedy"
     assert [h["title"] for h in s["history"]] == ["Caf\xe9 Movie (1995)", "Funny (1990)"]   # older part
+    assert [h["genres"] for h in s["history"]] == ["Action", "Comedy"]
     assert [h["item_id"] for h in s["recent"]] == ["3"]                                    # 1 most recent
     assert s["user_mean"] == pytest.approx((5 + 4 + 1) / 3, abs=1e-4)
     assert s["item_mean"] == pytest.approx(2.0)        # only user 1 rated item 4 earlier (t=104 < 204)
@@ -126,11 +126,10 @@ def test_yelp(tmp_path):
     assert r.returncode == 0, r.stderr
     splits, _ = load(tmp_path / "o")
     s = splits["test"][0]
-    assert s["title"] == "Cafe 2" and s["description"] == "Coffee, Reno" and s["history"][-1]["review"] == "ok"
+    assert s["title"] == "Cafe 2" and s["description"] == "Categories: Coffee. City: Reno" and s["history"][-1]["review"] == "ok"
 
 
 def test_synthetic_deterministic_fast_and_leak_free(tmp_path):
-    t = time.time()
     r = prepare("synthetic", "--users", 200, "--out", tmp_path / "a", "--test-users", 20, "--val-users", 20,
                 "--targets-per-user", 3)
     assert r.returncode == 0, r.stderr

@@ -152,7 +152,7 @@ def test_killed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     make_model(str(tmp_path / "m"), "llama")
     d = train.setup_distributed()
     model, tok = load_model(str(tmp_path / "m"), device="cpu")
-    model = train.shard(model, d.device)
+    model = train.shard(model, torch.float32)
     opt, sched = make_optimizer(model, 1e-3, 0.0)
     train.save_checkpoint(str(tmp_path / "run"), 1, model, tok, opt, sched, {}, d)
 

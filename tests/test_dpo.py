@@ -1,0 +1,131 @@
+"""dpo.py: the loss by hand and by finite differences, pair rules, learning, 2 ranks, resume."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import make_model
+
+from dpo import dpo_loss, make_pairs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DPO = os.path.join(ROOT, "dpo.py")
+
+
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0)])
+def test_dpo_loss_by_hand_and_finite_differences(loss_type, eps):
+    pc, pr, rc, rr = -10.0, -12.0, -11.0, -11.5
+    delta = (pc - rc) - (pr - rr)                           # 1 - (-0.5) = 1.5
+    beta = 0.1
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    want = (-(1 - eps) * math.log(sig(beta * delta)) - eps * math.log(sig(-beta * delta)) if loss_type == "sigmoid"
+            else (delta - 1 / (2 * beta)) ** 2)
+    x = torch.tensor([pc, pr], dtype=torch.float64, requires_grad=True)
+    loss, cr, rj = dpo_loss(x[0], x[1], torch.tensor(rc, dtype=torch.float64), torch.tensor(rr, dtype=torch.float64),
+                            beta, loss_type, eps)
+    assert loss.item() == pytest.approx(want, rel=1e-12)
+    assert cr.item() == pytest.approx(beta * (pc - rc)) and rj.item() == pytest.approx(beta * (pr - rr))
+    g, = torch.autograd.grad(loss, x)
+    h = 1e-6
+    for i in range(2):
+        e = torch.zeros(2, dtype=torch.float64)
+        e[i] = h
+        f = lambda v: dpo_loss(v[0], v[1], torch.tensor(rc, dtype=torch.float64), torch.tensor(rr, dtype=torch.float64),
+                               beta, loss_type, eps)[0].item()
+        assert g[i].item() == pytest.approx((f(x.detach() + e) - f(x.detach() - e)) / (2 * h), rel=1e-6)
+
+
+def rows(user, rewards, task="sentiment"):
+    return [{"user_id": user, "item_id": "i", "text": f"{user}-{k}", f"reward_{task}": r} for k, r in enumerate(rewards)]
+
+
+def test_pairs_paper_rule_margin_cap_and_users():
+    # sentiment: 2 correct x 3 incorrect = 6 pairs; a -1 format failure counts as incorrect
+    pairs, empty = make_pairs(rows("a", [1.0, 0.0, 1.0, 0.0, -1.0]) + rows("b", [1.0, 1.0]) + rows("c", [0.0, None]),
+                              "sentiment")
+    assert len(pairs) == 6 and empty == 2
+    assert {(p["chosen"], p["rejected"]) for p in pairs} == {(f"a-{w}", f"a-{l}") for w in (0, 2) for l in (1, 3, 4)}
+    assert all(p["user_id"] == "a" for p in pairs)          # never across users
+    # rating: only gaps >= margin, the better one chosen, widest first under the cap
+    pairs, empty = make_pairs(rows("a", [0.9, 0.85, 0.5, 0.2], "rating") + rows("b", [0.7, 0.7], "rating"), "rating",
+                              min_margin=0.3, max_per_user=2)
+    assert empty == 1 and [(p["chosen"], p["rejected"]) for p in pairs] == [("a-0", "a-3"), ("a-1", "a-3")]
+    pairs, _ = make_pairs(rows("a", [1.0, 0.0, 0.0, 0.0, 0.0]), "sentiment", max_per_user=3)
+    assert len(pairs) == 3
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dpo")
+    make_model(str(d / "model"), "llama", tie_word_embeddings=True)
+    subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), "synthetic", "--users", "30", "--out",
+                    str(d / "data"), "--test-users", "2", "--val-users", "2", "--profile-history", "3"],
+                   check=True, capture_output=True)
+    # synthetic preferences: chosen profiles say "likes", rejected ones are random byte soup
+    samples = [json.loads(x) for x in open(d / "data" / "train.jsonl")][:12]
+    with open(d / "pairs.jsonl", "w") as f:
+        for k, s in enumerate(samples):
+            f.write(json.dumps({"user_id": s["user_id"], "item_id": s["item_id"], "margin": 1.0,
+                                "chosen": "<user_profile>likes Comedy, rates 4</user_profile>",
+                                "rejected": f"<user_profile>{'xq'[k % 2] * (3 + k % 4)} zz</user_profile>"}) + "\n")
+    return d
+
+
+def run_dpo(setup, out, *extra, nproc=1):
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
+    args = ["train", "--data", setup / "data" / "train.jsonl", "--pairs", setup / "pairs.jsonl", "--out", out,
+            "--model", setup / "model", "--lr", "2e-3", "--pairs-per-step", "4", "--token-budget", "1200", *extra]
+    r = subprocess.run(cmd + [DPO] + [str(a) for a in args], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def test_it_learns_and_reference_is_computed_once(setup, tmp_path):
+    r = run_dpo(setup, tmp_path, "--steps", "12", "--save-every", "100")
+    assert "reference log-probs computed once now" in r.stdout
+    ref_file = setup / "pairs.ref.jsonl"
+    assert all("ref_chosen" in json.loads(x) for x in open(ref_file))
+    m = [json.loads(x) for x in open(tmp_path / "train" / "metrics.jsonl")]
+    assert m[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at step 0
+    assert sum(x["pref_accuracy"] for x in m[-3:]) / 3 > 0.9
+    assert m[-1]["logp_chosen"] > m[0]["logp_chosen"] or m[-1]["logp_rejected"] < m[0]["logp_rejected"]
+    r = run_dpo(setup, tmp_path / "again", "--steps", "1", "--save-every", "100")
+    assert "reference log-probs loaded" in r.stdout         # stored with the pairs, not recomputed
+
+
+def weights(folder):
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "model", "model.safetensors"))
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_two_ranks_match_one_and_resume(setup, tmp_path):
+    run_dpo(setup, tmp_path / "one", "--steps", "2", "--save-every", "1")
+    run_dpo(setup, tmp_path / "two", "--steps", "2", "--save-every", "1", nproc=2)
+    a, b = weights(tmp_path / "one" / "train" / "ckpt-000002"), weights(tmp_path / "two" / "train" / "ckpt-000002")
+    assert max_diff(a, b) < 1e-5
+    run_dpo(setup, tmp_path / "one", "--steps", "4", "--save-every", "1", "--resume")
+    run_dpo(setup, tmp_path / "straight", "--steps", "4", "--save-every", "4")
+    assert max_diff(weights(tmp_path / "one" / "train" / "ckpt-000004"),
+                    weights(tmp_path / "straight" / "train" / "ckpt-000004")) < 1e-6
+
+
+def test_stages_skip_when_up_to_date(setup, tmp_path):
+    base = ["--data", setup / "data" / "train.jsonl", "--out", tmp_path, "--model", setup / "model", "--judge",
+            setup / "model", "--users", "4", "--n", "3", "--max-new-tokens", "8", "--task", "rating", "--min-margin", "0"]
+    run = lambda stage: subprocess.run([sys.executable, DPO, stage] + [str(a) for a in base], capture_output=True,
+                                       text=True, timeout=300)
+    for stage in ("explore", "evaluate", "pairs"):
+        r = run(stage)
+        assert r.returncode == 0 and "up to date" not in r.stdout, r.stderr[-2000:]
+    prof = [json.loads(x) for x in open(tmp_path / "profiles.jsonl")]
+    assert len(prof) == 12 and {p["model"] for p in prof} == {str(setup / "model")}
+    scores = [json.loads(x) for x in open(tmp_path / "scores.jsonl")]
+    assert all("reward_rating" in s and "reward_sentiment" in s for s in scores)
+    assert "up to date, skipped" in run("explore").stdout
