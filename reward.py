@@ -257,37 +257,37 @@ def run_eval(args):
     samples = read_jsonl(args.data)[:args.limit or None]
     judge = make_judge(args.judge, args.judge_url, args.mode, args.batch_size, timeout=args.timeout, retries=args.retries)
     task = args.task
-    rows = {name: (preds, None) for name, preds in baseline_predictions(task, samples).items()}
-    conditions = {"no profile": [predictor_messages(s, None, task) for s in samples],
+    # each row: (predictions, the samples they belong to, scored profiles or None)
+    rows = {name: (preds, samples, None) for name, preds in baseline_predictions(task, samples).items()}
+    conditions = {"no profile" + (" (recent items only)" if samples[0].get("recent") else ""):
+                  [predictor_messages(s, None, task) for s in samples],
                   "raw history": [predictor_messages(s, None, task, format_interactions(s["history"])) for s in samples]}
     if all(s.get("oracle_profile") for s in samples):
         conditions["oracle profile"] = [predictor_messages(s, s["oracle_profile"], task) for s in samples]
     from tqdm import tqdm
     for name, msgs in tqdm(conditions.items(), desc="judging", file=sys.stderr):
-        rows[name] = (judge.predict(msgs, task), None)
-    if args.profiles:
-        texts = profile_texts(args.profiles, samples)
-        flat = [(s, t) for s, ts in zip(samples, texts) for t in ts]
+        rows[name] = (judge.predict(msgs, task), samples, None)
+    for path in args.profiles or []:
+        flat = [(s, t) for s, ts in zip(samples, profile_texts(path, samples)) for t in ts]
         preds, scored = profile_predictions([s for s, _ in flat], [t for _, t in flat], judge, task)
-        rows[f"profiles ({args.profiles})"] = (preds, scored)
-        samples_flat = [s for s, _ in flat]
-    print_table(task, rows, samples, samples_flat if args.profiles else None)
+        rows[f"profiles: {path}"] = (preds, [s for s, _ in flat], [(sc, t) for sc, (_, t) in zip(scored, flat)])
+    print_table(task, rows, len(samples))
     if args.out:
         with open(args.out, "w") as f:
             for i, s in enumerate(samples):
                 f.write(json.dumps({"user_id": s["user_id"], "item_id": s["item_id"], "truth": s["rating"] if task == "rating"
-                                    else s["label"], **{k: v[0][i] for k, v in rows.items() if not k.startswith("profiles")}}) + "\n")
+                                    else s["label"], **{k: v[0][i] for k, v in rows.items() if v[2] is None}}) + "\n")
     failures = getattr(judge, "failures", 0)
     print(f"judge failures: {failures}" + (f", retries: {judge.retried}, unparseable answers: {judge.bad_answers}"
                                            if isinstance(judge, HTTPJudge) else ""))
 
 
 def profile_texts(path, samples):
-    """Generated texts per sample, matched by (user_id, item_id) -- or by order when the ids are absent."""
+    """Generated texts per sample, matched by (user_id, item_id)."""
     rows = read_jsonl(path)
     by_key = {(r.get("user_id"), r.get("item_id")): r for r in rows}
     out = []
-    for i, s in enumerate(samples):
+    for s in samples:
         r = by_key.get((s["user_id"], s["item_id"]))
         if r is None:
             raise LettingoError(f"{path}: no profile for user {s['user_id']} item {s['item_id']}")
@@ -295,17 +295,20 @@ def profile_texts(path, samples):
     return out
 
 
-def print_table(task, rows, samples, samples_flat):
+def print_table(task, rows, n_samples):
     names = ("MAE", "RMSE") if task == "rating" else ("accuracy", "macro_F1")
-    print(f"\n{'condition':<44}" + "".join(f"{n:>22}" for n in names) + f"{'format fail':>13}{'judge fail':>12}")
-    for name, (preds, scored) in rows.items():
-        ss = samples_flat if scored is not None else samples
-        m = metrics(task, preds, ss)
+    print(f"\n{'condition':<48}" + "".join(f"{n:>22}" for n in names) + f"{'format fail':>12}{'words':>7}{'judge fail':>11}")
+    for name, (preds, samples, scored) in rows.items():
+        m = metrics(task, preds, samples)
         cells = "".join(f"{m[n][0]:>8.3f} [{m[n][1]:.3f},{m[n][2]:.3f}]" if n in m else f"{'-':>22}" for n in names)
-        fmt = f"{sum(s.status == 'format' for s in scored) / len(scored):>13.1%}" if scored else f"{'-':>13}"
-        fail = sum(p is None for p in preds)
-        print(f"{name:<44}{cells}{fmt}{fail:>12}")
-    print(f"({len(samples)} samples; [95% bootstrap interval])")
+        if scored:
+            fmt = f"{sum(sc.status == 'format' for sc, _ in scored) / len(scored):>12.1%}"
+            profs = [extract_tag(t, "user_profile") for sc, t in scored if sc.status != "format"]
+            words = f"{sum(len(p.split()) for p in profs) / max(len(profs), 1):>7.0f}"
+        else:
+            fmt, words = f"{'-':>12}", f"{'-':>7}"
+        print(f"{name:<48}{cells}{fmt}{words}{sum(p is None for p in preds):>11}")
+    print(f"({n_samples} samples; [95% bootstrap interval]; words = mean length of well-formed profiles)")
 
 
 # ----------------------------------------------------------------------------- serve
@@ -392,7 +395,7 @@ def main():
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("eval", help="metrics for baselines and given profiles, side by side")
     e.add_argument("--data", required=True, help="samples JSONL from data/prepare.py (e.g. DIR/test.jsonl)")
-    e.add_argument("--profiles", help="profiles JSONL from rollout.py (matched by user_id, item_id)")
+    e.add_argument("--profiles", nargs="+", help="profiles JSONL file(s) from rollout.py (matched by user_id, item_id)")
     e.add_argument("--judge", default="smollm2-135m", help="local judge model (or the model name sent to --judge-url)")
     e.add_argument("--judge-url", help="OpenAI-compatible server instead of a local judge")
     e.add_argument("--task", default="rating", choices=["rating", "sentiment"])

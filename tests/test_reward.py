@@ -175,7 +175,7 @@ def test_eval_cli_on_synthetic(tiny, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "reward.py"), "eval", "--data", str(tmp_path / "test.jsonl"),
                         "--profiles", str(prof), "--judge", folder], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    for row in ("global mean (no LLM)", "user mean (no LLM)", "no profile", "raw history", "oracle profile", "profiles ("):
+    for row in ("global mean (no LLM)", "user mean (no LLM)", "no profile", "raw history", "oracle profile", "profiles: "):
         assert row in r.stdout
-    line = [x for x in r.stdout.splitlines() if x.startswith("profiles (")][0]
+    line = [x for x in r.stdout.splitlines() if x.startswith("profiles: ")][0]
     assert "50.0%" in line                                                # one of two generations has no tag
