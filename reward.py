@@ -66,7 +66,7 @@ class LocalJudge:
         if mode not in ("expect", "decode"):
             raise LettingoError(f"unknown judge mode {mode!r} (expect | decode)")
         self.model, self.tok, self.mode, self.batch_size = model, tokenizer, mode, batch_size
-        self.failures = 0
+        self.failures, self.bad_answers = 0, 0
 
     def answer_tokens(self, prefix: str, answers) -> list[int]:
         """The token each answer starts with right after the forced prefix (checked to be distinct)."""
@@ -113,7 +113,9 @@ class LocalJudge:
         outs = generate(self.model, prompts, max_new_tokens=20, temperature=0, stop=stop, tokenizer=self.tok,
                         batch_size=self.batch_size)
         parse = parse_rating if task == "rating" else parse_sentiment
-        return [parse(o[0].text) for o in outs]
+        preds = [parse(o[0].text) for o in outs]
+        self.bad_answers += sum(p is None for p in preds)   # no valid tag: no prediction, never a score
+        return preds
 
 
 class JudgeFailure(Exception):
@@ -277,9 +279,8 @@ def run_eval(args):
             for i, s in enumerate(samples):
                 f.write(json.dumps({"user_id": s["user_id"], "item_id": s["item_id"], "truth": s["rating"] if task == "rating"
                                     else s["label"], **{k: v[0][i] for k, v in rows.items() if v[2] is None}}) + "\n")
-    failures = getattr(judge, "failures", 0)
-    print(f"judge failures: {failures}" + (f", retries: {judge.retried}, unparseable answers: {judge.bad_answers}"
-                                           if isinstance(judge, HTTPJudge) else ""))
+    print(f"judge failures: {judge.failures}, unparseable answers: {judge.bad_answers}"
+          + (f", retries: {judge.retried}" if isinstance(judge, HTTPJudge) else ""))
 
 
 def profile_texts(path, samples):
