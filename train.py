@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from lettingo import PROFILE_CLOSE, LettingoError, Transformer, load_model, profile_answer, profile_prompt, save_model
+from lettingo import PROFILE_CLOSE, LettingoError, Transformer, cli, load_model, profile_answer, profile_prompt, save_model
 from reward import metrics, profile_predictions
 from rollout import generate
 
@@ -297,3 +297,20 @@ class Logger:
             self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
         if line:
             print(line, flush=True)
+
+
+def main():
+    import argparse
+    p = argparse.ArgumentParser(description="List the complete checkpoints of a run folder (grpo.py / dpo.py).")
+    p.add_argument("run_dir", help="e.g. runs/grpo or runs/dpo/train")
+    args = p.parse_args()
+    found = sorted(checkpoints(args.run_dir))
+    if not found:
+        raise LettingoError(f"{args.run_dir}: no complete checkpoint")
+    for c in found:
+        step = torch.load(os.path.join(c, "trainer.pt"), map_location="cpu", weights_only=False)["step"]
+        print(f"{c}  step {step}  model: {os.path.join(c, 'model')}")
+
+
+if __name__ == "__main__":
+    cli(main)
