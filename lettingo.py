@@ -130,7 +130,7 @@ class Attn:
     `mask` [B, 1, Tq, Tk] bool (None = plain causal); or packed documents as `cu_seqlens` over the
     tokens `index` of the flattened [B*T] batch (flash-attn varlen); or, for SDPA, `rows` [D, L]:
     each document gathered into its own right-padded row (`row_valid`), so plain causal attention
-    applies and no [N, N] mask is ever built."""
+    applies and no [N, N] mask is ever built (a shared-prefix document adds a [D, 1, L, L] mask)."""
     mask: torch.Tensor | None = None
     cu_seqlens: torch.Tensor | None = None
     max_len: int = 0
@@ -199,7 +199,8 @@ class Attention(nn.Module):
         elif attn.rows is not None:  # SDPA over packed documents: one right-padded row each
             qd, kd, vd = (t.transpose(1, 2).reshape(B * T, -1, self.hd)[attn.rows].transpose(1, 2)
                           for t in (q, k, v))                                    # [D, H, L, hd]
-            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, enable_gqa=self.nkv != self.nh)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=attn.mask, is_causal=attn.mask is None,
+                                               enable_gqa=self.nkv != self.nh)
             o = o.transpose(1, 2)[attn.row_valid]                                # [N, H, hd]
             y = torch.zeros(B * T, self.nh, self.hd, dtype=o.dtype, device=o.device)
             y = y.index_put((attn.rows[attn.row_valid],), o).view(B, T, -1)
@@ -261,11 +262,12 @@ class Transformer(nn.Module):
     def use_flash(self, x) -> bool:
         return flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
-    def attention_plan(self, mask, doc_ids, cache, T, x) -> Attn:
+    def attention_plan(self, mask, doc_ids, cache, T, x, branch_ids=None) -> Attn:
         """mask [B, T] bool: real tokens of a left/right padded batch. doc_ids [B, T] int: packed
-        documents (a token sees only earlier tokens of its own document)."""
+        documents (a token sees only earlier tokens of its own document). branch_ids: see forward."""
         dev = x.device
-        if cache is None and (doc_ids is not None or (mask is not None and self.use_flash(x))):
+        flash = self.use_flash(x) and branch_ids is None
+        if cache is None and (doc_ids is not None or (mask is not None and flash)):
             # segments of the flattened batch: a new one starts at each row start or document change
             B = x.shape[0]
             valid = mask.flatten() if mask is not None else torch.ones(B * T, dtype=torch.bool, device=dev)
@@ -275,13 +277,19 @@ class Transformer(nn.Module):
             ids = ids[index]
             starts = torch.cat([torch.tensor([0], device=dev), (ids[1:] != ids[:-1]).nonzero().squeeze(1) + 1])
             lens = torch.diff(starts, append=torch.tensor([len(ids)], device=dev))
-            if self.use_flash(x):
+            if flash:
                 cu = torch.cat([torch.tensor([0], device=dev), lens.cumsum(0)]).to(torch.int32)
                 return Attn(cu_seqlens=cu, max_len=int(lens.max()), index=index)
             span = torch.arange(int(lens.max()), device=dev)
             row_valid = span[None, :] < lens[:, None]                                 # [D, L]
             rows = torch.where(row_valid, index[(starts[:, None] + span[None, :]).clamp(max=len(ids) - 1)], 0)
-            return Attn(rows=rows, row_valid=row_valid)
+            if branch_ids is None:
+                return Attn(rows=rows, row_valid=row_valid)
+            br = torch.where(row_valid, branch_ids.flatten()[rows], -1)                  # [D, L]
+            causal = span[None, :] <= span[:, None]                                      # [L, L]
+            see = causal & ((br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])) & row_valid[:, None, :]
+            see = see | torch.eye(len(span), dtype=torch.bool, device=dev)              # padding sees itself
+            return Attn(rows=rows, row_valid=row_valid, mask=see[:, None])              # [D, 1, L, L]
         if mask is None and cache is None:
             return Attn()  # plain causal
         past = cache.length if cache is not None else 0
@@ -293,10 +301,13 @@ class Transformer(nn.Module):
         allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]
         return Attn(mask=allowed[:, None])                                             # [B, 1, Tq, Tk]
 
-    def forward(self, tokens, *, mask=None, doc_ids=None, positions=None, cache: KVCache | None = None,
-                last_only=False, targets=None, temperature=1.0, entropy=False):
+    def forward(self, tokens, *, mask=None, doc_ids=None, branch_ids=None, positions=None,
+                cache: KVCache | None = None, last_only=False, targets=None, temperature=1.0, entropy=False):
         """tokens [B, T]. Returns logits [B, T, V] (or [B, 1, V] with last_only), or with `targets`
-        [B, T] the per-token log-probs of those targets (and entropies) without full logits."""
+        the log-probs of those targets (and entropies) without full logits (see token_logprobs).
+        branch_ids [B, T] (with doc_ids and explicit positions): a document is a shared prefix
+        (branch 0) followed by several continuations (branches 1, 2, ...), each seeing the prefix
+        and its own earlier tokens only -- one prompt, computed once, for a whole group."""
         B, T = tokens.shape
         x = self.model.embed_tokens(tokens)
         if cache is not None:
@@ -316,7 +327,7 @@ class Transformer(nn.Module):
         freqs = positions[:, None, :, None].float() * self.inv_freq                  # [B, 1, T, hd/2]
         cos = torch.cat([freqs.cos(), freqs.cos()], -1).to(x.dtype)
         sin = torch.cat([freqs.sin(), freqs.sin()], -1).to(x.dtype)
-        attn = self.attention_plan(mask, doc_ids, cache, T, x)
+        attn = self.attention_plan(mask, doc_ids, cache, T, x, branch_ids)
         for layer in self.model.layers:
             if self.checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, cache, use_reentrant=False)
@@ -333,21 +344,27 @@ class Transformer(nn.Module):
 
 
 def token_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, chunk=1024):
-    """log p(target) at each position whose target is >= 0 (others give 0), computed chunk by
-    chunk: only [chunk, V] logits exist at a time, and each chunk is recomputed in backward instead
-    of stored. hidden [B, T, D], targets [B, T] -> logprobs [B, T] fp32 (and entropies, no grad)."""
+    """Log-probs of target tokens from final hidden states, without full [tokens, V] fp32 logits:
+    chunk by chunk, each chunk recomputed in backward instead of stored.
+    targets: (index [M], ids [M]) -- position i of the flattened [B*T] hidden predicts ids[i]
+    (a position may appear several times) -> logprobs [M] fp32 (and entropies [M], no grad);
+    or a [B, T] tensor with -1 where there is nothing to predict -> [B, T] (0 there)."""
     B, T, D = hidden.shape
-    flat = targets.reshape(B * T)
-    where = (flat >= 0).nonzero().squeeze(1)            # skip prompt/padding positions entirely
-    h, t = hidden.reshape(B * T, D)[where], flat[where]
+    if isinstance(targets, tuple):
+        index, ids = targets
+    else:
+        flat = targets.reshape(B * T)
+        index = (flat >= 0).nonzero().squeeze(1)             # skip prompt/padding positions entirely
+        ids = flat[index]
+    h = hidden.reshape(B * T, D)[index]
 
     def piece(h_c, t_c):
         logits = (h_c @ weight.t()).float() / temperature
         return logits.gather(1, t_c[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
     lp, ent = [], []
-    for i in range(0, len(t), chunk):
-        h_c, t_c = h[i:i + chunk], t[i:i + chunk]
+    for i in range(0, len(ids), chunk):
+        h_c, t_c = h[i:i + chunk], ids[i:i + chunk]
         if torch.is_grad_enabled() and h_c.requires_grad:
             lp.append(torch.utils.checkpoint.checkpoint(piece, h_c, t_c, use_reentrant=False))
         else:
@@ -356,10 +373,12 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, chun
             with torch.no_grad():
                 logp = torch.log_softmax((h_c @ weight.t()).float() / temperature, dim=-1)
                 ent.append(-(logp.exp() * logp).sum(-1))
-    rows, cols = where // T, where % T                  # scatter back to [B, T] (not a view: FSDP-safe)
-    full = lambda parts: torch.zeros(B, T, device=hidden.device).index_put((rows, cols), torch.cat(parts)) \
-        if parts else torch.zeros(B, T, device=hidden.device)
-    return (full(lp), full(ent)) if entropy else full(lp)
+    cat = lambda parts: torch.cat(parts) if parts else torch.zeros(0, device=hidden.device)
+    lp, ent = cat(lp), cat(ent)
+    if not isinstance(targets, tuple):                       # back to [B, T] (not a view: FSDP-safe)
+        grid = lambda v: torch.zeros(B, T, device=hidden.device).index_put((index // T, index % T), v)
+        lp, ent = grid(lp), grid(ent) if entropy else ent
+    return (lp, ent) if entropy else lp
 
 
 # ----------------------------------------------------------------------------- checkpoint I/O

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from lettingo import PROFILE_CLOSE, LettingoError, Transformer, cli, load_model, profile_answer, profile_prompt, save_model
+from lettingo import PROFILE_CLOSE, LettingoError, Transformer, cli, flash_attn_varlen_func, load_model, profile_answer, profile_prompt, save_model
 from reward import metrics, profile_predictions
 from rollout import generate
 
@@ -130,24 +130,43 @@ def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
     return groups
 
 
-def completion_logprobs(model, seqs: list[tuple[list[int], list[int]]], device, temperature=1.0, entropy=False):
-    """The one log-prob function: log p(completion token | prompt, earlier completion) for each
-    (prompt, completion) pair, all packed into one row (documents do not attend to each other, no
-    padding). Returns a list of [len(completion)] tensors (and entropies when asked)."""
-    tokens, doc_ids, targets, spans, pos = [], [], [], [], 0
-    for d, (prompt, comp) in enumerate(seqs):
-        seq = prompt + comp
-        tokens += seq
-        doc_ids += [d] * len(seq)
-        # position t predicts token t+1: only positions that predict a completion token count
-        targets += [-1] * (len(prompt) - 1) + comp + [-1]
-        spans.append((pos + len(prompt) - 1, len(comp)))
-        pos += len(seq)
+def completion_logprobs(model, seqs: list[tuple[list[int], list[int]]], device, temperature=1.0, entropy=False,
+                        share_prompts: bool | None = None):
+    """The one log-prob function: log p(completion token | prompt, earlier completion tokens) for
+    each (prompt, completion) pair, all packed into one row without padding. Completions of the
+    same prompt (a GRPO group, a DPO pair) share one copy of it (`share_prompts`): the prompt is
+    computed once and each completion attends to it and to itself only. Default: share unless
+    flash-attn varlen runs (it has no tree mask; then every sequence carries its prompt).
+    Returns a list of [len(completion)] tensors (and entropies when asked)."""
+    if share_prompts is None:
+        share_prompts = flash_attn_varlen_func is None or torch.device(device).type != "cuda"
+    groups: dict = {}
+    for i, (p, _) in enumerate(seqs):
+        groups.setdefault(tuple(p) if share_prompts else i, []).append(i)
+    tokens, doc, branch, pos, index, ids, spans = [], [], [], [], [], [], [None] * len(seqs)
+    for d, members in enumerate(groups.values()):
+        prompt = seqs[members[0]][0]
+        last = len(tokens) + len(prompt) - 1                 # predicts every completion's first token
+        tokens += prompt
+        doc += [d] * len(prompt)
+        branch += [0] * len(prompt)
+        pos += range(len(prompt))
+        for b, i in enumerate(members, 1):
+            comp, start = seqs[i][1], len(tokens)
+            tokens += comp
+            doc += [d] * len(comp)
+            branch += [b] * len(comp)
+            pos += range(len(prompt), len(prompt) + len(comp))
+            spans[i] = (len(ids), len(comp))
+            index += [last] + list(range(start, start + len(comp) - 1))   # token j is predicted at j-1
+            ids += comp
     t = lambda x: torch.tensor([x], device=device)
-    out = model(t(tokens), doc_ids=t(doc_ids), targets=t(targets), temperature=temperature, entropy=entropy)
+    out = model(t(tokens), doc_ids=t(doc), branch_ids=t(branch) if share_prompts else None, positions=t(pos),
+                targets=(torch.tensor(index, device=device), torch.tensor(ids, device=device)),
+                temperature=temperature, entropy=entropy)
     lp, ent = out if entropy else (out, None)
-    pieces = [lp[0, s:s + n] for s, n in spans]                              # [1, N] -> per sequence
-    return (pieces, [ent[0, s:s + n] for s, n in spans]) if entropy else pieces
+    pieces = [lp[s:s + n] for s, n in spans]                 # [M] -> per sequence
+    return (pieces, [ent[s:s + n] for s, n in spans]) if entropy else pieces
 
 
 def synced_groups(lengths, budget, device):
