@@ -189,7 +189,7 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=300)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=2, help="grpo: prompts per step")
-    p.add_argument("--group-size", type=int, default=4, help="grpo: samples per prompt")
+    p.add_argument("--group-size", type=int, default=8, help="grpo: samples per prompt (public code: 8)")
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
     if args.what in ("rollout", "all"):

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lettingo import PROFILE_OPEN, LettingoError, cli, load_model, profile_answer, profile_messages, profile_prompt, read_jsonl
+from lettingo import PROFILE_CLOSE, PROFILE_OPEN, LettingoError, cli, load_model, profile_answer, profile_messages, profile_prompt, read_jsonl
 from reward import HTTPJudge, make_judge, score_profiles
 from rollout import end_token_ids, generate
 from train import (Logger, all_sum, apply_update, completion_logprobs, demo_data, gather_objects, load_policy,
@@ -200,10 +200,13 @@ def build_pairs(args, d):
 
 def tokenize_pair(tok, sample, pair, end_id):
     """(prompt ids, chosen ids, rejected ids): the writer's turn starts with the forced opening
-    tag, so a response is the text after it, ended by the end-of-turn token."""
+    tag, so a response is the text after it. A complete profile is followed by the end-of-turn
+    token; a truncated one is not (appending it would teach "do not stop" from the rejected side)."""
     prompt = profile_prompt(tok, sample)
-    resp = lambda text: tok(text[len(PROFILE_OPEN):] if text.startswith(PROFILE_OPEN) else text,
-                            add_special_tokens=False)["input_ids"] + [end_id]
+
+    def resp(text):
+        body = text[len(PROFILE_OPEN):] if text.startswith(PROFILE_OPEN) else text
+        return tok(body, add_special_tokens=False)["input_ids"] + ([end_id] if PROFILE_CLOSE in body else [])
     return prompt, resp(pair["chosen"]), resp(pair["rejected"])
 
 

@@ -129,3 +129,17 @@ def test_stages_skip_when_up_to_date(setup, tmp_path):
     scores = [json.loads(x) for x in open(tmp_path / "scores.jsonl")]
     assert all("reward_rating" in s and "reward_sentiment" in s for s in scores)
     assert "up to date, skipped" in run("explore").stdout
+
+
+def test_tokenize_pair_ends_only_complete_profiles(setup):
+    from dpo import tokenize_pair
+    from lettingo import load_model
+    _, tok = load_model(str(setup / "model"), device="cpu")
+    sample = json.loads(open(setup / "data" / "train.jsonl").readline())
+    end = tok.eos_token_id
+    prompt, c, r = tokenize_pair(tok, sample, {"chosen": "<user_profile>likes Comedy</user_profile>",
+                                               "rejected": "<user_profile>likes Comedy and"}, end)
+    assert prompt[-len(tok("<user_profile>", add_special_tokens=False)["input_ids"]):] == \
+        tok("<user_profile>", add_special_tokens=False)["input_ids"]          # the forced tag ends the prompt
+    assert c[-1] == end and tok.decode(c[:-1]) == "likes Comedy</user_profile>"
+    assert end not in r and tok.decode(r) == "likes Comedy and"              # truncated: no end token
