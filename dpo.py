@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from lettingo import PROFILE_CLOSE, PROFILE_OPEN, LettingoError, cli, load_model, profile_answer, profile_messages, profile_prompt, read_jsonl
 from reward import HTTPJudge, make_judge, score_profiles
 from rollout import end_token_ids, generate
-from train import (Logger, all_sum, apply_update, completion_logprobs, demo_data, gather_objects, load_policy,
+from train import (Logger, add_training_args, all_sum, apply_update, completion_logprobs, demo_data, gather_objects, load_policy,
                    compute_dtype, load_trainer_state, logprobs_no_grad, make_optimizer, resolve_start, save_checkpoint, setup_distributed,
                    sync_rollout_model, synced_groups, validate)
 
@@ -338,23 +338,12 @@ def parse_args(argv):
     a("--beta", type=float, default=0.1)
     a("--loss", default="sigmoid", choices=["sigmoid", "ipo"])
     a("--label-smoothing", type=float, default=0.0, help="conservative DPO epsilon")
-    a("--lr", type=float, default=1e-6)
-    a("--weight-decay", type=float, default=0.0)
-    a("--warmup-steps", type=int, default=0)
-    a("--grad-clip", type=float, default=1.0)
     a("--epochs", type=int, default=1)
     a("--steps", type=int, default=0, help="optimizer steps (0 = --epochs over the pairs)")
     a("--pairs-per-step", type=int, default=8)
-    a("--token-budget", type=int, default=8192)
-    a("--activation-checkpointing", action="store_true")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-      help="compute dtype of training and rollouts (fp32 master weights); auto = bf16 on GPU, fp32 on CPU")
     a("--eval-every", type=int, default=20)
     a("--val-users", type=int, default=64)
-    a("--save-every", type=int, default=50)
-    a("--seed", type=int, default=0)
-    a("--resume", action="store_true")
-    a("--wandb", default=None, metavar="PROJECT")
+    add_training_args(p, lr=1e-6, weight_decay=0.0, save_every=50)
     args = p.parse_args(argv)
     args.models = args.models or args.model
     args.rollout_batch_size = args.batch_size   # what validate() expects

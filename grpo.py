@@ -23,7 +23,7 @@ from reward import make_judge, score_profiles
 from rollout import generate
 from train import (Logger, all_max, all_sum, apply_update, completion_logprobs, load_policy, load_trainer_state,
                    logprobs_no_grad, make_optimizer, resolve_start, save_checkpoint, setup_distributed, shard,
-                   sync_rollout_model, synced_groups, validate, demo_data, compute_dtype)
+                   sync_rollout_model, synced_groups, validate, demo_data, compute_dtype, add_training_args)
 
 # ----------------------------------------------------------------------------- the algorithm
 
@@ -214,10 +214,6 @@ def parse_args(argv):
     a("--group-size", type=int, default=8, help="profiles sampled per user (public code: 8)")
     a("--mini-batches", type=int, default=2, help="optimizer steps per GRPO step (public code: 64 prompts / 32 = 2)")
     a("--ppo-epochs", type=int, default=1)
-    a("--lr", type=float, default=1e-6)
-    a("--weight-decay", type=float, default=0.01)
-    a("--warmup-steps", type=int, default=0)
-    a("--grad-clip", type=float, default=1.0)
     a("--temperature", type=float, default=1.0)
     a("--top-p", type=float, default=1.0)
     a("--max-new-tokens", type=int, default=896, help="response budget (public code: 896)")
@@ -228,18 +224,11 @@ def parse_args(argv):
     a("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
     a("--no-std-scaling", action="store_true", help="Dr. GRPO advantages (no division by the group std)")
     a("--drop-zero-variance", action="store_true", help="DAPO dynamic sampling: drop groups with equal rewards")
-    a("--token-budget", type=int, default=8192, help="max tokens per packed training micro-batch")
     a("--rollout-batch-size", type=int, default=64, help="max rows decoded together")
-    a("--activation-checkpointing", action="store_true")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-      help="compute dtype of training and rollouts (fp32 master weights); auto = bf16 on GPU, fp32 on CPU")
     a("--eval-every", type=int, default=10)
     a("--val-users", type=int, default=64, help="validation users evaluated (0 = all in val.jsonl)")
-    a("--save-every", type=int, default=50)
     a("--sample-every", type=int, default=1, help="write sampled profiles to samples.jsonl every N steps")
-    a("--seed", type=int, default=0)
-    a("--resume", action="store_true", help="continue from the latest complete checkpoint in --out")
-    a("--wandb", default=None, metavar="PROJECT")
+    add_training_args(p, lr=1e-6, weight_decay=0.01, save_every=50)   # public code: lr 1e-6, wd 0.01
     return p.parse_args(argv)
 
 

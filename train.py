@@ -289,6 +289,23 @@ def demo_data(folder):
                         "--out", folder, "--test-users", "60", "--val-users", "30", "--profile-history", "6"], check=True)
 
 
+def add_training_args(parser, lr, weight_decay, save_every):
+    """The flags every training loop here takes (optimizer, memory, dtype, checkpoints, logging)."""
+    a = parser.add_argument
+    a("--lr", type=float, default=lr)
+    a("--weight-decay", type=float, default=weight_decay, help="AdamW weight decay")
+    a("--warmup-steps", type=int, default=0, help="linear lr warm-up, then constant")
+    a("--grad-clip", type=float, default=1.0, help="global grad-norm clip")
+    a("--token-budget", type=int, default=8192, help="max tokens per packed training micro-batch")
+    a("--activation-checkpointing", action="store_true")
+    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+      help="compute dtype of training and rollouts (fp32 master weights); auto = bf16 on GPU, fp32 on CPU")
+    a("--save-every", type=int, default=save_every, help="checkpoint every N steps (and at the end)")
+    a("--seed", type=int, default=0)
+    a("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    a("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (when installed)")
+
+
 # ----------------------------------------------------------------------------- logging
 
 class Logger:

@@ -63,3 +63,13 @@ def smol():
     """The embedded SmolLM2-135M (ours), loaded once per test session."""
     from lettingo import load_model
     return load_model("smollm2-135m", device="cpu")
+
+
+def checkpoint_weights(folder):
+    """The model tensors of a checkpoint folder (RUN/ckpt-STEP)."""
+    from safetensors.torch import load_file
+    return load_file(os.path.join(folder, "model", "model.safetensors"))
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)

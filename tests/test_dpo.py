@@ -7,7 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import checkpoint_weights as weights
+from conftest import make_model, max_diff
 
 from dpo import dpo_loss, make_pairs
 
@@ -94,15 +95,6 @@ def test_it_learns_and_reference_is_computed_once(setup, tmp_path):
     assert m[-1]["logp_chosen"] > m[0]["logp_chosen"] or m[-1]["logp_rejected"] < m[0]["logp_rejected"]
     r = run_dpo(setup, tmp_path / "again", "--steps", "1", "--save-every", "100")
     assert "reference log-probs loaded" in r.stdout         # stored with the pairs, not recomputed
-
-
-def weights(folder):
-    from safetensors.torch import load_file
-    return load_file(os.path.join(folder, "model", "model.safetensors"))
-
-
-def max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def test_two_ranks_match_one_and_resume(setup, tmp_path):

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import checkpoint_weights as weights
+from conftest import make_model, max_diff
 
 from grpo import clipped_policy_loss, group_advantages, kl_k3, token_weights
 from train import apply_update, latest_checkpoint, make_optimizer
@@ -101,15 +102,6 @@ def toy(setup, out, *extra, nproc=1):
     r = subprocess.run(cmd + [TOY] + [str(a) for a in args], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
-
-
-def weights(folder):
-    from safetensors.torch import load_file
-    return load_file(os.path.join(folder, "model", "model.safetensors"))
-
-
-def max_diff(a, b):
-    return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
 def test_it_learns(toy_setup, tmp_path):
