@@ -92,7 +92,7 @@ def token_weights(lengths: list[int], mode: str, n_seqs: float, n_tokens: float,
 # ----------------------------------------------------------------------------- one step
 
 
-def update(policy, ref, optimizer, scheduler, items, args, d, tok):
+def update(policy, ref, optimizer, scheduler, items, args, d):
     """PPO epochs over mini-batches of (prompt, completion, advantage) items; returns stats."""
     seqs = [(it["prompt"], it["tokens"]) for it in items]
     on_policy = args.mini_batches == 1 and args.ppo_epochs == 1
@@ -175,7 +175,7 @@ def grpo_step(step, batch, global_idx, mini_batch, policy, rollout, ref, tok, sc
         if args.drop_zero_variance and all(adv[j] in (None, 0.0) for j in range(g * args.group_size, (g + 1) * args.group_size)):
             continue
         items.append({"prompt": p, "tokens": o.tokens, "adv": a, "mb": mini_batch[k // args.group_size]})
-    st = update(policy, ref, optimizer, scheduler, items, args, d, tok)
+    st = update(policy, ref, optimizer, scheduler, items, args, d)
     t3 = time.time()
     valid = [sc.reward for sc in scored if sc.reward is not None]
     tot = lambda x: all_sum(x, d.device)

@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -63,6 +64,31 @@ def smol():
     """The embedded SmolLM2-135M (ours), loaded once per test session."""
     from lettingo import load_model
     return load_model("smollm2-135m", device="cpu")
+
+
+def tiny_run_folder(d, users):
+    """A tiny model and a small synthetic dataset (short histories) for the training-loop tests."""
+    import subprocess
+    make_model(str(d / "model"), "llama", tie_word_embeddings=True)
+    subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), "synthetic", "--users", str(users),
+                    "--out", str(d / "data"), "--test-users", "4" if users > 30 else "2",
+                    "--val-users", "4" if users > 30 else "2", "--profile-history", "3"], check=True, capture_output=True)
+    return d
+
+
+def launch(script, args, nproc=1, timeout=300):
+    """Run a training script in 1 process or under torchrun; fail with its output tail."""
+    import subprocess
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    r = subprocess.run(cmd + [script] + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                       env=clean_env())
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    return r
+
+
+def clean_env():
+    """The environment without a process group's variables: a child never joins a test's own group."""
+    return {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
 
 
 def checkpoint_weights(folder):

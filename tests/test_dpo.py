@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 from conftest import checkpoint_weights as weights
-from conftest import make_model, max_diff
+from conftest import clean_env, launch, max_diff, tiny_run_folder
 
 from dpo import dpo_loss, make_pairs
 
@@ -60,11 +60,7 @@ def test_pairs_paper_rule_margin_cap_and_users():
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("dpo")
-    make_model(str(d / "model"), "llama", tie_word_embeddings=True)
-    subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), "synthetic", "--users", "30", "--out",
-                    str(d / "data"), "--test-users", "2", "--val-users", "2", "--profile-history", "3"],
-                   check=True, capture_output=True)
+    d = tiny_run_folder(tmp_path_factory.mktemp("dpo"), users=30)
     # synthetic preferences: chosen profiles say "likes", rejected ones are random byte soup
     samples = [json.loads(x) for x in open(d / "data" / "train.jsonl")][:12]
     with open(d / "pairs.jsonl", "w") as f:
@@ -76,12 +72,9 @@ def setup(tmp_path_factory):
 
 
 def run_dpo(setup, out, *extra, nproc=1):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
-    args = ["train", "--data", setup / "data" / "train.jsonl", "--pairs", setup / "pairs.jsonl", "--out", out,
-            "--model", setup / "model", "--lr", "2e-3", "--pairs-per-step", "4", "--token-budget", "1200", *extra]
-    r = subprocess.run(cmd + [DPO] + [str(a) for a in args], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r
+    return launch(DPO, ["train", "--data", setup / "data" / "train.jsonl", "--pairs", setup / "pairs.jsonl", "--out", out,
+                        "--model", setup / "model", "--lr", "2e-3", "--pairs-per-step", "4", "--token-budget", "1200",
+                        *extra], nproc)
 
 
 def test_it_learns_and_reference_is_computed_once(setup, tmp_path):
@@ -112,7 +105,7 @@ def test_stages_skip_when_up_to_date(setup, tmp_path):
     base = ["--data", setup / "data" / "train.jsonl", "--out", tmp_path, "--model", setup / "model", "--judge",
             setup / "model", "--users", "4", "--n", "3", "--max-new-tokens", "8", "--task", "rating", "--min-margin", "0"]
     run = lambda stage: subprocess.run([sys.executable, DPO, stage] + [str(a) for a in base], capture_output=True,
-                                       text=True, timeout=300)
+                                       text=True, timeout=300, env=clean_env())
     for stage in ("explore", "evaluate", "pairs"):
         r = run(stage)
         assert r.returncode == 0 and "up to date" not in r.stdout, r.stderr[-2000:]

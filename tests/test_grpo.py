@@ -4,13 +4,11 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import checkpoint_weights as weights
-from conftest import make_model, max_diff
+from conftest import launch, make_model, max_diff, tiny_run_folder
 
 from grpo import clipped_policy_loss, group_advantages, kl_k3, token_weights
 from train import apply_update, latest_checkpoint, make_optimizer
@@ -86,22 +84,13 @@ def test_non_finite_step_is_skipped():
 
 @pytest.fixture(scope="module")
 def toy_setup(tmp_path_factory):
-    d = tmp_path_factory.mktemp("toy")
-    make_model(str(d / "model"), "llama", tie_word_embeddings=True)
-    subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), "synthetic", "--users", "40", "--out",
-                    str(d / "data"), "--test-users", "4", "--val-users", "4", "--profile-history", "3"],
-                   check=True, capture_output=True)
-    return d
+    return tiny_run_folder(tmp_path_factory.mktemp("toy"), users=40)
 
 
 def toy(setup, out, *extra, nproc=1):
-    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable])
-    args = ["--model", setup / "model", "--judge", setup / "model", "--data", setup / "data", "--out", out,
-            "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "12", "--eval-every", "100",
-            "--val-users", "2", "--lr", "3e-3", "--token-budget", "1500", *extra]
-    r = subprocess.run(cmd + [TOY] + [str(a) for a in args], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    return r
+    return launch(TOY, ["--model", setup / "model", "--judge", setup / "model", "--data", setup / "data", "--out", out,
+                        "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "12", "--eval-every", "100",
+                        "--val-users", "2", "--lr", "3e-3", "--token-budget", "1500", *extra], nproc)
 
 
 def test_it_learns(toy_setup, tmp_path):
@@ -142,6 +131,8 @@ def test_killed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     import train
     from lettingo import load_model
     make_model(str(tmp_path / "m"), "llama")
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):   # setup_distributed sets them:
+        monkeypatch.delenv(k, raising=False)                       # restore afterwards for later subprocesses
     d = train.setup_distributed()
     model, tok = load_model(str(tmp_path / "m"), device="cpu")
     model = train.shard(model, torch.float32)
