@@ -4,6 +4,7 @@ machine, plus the fraction of the hardware limit (measured copy bandwidth / matm
     python bench.py rollout --batch 32 --prompt-tokens 300 --new-tokens 128 [--dtype bfloat16]
     python bench.py grpo                 # one GRPO step vs TRL's GRPOTrainer (pip install trl)
     python bench.py data                 # data/prepare.py on an ML-1M-sized ratings file
+    python bench.py learning --raw ../shared/data/ml-100k   # the learning recipe end to end, judged on test users
     python bench.py                      # a short run of all three
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from lettingo import ALIASES, alias_folder, cli, load_model, resolve
+from lettingo import ALIASES, LettingoError, alias_folder, cli, load_model, resolve
 from rollout import generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -180,9 +181,95 @@ def bench_grpo(args):
     print(f"grpo speedup_vs_trl={t_trl / t_ours:.2f}")
 
 
+# ----------------------------------------------------------------------------- learning
+
+
+def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
+    """The recipe as (stage, command, the file that marks it done): each stage is a plain CLI call
+    a user can rerun by hand, and is skipped when its output exists (rerun to continue)."""
+    py, data = sys.executable, os.path.join(out, "data")
+    tr, va, te = (os.path.join(data, f"{s}.jsonl") for s in ("train", "val", "test"))
+    warm = os.path.join(out, "explore-base", "sft", f"ckpt-{args.sft_steps:06d}", "model")
+    grpo_model = os.path.join(out, "grpo", f"ckpt-{args.grpo_steps:06d}", "model")
+    dpo_model = os.path.join(out, "explore-warm", "train", f"ckpt-{args.dpo_steps:06d}", "model")
+    gen = ["--max-new-tokens", str(args.max_new_tokens), "--dtype", "bfloat16", "--token-budget", "4096", "--task", "rating"]
+    val = ["--val-users", str(args.val_users)]
+    prep = [py, f"{HERE}/data/prepare.py", args.dataset, "--out", data, "--test-users", str(args.test_users),
+            "--val-users", str(args.val_users)] + (["--raw", args.raw] if args.raw else []) + (["--meta", args.meta] if args.meta else [])
+    explore = lambda model, folder, users, n, temp: [
+        py, f"{HERE}/dpo.py", "explore", "--model", model, "--data", tr, "--out", os.path.join(out, folder), "--users", str(users),
+        "--n", str(n), "--temperature", str(temp), "--top-p", "0.9", "--max-new-tokens", str(args.max_new_tokens)]
+    stage = lambda name, folder: [py, f"{HERE}/dpo.py", name, "--data", tr, "--out", os.path.join(out, folder), "--task", "rating"]
+    test = lambda model, name: (f"test profiles: {name}", [py, f"{HERE}/rollout.py", "--model", model, "--data", te, "--temperature", "0",
+                                "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "64", "--dtype", "bfloat16",
+                                "--out", os.path.join(out, f"test-{name}.jsonl")], os.path.join(out, f"test-{name}.jsonl"))
+    eb, ew = os.path.join(out, "explore-base"), os.path.join(out, "explore-warm")
+    return [
+        ("prepare data", prep, te),
+        ("explore: base writer", explore("smollm2-135m", "explore-base", args.explore_users, args.explore_n, 0.7), f"{eb}/profiles.jsonl"),
+        ("evaluate explored profiles", stage("evaluate", "explore-base"), f"{eb}/scores-rating.jsonl"),
+        ("warm start: SFT on the best explored profiles", stage("sft", "explore-base") + gen + val + [
+            "--val-data", va, "--lr", "2e-5", "--steps", str(args.sft_steps), "--pairs-per-step", "8",
+            "--eval-every", str(args.sft_steps), "--save-every", str(args.sft_steps)], warm),
+        ("GRPO from the warm start", [py, f"{HERE}/grpo.py", "--model", warm, "--data", data, "--out", os.path.join(out, "grpo"),
+                                      "--steps", str(args.grpo_steps), "--prompts-per-step", "8", "--group-size", "8",
+                                      "--mini-batches", "1", "--temperature", "0.8", "--lr", str(args.grpo_lr), "--kl-coef", "0",
+                                      "--eval-every", str(args.grpo_steps // 3), "--save-every", str(args.grpo_steps)] + gen + val,
+         grpo_model),
+        ("DPO: explore with the warm start", explore(warm, "explore-warm", args.dpo_users, 4, 0.8), f"{ew}/profiles.jsonl"),
+        ("DPO: evaluate", stage("evaluate", "explore-warm"), f"{ew}/scores-rating.jsonl"),
+        ("DPO: pairs", stage("pairs", "explore-warm") + ["--min-margin", "0.05", "--max-pairs-per-user", "4"], f"{ew}/pairs-rating.jsonl"),
+        ("DPO from the warm start", stage("train", "explore-warm") + gen + val + [
+            "--model", warm, "--val-data", va, "--lr", "5e-6", "--beta", "0.1", "--steps", str(args.dpo_steps), "--pairs-per-step", "8",
+            "--eval-every", str(args.dpo_steps // 2), "--save-every", str(args.dpo_steps)], dpo_model),
+        test("smollm2-135m", "base"), test(warm, "warm"), test(grpo_model, "grpo"), test(dpo_model, "dpo"),
+    ]
+
+
+def bench_learning(args):
+    """Prepare -> explore -> warm start -> GRPO and DPO -> judge every condition on the test users."""
+    from reward import judge_conditions, make_judge, print_summary, profile_texts, summarize
+    from lettingo import read_jsonl
+    out = args.out
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    times = {}
+    for k, (name, cmd, done) in enumerate(learning_recipe(args, out)):
+        if os.path.exists(done):
+            print(f"[{k}] {name}: done ({done})", flush=True)
+            continue
+        log = os.path.join(out, "logs", f"{k:02d}.log")
+        print(f"[{k}] {name}: {' '.join(cmd)}\n     log: {log}", flush=True)
+        t0 = time.time()
+        with open(log, "w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=HERE).returncode
+        times[name] = time.time() - t0
+        print(f"     {times[name] / 60:.1f} min", flush=True)
+        if rc != 0 or not os.path.exists(done):
+            raise SystemExit(f"error: stage '{name}' failed (exit {rc}); see {log}")
+    test = read_jsonl(os.path.join(out, "data", "test.jsonl"))
+    names = {"base": "base writer (untrained)", "warm": "warm start (SFT on best explored)",
+             "grpo": "GRPO (from the warm start)", "dpo": "DPO (from the warm start)"}
+    profiles = {names[k]: profile_texts(os.path.join(out, f"test-{k}.jsonl"), test) for k in names}
+    judge = make_judge("smollm2-135m", mode="expect")
+    rows = judge_conditions(test, judge, "rating", profiles)
+    summary = summarize("rating", test, rows, compare=[(names["base"], names["warm"]), (names["warm"], names["grpo"]),
+                                                       (names["warm"], names["dpo"]), (names["base"], names["grpo"]),
+                                                       (names["base"], names["dpo"]), ("template profile (code, no LLM)", names["grpo"])])
+    summary["stage_minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print_summary(summary)
+    mae = lambda n: f"{summary['rows'][n]['all']['MAE'][0]:.3f}"
+    ci = lambda a, b: "[{1:+.3f},{2:+.3f}]".format(*summary["paired"][f"{a} -> {b}"])
+    print(f"learning base={mae(names['base'])} grpo={mae(names['grpo'])} dpo={mae(names['dpo'])} "
+          f"template={mae('template profile (code, no LLM)')} no_profile={mae('no profile')} user_mean={mae('user mean (no LLM)')} "
+          f"grpo_gain_ci={ci(names['warm'], names['grpo'])} dpo_gain_ci={ci(names['warm'], names['dpo'])} "
+          f"start={mae(names['warm'])} start_gain_ci={ci(names['base'], names['warm'])}")
+
+
 def main():
     p = argparse.ArgumentParser(description="Benchmarks against baselines run in the same process.")
-    p.add_argument("what", nargs="?", default="all", choices=["all", "rollout", "grpo", "data"])
+    p.add_argument("what", nargs="?", default="all", choices=["all", "rollout", "grpo", "data", "learning"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--batch", type=int, default=32, help="rollout: rows decoded together")
@@ -191,7 +278,26 @@ def main():
     p.add_argument("--prompts", type=int, default=2, help="grpo: prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="grpo: samples per prompt (public code: 8)")
     p.add_argument("--repeats", type=int, default=2)
+    g = p.add_argument_group("learning (prepare -> explore -> warm start -> GRPO / DPO -> judged on test users)")
+    g.add_argument("--dataset", default="movielens", choices=["movielens", "amazon", "yelp", "synthetic"])
+    g.add_argument("--raw", help="the dataset as data/prepare.py reads it (folder or file)")
+    g.add_argument("--meta", help="amazon: metadata file")
+    g.add_argument("--out", default="runs/learning", help="run folder (stages found done there are skipped)")
+    g.add_argument("--test-users", type=int, default=100)
+    g.add_argument("--val-users", type=int, default=32)
+    g.add_argument("--max-new-tokens", type=int, default=96)
+    g.add_argument("--explore-users", type=int, default=128)
+    g.add_argument("--explore-n", type=int, default=6)
+    g.add_argument("--sft-steps", type=int, default=16)
+    g.add_argument("--grpo-steps", type=int, default=21)
+    g.add_argument("--grpo-lr", type=float, default=5e-6)
+    g.add_argument("--dpo-users", type=int, default=96)
+    g.add_argument("--dpo-steps", type=int, default=30)
     args = p.parse_args()
+    if args.what == "learning":
+        if not args.raw and args.dataset != "synthetic":
+            raise LettingoError("learning: --raw DATASET is required (or --dataset synthetic)")
+        return bench_learning(args)
     if args.what in ("rollout", "all"):
         if args.what == "all":
             args.batch, args.new_tokens = 8, 32

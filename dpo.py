@@ -23,8 +23,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lettingo import PROFILE_CLOSE, PROFILE_OPEN, LettingoError, cli, load_model, profile_answer, profile_messages, profile_prompt, read_jsonl
-from reward import HTTPJudge, make_judge, score_profiles
+from lettingo import (PROFILE_CLOSE, PROFILE_OPEN, LettingoError, cli, load_model, predictor_messages, profile_answer,
+                      profile_messages, profile_prompt, read_jsonl)
+from reward import HTTPJudge, make_judge, score_profiles, task_reward
 from rollout import end_token_ids, generate
 from train import (Logger, add_training_args, all_sum, apply_update, completion_logprobs, demo_data, gather_objects, load_policy,
                    compute_dtype, load_trainer_state, logprobs_no_grad, make_optimizer, resolve_start, save_checkpoint, setup_distributed,
@@ -115,7 +116,8 @@ def finish_stage(out_file, rows, fp):
 def explore(args, d):
     """N profiles per training user from each generator (local model or OpenAI-compatible URL)."""
     out = os.path.join(args.out, "profiles.jsonl")
-    fp = fingerprint("explore", args.data, args.models, args.n, args.users, args.temperature, args.max_new_tokens, args.seed)
+    fp = fingerprint("explore", args.data, args.models, args.n, args.users, args.temperature, args.top_p, args.max_new_tokens,
+                     args.seed, profile_messages({"history": [], "user_mean": 3.0}))   # the prompt wording is an input too
     if up_to_date(out, fp):
         return print(f"explore: {out} is up to date, skipped") if d.main else None
     samples = read_jsonl(args.data)[:args.users or None]
@@ -128,7 +130,7 @@ def explore(args, d):
         else:
             model, tok = load_model(m, device=d.device)
             outs = generate(model, [profile_prompt(tok, samples[i]) for i in mine], n=args.n,
-                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, stop=("</user_profile>",),
+                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, stop=(PROFILE_CLOSE,),
                             seed=[args.seed * 1_000_003 + i for i in mine], tokenizer=tok, batch_size=args.batch_size,
                             progress=d.main)
             texts = [[profile_answer(o.text, o.finish) for o in group] for group in outs]
@@ -161,30 +163,49 @@ def gather_rows(rows):
 
 
 def evaluate(args, d):
-    """Rewards of every profile for both tasks (rating and sentiment) on the user's target."""
-    src, out = os.path.join(args.out, "profiles.jsonl"), os.path.join(args.out, "scores.jsonl")
-    fp = fingerprint("evaluate", src, args.data, args.judge, args.judge_url, args.judge_mode)
+    """The --task reward of every profile on its user's target, next to the reward the judge earns
+    there with no profile at all (what a profile must beat to carry information)."""
+    src, out = os.path.join(args.out, "profiles.jsonl"), os.path.join(args.out, f"scores-{args.task}.jsonl")
+    fp = fingerprint("evaluate", src, args.data, args.judge, args.judge_url, args.judge_mode, args.task)
     if up_to_date(out, fp):
         return print(f"evaluate: {out} is up to date, skipped") if d.main else None
     samples = {(s["user_id"], s["item_id"]): s for s in read_jsonl(args.data)}
     rows = read_jsonl(src)[d.rank::d.world]
     judge = make_judge(args.judge, args.judge_url, args.judge_mode, device=d.device)
-    for task in ("rating", "sentiment"):
-        scored = score_profiles([samples[(r["user_id"], r["item_id"])] for r in rows], [r["text"] for r in rows], judge, task)
-        for r, sc in zip(rows, scored):
-            r[f"reward_{task}"], r[f"status_{task}"] = sc.reward, sc.status
+    task = args.task
+    scored = score_profiles([samples[(r["user_id"], r["item_id"])] for r in rows], [r["text"] for r in rows], judge, task)
+    keys = sorted({(r["user_id"], r["item_id"]) for r in rows})
+    bare = judge.predict([predictor_messages(samples[k], None, task) for k in keys], task)
+    bare = {k: None if p is None else task_reward(task, p, samples[k]) for k, p in zip(keys, bare)}
+    for r, sc in zip(rows, scored):
+        r[f"reward_{task}"], r[f"status_{task}"] = sc.reward, sc.status
+        r[f"no_profile_reward_{task}"] = bare[(r["user_id"], r["item_id"])]
     rows = gather_rows(rows)
     if d.main:
         finish_stage(out, rows, fp)
-        for task in ("rating", "sentiment"):
-            ok = [r[f"reward_{task}"] for r in rows if r[f"reward_{task}"] is not None]
-            print(f"evaluate: {task}: mean reward {sum(ok) / max(len(ok), 1):+.3f} over {len(ok)} profiles, "
-                  f"format failures {sum(r[f'status_{task}'] == 'format' for r in rows)}, "
-                  f"judge failures {sum(r[f'status_{task}'] == 'judge_failed' for r in rows)}")
+        ok = [r[f"reward_{task}"] for r in rows if r[f"reward_{task}"] is not None]
+        print(f"evaluate: {task}: mean reward {sum(ok) / max(len(ok), 1):+.3f} over {len(ok)} profiles, "
+              f"format failures {sum(r[f'status_{task}'] == 'format' for r in rows)}, "
+              f"judge failures {sum(r[f'status_{task}'] == 'judge_failed' for r in rows)}, "
+              f"better than no profile {sum(r[f'reward_{task}'] is not None and r[f'no_profile_reward_{task}'] is not None and r[f'reward_{task}'] > r[f'no_profile_reward_{task}'] for r in rows)}")
+
+
+def best_profiles(scored_profiles, task, min_gain=0.0):
+    """Rejection sampling (the paper's SFT ablation): per user, the best-scored complete profile,
+    kept only if it beats the judge's no-profile reward on that user by more than `min_gain`."""
+    best = {}
+    for r in scored_profiles:
+        rew, bare = r.get(f"reward_{task}"), r.get(f"no_profile_reward_{task}")
+        if r.get(f"status_{task}") != "ok" or rew is None or bare is None or rew <= bare + min_gain:
+            continue
+        key = (r["user_id"], r["item_id"])
+        if key not in best or rew > best[key]["reward"]:
+            best[key] = {"user_id": key[0], "item_id": key[1], "chosen": r["text"], "reward": rew, "gain": rew - bare}
+    return [best[k] for k in sorted(best, key=str)]
 
 
 def build_pairs(args, d):
-    src, out = os.path.join(args.out, "scores.jsonl"), os.path.join(args.out, f"pairs-{args.task}.jsonl")
+    src, out = os.path.join(args.out, f"scores-{args.task}.jsonl"), os.path.join(args.out, f"pairs-{args.task}.jsonl")
     fp = fingerprint("pairs", src, args.task, args.min_margin, args.max_pairs_per_user, args.seed)
     if up_to_date(out, fp):
         return print(f"pairs: {out} is up to date, skipped") if d.main else None
@@ -198,16 +219,16 @@ def build_pairs(args, d):
 # ----------------------------------------------------------------------------- train
 
 
-def tokenize_pair(tok, sample, pair, end_id):
-    """(prompt ids, chosen ids, rejected ids): the writer's turn starts with the forced opening
-    tag, so a response is the text after it. A complete profile is followed by the end-of-turn
-    token; a truncated one is not (appending it would teach "do not stop" from the rejected side)."""
-    prompt = profile_prompt(tok, sample)
+def response_ids(tok, text, end_id):
+    """A response is the text after the forced opening tag. A complete profile is followed by the
+    end-of-turn token; a truncated one is not (appending it would teach "do not stop")."""
+    body = text[len(PROFILE_OPEN):] if text.startswith(PROFILE_OPEN) else text
+    return tok(body, add_special_tokens=False)["input_ids"] + ([end_id] if PROFILE_CLOSE in body else [])
 
-    def resp(text):
-        body = text[len(PROFILE_OPEN):] if text.startswith(PROFILE_OPEN) else text
-        return tok(body, add_special_tokens=False)["input_ids"] + ([end_id] if PROFILE_CLOSE in body else [])
-    return prompt, resp(pair["chosen"]), resp(pair["rejected"])
+
+def tokenize_pair(tok, sample, pair, end_id):
+    """(prompt ids, chosen ids, rejected ids)."""
+    return profile_prompt(tok, sample), response_ids(tok, pair["chosen"], end_id), response_ids(tok, pair["rejected"], end_id)
 
 
 def reference_logprobs(pairs_file, model_path, samples, args, d):
@@ -236,27 +257,54 @@ def reference_logprobs(pairs_file, model_path, samples, args, d):
 
 
 def train(args, d):
+    """DPO on the pairs, from --model (which is also the reference)."""
     pairs_file = args.pairs or os.path.join(args.out, f"pairs-{args.task}.jsonl")
     samples = {(s["user_id"], s["item_id"]): s for s in read_jsonl(args.data)}
     pairs, computed = reference_logprobs(pairs_file, args.model, samples, args, d)
     if not pairs:
         raise LettingoError(f"{pairs_file}: no pairs to train on")
-    run_dir = os.path.join(args.out, "train")
+    note = f"reference log-probs {'computed once now' if computed else 'loaded'} from {pairs_file.replace('.jsonl', '.ref.jsonl')}"
+    fit(args, d, os.path.join(args.out, "train"), pairs, lambda tok, end: [
+        tokenize_pair(tok, samples[(p["user_id"], p["item_id"])], p, end) for p in pairs], dpo_step, note)
+
+
+def sft(args, d):
+    """Warm start by rejection sampling (the paper's SFT ablation): fine-tune --model on each user's
+    best explored profile that beats no profile (OUT/sft-TASK.jsonl), token-mean NLL."""
+    src, out = os.path.join(args.out, f"scores-{args.task}.jsonl"), os.path.join(args.out, f"sft-{args.task}.jsonl")
+    fp = fingerprint("sft", src, args.task, args.sft_min_gain)
+    if not up_to_date(out, fp):
+        picks = best_profiles(read_jsonl(src), args.task, args.sft_min_gain)
+        if d.main:
+            finish_stage(out, picks, fp)
+            print(f"sft: {len(picks)} users kept (best profile beats no profile by > {args.sft_min_gain}), "
+                  f"mean reward gain {sum(p['gain'] for p in picks) / max(len(picks), 1):+.3f}")
+        dist.barrier()
+    picks = read_jsonl(out) if os.path.getsize(out) else []
+    if not picks:
+        raise LettingoError(f"{out}: no explored profile beats no profile; explore more (--n, --users)")
+    samples = {(s["user_id"], s["item_id"]): s for s in read_jsonl(args.data)}
+    fit(args, d, os.path.join(args.out, "sft"), picks, lambda tok, end: [
+        (profile_prompt(tok, samples[(p["user_id"], p["item_id"])]), response_ids(tok, p["chosen"], end)) for p in picks],
+        sft_step, f"{len(picks)} best profiles")
+
+
+def fit(args, d, run_dir, examples, tokenize, step_fn, note):
+    """The training loop both stages share: --pairs-per-step examples per optimizer step, data
+    position = step (exact resume), validation every --eval-every steps, atomic checkpoints."""
     weights, ckpt = resolve_start(run_dir, args.model, args.resume)
     policy, rollout, tok = load_policy(weights, d, args.activation_checkpointing, compute_dtype(args.dtype, d.device))
-    end = min(end_token_ids(tok))
-    data = [tokenize_pair(tok, samples[(p["user_id"], p["item_id"])], p, end) for p in pairs]
+    data = tokenize(tok, min(end_token_ids(tok)))
     optimizer, scheduler = make_optimizer(policy, args.lr, args.weight_decay, args.warmup_steps)
     start = load_trainer_state(ckpt, policy, optimizer, scheduler, d)["step"] if ckpt else 0
     log = Logger(run_dir, d, args.wandb, vars(args))
     judge = make_judge(args.judge, args.judge_url, args.judge_mode, device=d.device) if args.val_data else None
     val = read_jsonl(args.val_data)[:args.val_users or None] if args.val_data else []
-    steps = args.steps or args.epochs * len(pairs) // args.pairs_per_step
+    steps = args.steps or max(1, args.epochs * len(examples) // args.pairs_per_step)
     if args.pairs_per_step % d.world:
         raise LettingoError(f"--pairs-per-step {args.pairs_per_step} must divide evenly over {d.world} ranks")
     if d.main:
-        print(f"train: {len(pairs)} pairs, {steps} steps of {args.pairs_per_step}; reference log-probs "
-              f"{'computed once now' if computed else 'loaded'} from {pairs_file.replace('.jsonl', '.ref.jsonl')}")
+        print(f"{os.path.basename(run_dir)}: {len(examples)} examples, {steps} steps of {args.pairs_per_step}; {note}")
     per = args.pairs_per_step // d.world
     first_val = last_val = None
     for step in range(start, steps + 1):
@@ -267,18 +315,34 @@ def train(args, d):
             log.log({"step": step, **last_val}, f"step {step:>4} | validation {json.dumps(last_val)}", file="validation.jsonl")
         if step == steps:
             break
-        pos = step * args.pairs_per_step                     # data position = step (exact resume)
-        perm = random.Random(args.seed * 7_919 + pos // len(pairs)).sample(range(len(pairs)), len(pairs))
-        idx = [perm[(pos + k) % len(pairs)] for k in range(d.rank * per, (d.rank + 1) * per)]
-        row = dpo_step(policy, optimizer, scheduler, [data[i] for i in idx], [pairs[i] for i in idx], args, d)
-        row["step"] = step
-        log.log(row, f"step {step:>4} | loss {row['loss']:.4f} | pref acc {row['pref_accuracy']:.2f} | margin "
-                     f"{row['reward_margin']:+.3f} | chosen {row['logp_chosen']:.1f} rejected {row['logp_rejected']:.1f}"
-                     f" | grad {row['grad_norm']:.3f}" + (" | SKIPPED" if row["skipped"] else ""))
+        pos = step * args.pairs_per_step
+        perm = random.Random(args.seed * 7_919 + pos // len(examples)).sample(range(len(examples)), len(examples))
+        idx = [perm[(pos + k) % len(examples)] for k in range(d.rank * per, (d.rank + 1) * per)]
+        row = {"step": step, **step_fn(policy, optimizer, scheduler, [data[i] for i in idx], [examples[i] for i in idx], args, d)}
+        log.log(row, f"step {step:>4} | " + " | ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                       if k not in ("step", "skipped", "lr")) + (" | SKIPPED" if row["skipped"] else ""))
         if (step + 1) % args.save_every == 0 or step + 1 == steps:
             save_checkpoint(run_dir, step + 1, policy, tok, optimizer, scheduler, {"args": vars(args)}, d)
     if d.main and first_val:
         print(f"validation before: {json.dumps(first_val)}\nvalidation after:  {json.dumps(last_val)}")
+
+
+def sft_step(policy, optimizer, scheduler, batch, picks, args, d):
+    """One optimizer step of token-mean negative log-likelihood over the global batch."""
+    t0 = time.time()
+    n_tok = all_sum(sum(len(c) for _, c in batch), d.device)
+    groups = synced_groups([len(p) + len(c) for p, c in batch], args.token_budget, d.device)
+    total = 0.0
+    for gi, g in enumerate(groups):
+        policy.set_requires_gradient_sync(gi == len(groups) - 1)
+        part = [batch[i] for i in g] or [([0], [0])]
+        lps = completion_logprobs(policy, part, d.device)
+        loss = -sum(lp.sum() for lp in lps) / max(n_tok, 1) * (1.0 if g else 0.0)
+        loss.backward()
+        total += loss.item()
+    total = all_sum(total, d.device)
+    norm, ok = apply_update(policy, optimizer, scheduler, args.grad_clip, total)
+    return {"nll": total, "grad_norm": norm, "skipped": not ok, "lr": scheduler.get_last_lr()[0], "time": time.time() - t0}
 
 
 def dpo_step(policy, optimizer, scheduler, batch, pairs, args, d):
@@ -315,7 +379,8 @@ def dpo_step(policy, optimizer, scheduler, batch, pairs, args, d):
 def parse_args(argv):
     p = argparse.ArgumentParser(description="LettinGo's explore -> evaluate -> pairs -> DPO pipeline. "
                                 "No arguments: every stage on SmolLM2 and synthetic users (~10 min CPU).")
-    p.add_argument("stage", nargs="?", default="all", choices=["all", "explore", "evaluate", "pairs", "train"])
+    p.add_argument("stage", nargs="?", default="all", choices=["all", "explore", "evaluate", "pairs", "train", "sft"],
+                   help="all = explore, evaluate, pairs, train (the paper); sft = warm start on the best explored profiles")
     a = p.add_argument
     a("--data", default=None, help="training samples JSONL (data/prepare.py train.jsonl)")
     a("--val-data", default=None, help="validation samples JSONL for the before/after metric")
@@ -326,6 +391,7 @@ def parse_args(argv):
     a("--users", type=int, default=0, help="explore: first N training samples (0 = all)")
     a("--n", type=int, default=10, help="explore: profiles per user per generator (paper: 10)")
     a("--temperature", type=float, default=1.0, help="explore: sampling temperature (paper: 1.0)")
+    a("--top-p", type=float, default=1.0, help="explore: nucleus sampling (1 = off)")
     a("--max-new-tokens", type=int, default=256)
     a("--batch-size", type=int, default=32, help="rows decoded together")
     a("--judge", default="smollm2-135m")
@@ -334,6 +400,7 @@ def parse_args(argv):
     a("--task", default="sentiment", choices=["sentiment", "rating"], help="pairs: which task's outcome (paper: sentiment)")
     a("--min-margin", type=float, default=0.125, help="rating pairs: min reward gap (0.125 = half a star)")
     a("--max-pairs-per-user", type=int, default=10)
+    a("--sft-min-gain", type=float, default=0.0, help="sft: keep a user's best profile if its reward beats no profile by more")
     a("--pairs", default=None, help="train: a pairs JSONL (default OUT/pairs-TASK.jsonl)")
     a("--beta", type=float, default=0.1)
     a("--loss", default="sigmoid", choices=["sigmoid", "ipo"])
@@ -366,9 +433,9 @@ def main(argv=None):
     if not args.data:
         raise LettingoError("--data is required (training samples from data/prepare.py)")
     os.makedirs(args.out, exist_ok=True)
-    stages = {"explore": explore, "evaluate": evaluate, "pairs": build_pairs, "train": train}
+    stages = {"explore": explore, "evaluate": evaluate, "pairs": build_pairs, "train": train, "sft": sft}
     for name, fn in stages.items():
-        if args.stage in ("all", name):
+        if args.stage == name or (args.stage == "all" and name != "sft"):
             fn(args, d)
             dist.barrier()
     dist.destroy_process_group()

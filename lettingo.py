@@ -589,9 +589,8 @@ def profile_messages(sample) -> list[dict]:
         "Below is a user's rating history (1 = hated, 5 = loved), oldest first.\n"
         f"{format_interactions(sample['history'])}\n"
         + (f"Their average rating is {mean:.2f}.\n" if mean is not None else "")
-        + "\nWrite a short profile of this user that would let someone predict how they will rate a new item: "
-        "how generous or harsh they rate in general, which kinds of items (genres, themes) they like, "
-        "and which they dislike. Be concrete and brief (at most 120 words). "
+        + "\nWrite a short profile of this user in two sentences (at most 40 words): how generous or harsh "
+        "they rate, which genres they like and which they dislike. "
         f"Put the profile between {PROFILE_OPEN} and {PROFILE_CLOSE}.")
     return [{"role": "user", "content": text}]
 

@@ -16,7 +16,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
+from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -225,6 +225,9 @@ def metrics(task, preds, samples, boot=1000, seed=0) -> dict:
     rng = random.Random(seed)
     out = {"n": len(pairs)}
     for name, fn in fns.items():
+        if not boot:
+            out[name] = (fn(pairs), None, None)
+            continue
         draws = sorted(fn([pairs[rng.randrange(len(pairs))] for _ in pairs]) for _ in range(boot))
         out[name] = (fn(pairs), draws[int(0.025 * boot)], draws[int(0.975 * boot) - 1])
     return out
@@ -242,6 +245,62 @@ def macro_f1(pairs):
 
 # ----------------------------------------------------------------------------- eval CLI
 
+STOPWORDS = set("the a an of and in on to for with from by at is it its this that my your our his her their you "
+                "i we they he she be are was were as or not no vs new all one two three part edition volume vol "
+                "book set pack series".split())
+
+
+def template_profile(sample) -> str:
+    """The no-LLM bar a trained writer must reach: a profile written by code from exactly what the
+    writer sees (the history it is shown and the average rating in its prompt). Generosity word +
+    mean rating; liked / disliked kinds = genres (or categories) rated above / below the user's own
+    mean, else the most frequent title words of high / low rated items."""
+    hist = sample["history"]
+    mean = sample.get("user_mean")
+    if mean is None:
+        mean = sum(h["rating"] for h in hist) / max(len(hist), 1)
+    word = "A generous" if mean >= 4.0 else "A moderate" if mean >= 3.0 else "A harsh"
+    kinds = defaultdict(list)                     # genre -> ratings of history items with it
+    for h in hist:
+        for g in (h.get("genres") or "").replace("|", ",").split(","):
+            if g.strip():
+                kinds[g.strip()].append(h["rating"])
+    if not kinds:                                 # no genres: words of the titles stand in
+        for h in hist:
+            for w in {w.strip(".,:;!?()[]\"'").lower() for w in str(h["title"]).split()}:
+                if len(w) > 2 and w not in STOPWORDS and not w.isdigit():
+                    kinds[w].append(h["rating"])
+        kinds = {k: v for k, v in kinds.items() if len(v) >= 2} or kinds
+    ranked = sorted(kinds, key=lambda k: (-(sum(kinds[k]) / len(kinds[k]) - mean) * len(kinds[k]) ** 0.5, k))
+    likes = [k for k in ranked if sum(kinds[k]) / len(kinds[k]) > mean][:2]
+    dislikes = [k for k in reversed(ranked) if sum(kinds[k]) / len(kinds[k]) < mean][:2]
+    text = f"{word} rater: average rating {mean:.1f} out of 5."
+    if likes:
+        text += f" Likes {', '.join(likes)}."
+    if dislikes:
+        text += f" Dislikes {', '.join(dislikes)}."
+    return text
+
+
+def paired_difference(err_a, err_b, boot=1000, seed=0):
+    """mean(err_a) - mean(err_b) over the same samples, with a paired bootstrap 95% interval
+    (users resampled once for both conditions). For MAE errors, > 0 means b is better."""
+    pairs = [(a, b) for a, b in zip(err_a, err_b) if a is not None and b is not None]
+    if not pairs:
+        return None
+    diff = [a - b for a, b in pairs]
+    rng = random.Random(seed)
+    draws = sorted(sum(diff[rng.randrange(len(diff))] for _ in diff) / len(diff) for _ in range(boot))
+    return sum(diff) / len(diff), draws[int(0.025 * boot)], draws[int(0.975 * boot) - 1]
+
+
+def sample_errors(task, preds, samples):
+    """Per-sample error: |pred - rating| (rating) or 1 - correct (sentiment); None where no prediction."""
+    if task == "rating":
+        return [None if p is None else abs(p - s["rating"]) for p, s in zip(preds, samples)]
+    return [None if p is None else float(p != s["label"]) for p, s in zip(preds, samples)]
+
+
 def baseline_predictions(task, samples):
     """No LLM at all: the global mean (majority label) of all history ratings, and the user's own mean."""
     hist = [h for s in samples for h in s["history"] + s.get("recent", [])]
@@ -255,32 +314,111 @@ def baseline_predictions(task, samples):
     return {"majority label (no LLM)": [glob] * len(samples), "user's majority label (no LLM)": user}
 
 
-def run_eval(args):
-    samples = read_jsonl(args.data)[:args.limit or None]
-    judge = make_judge(args.judge, args.judge_url, args.mode, args.batch_size, timeout=args.timeout, retries=args.retries)
-    task = args.task
-    # each row: (predictions, the samples they belong to, scored profiles or None)
-    rows = {name: (preds, samples, None) for name, preds in baseline_predictions(task, samples).items()}
-    conditions = {"no profile" + (" (recent items only)" if samples[0].get("recent") else ""):
-                  [predictor_messages(s, None, task) for s in samples],
-                  "raw history": [predictor_messages(s, None, task, format_interactions(s["history"])) for s in samples]}
+@dataclass
+class Condition:
+    """One row of a results table: predictions for samples[idx[k]], with the profile's status
+    (ok | format | judge_failed) when the row judges written profiles."""
+    preds: list
+    idx: list[int]
+    status: list[str] | None = None
+    words: float | None = None
+
+
+def judge_conditions(samples, judge, task, profiles: dict | None = None) -> dict[str, Condition]:
+    """Every condition of an evaluation on the same samples: no-LLM baselines, no profile, raw
+    history, the template profile, the oracle profile (synthetic data), and each set of written
+    profiles ({name: [[text, ...] per sample]}; an unclosed profile is judged as no profile)."""
+    n = len(samples)
+    rows = {name: Condition(preds, list(range(n))) for name, preds in baseline_predictions(task, samples).items()}
+    conditions = {NO_PROFILE: [predictor_messages(s, None, task) for s in samples],
+                  "raw history": [predictor_messages(s, None, task, format_interactions(s["history"])) for s in samples],
+                  "template profile (code, no LLM)": [predictor_messages(s, template_profile(s), task) for s in samples]}
     if all(s.get("oracle_profile") for s in samples):
         conditions["oracle profile"] = [predictor_messages(s, s["oracle_profile"], task) for s in samples]
-    from tqdm import tqdm
-    for name, msgs in tqdm(conditions.items(), desc="judging", file=sys.stderr):
-        rows[name] = (judge.predict(msgs, task), samples, None)
-    for path in args.profiles or []:
-        flat = [(s, t) for s, ts in zip(samples, profile_texts(path, samples)) for t in ts]
-        preds, scored = profile_predictions([s for s, _ in flat], [t for _, t in flat], judge, task)
-        rows[f"profiles: {path}"] = (preds, [s for s, _ in flat], [(sc, t) for sc, (_, t) in zip(scored, flat)])
-    print_table(task, rows, len(samples))
+    for name, msgs in conditions.items():
+        rows[name] = Condition(judge.predict(msgs, task), list(range(n)))
+        print(f"judged: {name} ({n} samples)", file=sys.stderr, flush=True)
+    for name, texts in (profiles or {}).items():
+        flat = [(i, t) for i, ts in enumerate(texts) for t in ts]
+        preds, scored = profile_predictions([samples[i] for i, _ in flat], [t for _, t in flat], judge, task)
+        ok = [extract_tag(t, "user_profile") for (_, t), sc in zip(flat, scored) if sc.status != "format"]
+        rows[name] = Condition(preds, [i for i, _ in flat], [sc.status for sc in scored],
+                               sum(len(p.split()) for p in ok) / max(len(ok), 1))
+        print(f"judged: {name} ({len(flat)} profiles)", file=sys.stderr, flush=True)
+    return rows
+
+
+NO_PROFILE = "no profile"
+
+
+def summarize(task, samples, rows: dict[str, Condition], compare: list[tuple[str, str]] = ()) -> dict:
+    """Metrics of every row; for profile rows also the format rate and the metric on the samples
+    whose profile closed next to no-profile on those same samples; paired differences for
+    `compare` ((a, b): error(a) - error(b), > 0 means b is better) and for every profile row
+    against no profile."""
+    key = "MAE" if task == "rating" else "accuracy"
+    err = {name: sample_errors(task, c.preds, [samples[i] for i in c.idx]) for name, c in rows.items()}
+    base = err[NO_PROFILE]
+    out = {"task": task, "n_samples": len(samples), "rows": {}, "paired": {}}
+    for name, c in rows.items():
+        r = {"all": metrics(task, c.preds, [samples[i] for i in c.idx])}
+        if c.status is not None:
+            closed = [k for k, st in enumerate(c.status) if st == "ok"]
+            r["format_rate"] = len(closed) / max(len(c.status), 1)
+            r["words"] = c.words
+            r["closed"] = metrics(task, [c.preds[k] for k in closed], [samples[c.idx[k]] for k in closed])
+            r["no_profile_on_closed"] = metrics(task, [rows[NO_PROFILE].preds[c.idx[k]] for k in closed],
+                                                [samples[c.idx[k]] for k in closed])
+        out["rows"][name] = r
+        if name != NO_PROFILE and len(c.idx) == len(samples):      # one prediction per sample: paired with no profile
+            out["paired"][f"{NO_PROFILE} -> {name}"] = paired_difference(base, err[name])
+    for a, b in compare:
+        if a in rows and b in rows and len(rows[a].idx) == len(rows[b].idx) == len(samples):
+            out["paired"][f"{a} -> {b}"] = paired_difference(err[a], err[b])
+    out["key"] = key
+    return out
+
+
+def print_summary(summary):
+    task = summary["task"]
+    names = ("MAE", "RMSE") if task == "rating" else ("accuracy", "macro_F1")
+    cell = lambda m, n: f"{m[n][0]:>7.3f} [{m[n][1]:.3f},{m[n][2]:.3f}]" if n in m else f"{'-':>21}"
+    print(f"\n{'condition':<44}" + "".join(f"{n:>22}" for n in names) + f"{'closed':>8}{'words':>6}"
+          + f"{'on closed: ' + names[0]:>24}{'no profile there':>22}")
+    for name, r in summary["rows"].items():
+        m = r["all"]
+        line = f"{name[:44]:<44}" + "".join(f" {cell(m, n)}" for n in names)
+        if "format_rate" in r:
+            line += f"{r['format_rate']:>8.0%}{r['words']:>6.0f} {cell(r['closed'], names[0]):>23} {cell(r['no_profile_on_closed'], names[0]):>21}"
+        print(line)
+    print(f"({summary['n_samples']} samples; [95% bootstrap interval]; closed = format rate (profile tag closed); "
+          f"an unclosed profile is judged as no profile)")
+    if summary["paired"]:
+        what = "MAE" if task == "rating" else "error rate"
+        print(f"\npaired differences of {what} (a -> b: a minus b, > 0 = b better) [95% paired bootstrap]")
+        for k, v in summary["paired"].items():
+            print(f"  {k:<70} {v[0]:+.3f} [{v[1]:+.3f},{v[2]:+.3f}]" if v else f"  {k:<70} -")
+
+
+def run_eval(args):
+    samples = read_jsonl(args.data)[:args.limit or None]
+    profiles = {f"profiles: {path}": profile_texts(path, samples) for path in args.profiles or []}  # checked before judging
+    judge = make_judge(args.judge, args.judge_url, args.mode, args.batch_size, timeout=args.timeout, retries=args.retries)
+    rows = judge_conditions(samples, judge, args.task, profiles)
+    names = list(profiles)
+    summary = summarize(args.task, samples, rows, compare=[(names[0], b) for b in names[1:]])
+    print_summary(summary)
     if args.out:
         with open(args.out, "w") as f:
             for i, s in enumerate(samples):
-                f.write(json.dumps({"user_id": s["user_id"], "item_id": s["item_id"], "truth": s["rating"] if task == "rating"
-                                    else s["label"], **{k: v[0][i] for k, v in rows.items() if v[2] is None}}) + "\n")
+                preds = {k: [c.preds[j] for j, x in enumerate(c.idx) if x == i] for k, c in rows.items()}
+                f.write(json.dumps({"user_id": s["user_id"], "item_id": s["item_id"], "truth": s["rating"] if args.task == "rating"
+                                    else s["label"], **{k: v[0] if len(v) == 1 else v for k, v in preds.items()}}) + "\n")
     print(f"judge failures: {judge.failures}, unparseable answers: {judge.bad_answers}"
           + (f", retries: {judge.retried}" if isinstance(judge, HTTPJudge) else ""))
+    if judge.failures and judge.failures >= len(samples):
+        raise LettingoError(f"the judge failed on every request ({judge.failures}); is {args.judge_url} reachable?")
+    return summary
 
 
 def profile_texts(path, samples):
@@ -291,25 +429,10 @@ def profile_texts(path, samples):
     for s in samples:
         r = by_key.get((s["user_id"], s["item_id"]))
         if r is None:
-            raise LettingoError(f"{path}: no profile for user {s['user_id']} item {s['item_id']}")
+            raise LettingoError(f"{path}: no profile for user {s['user_id']} item {s['item_id']} "
+                                f"(the file covers {len(by_key)} samples, --data has {len(samples)}; use --limit or matching files)")
         out.append([g["text"] for g in r["generations"]] if "generations" in r else [r["text"]])
     return out
-
-
-def print_table(task, rows, n_samples):
-    names = ("MAE", "RMSE") if task == "rating" else ("accuracy", "macro_F1")
-    print(f"\n{'condition':<48}" + "".join(f"{n:>22}" for n in names) + f"{'format fail':>12}{'words':>7}{'judge fail':>11}")
-    for name, (preds, samples, scored) in rows.items():
-        m = metrics(task, preds, samples)
-        cells = "".join(f"{m[n][0]:>8.3f} [{m[n][1]:.3f},{m[n][2]:.3f}]" if n in m else f"{'-':>22}" for n in names)
-        if scored:
-            fmt = f"{sum(sc.status == 'format' for sc, _ in scored) / len(scored):>12.1%}"
-            profs = [extract_tag(t, "user_profile") for sc, t in scored if sc.status != "format"]
-            words = f"{sum(len(p.split()) for p in profs) / max(len(profs), 1):>7.0f}"
-        else:
-            fmt, words = f"{'-':>12}", f"{'-':>7}"
-        print(f"{name:<48}{cells}{fmt}{words}{sum(p is None for p in preds):>11}")
-    print(f"({n_samples} samples; [95% bootstrap interval]; words = mean length of well-formed profiles)")
 
 
 # ----------------------------------------------------------------------------- serve

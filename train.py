@@ -22,7 +22,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from lettingo import PROFILE_CLOSE, LettingoError, Transformer, cli, flash_attn_varlen_func, load_model, profile_answer, profile_prompt, save_model
+from lettingo import (PROFILE_CLOSE, LettingoError, Transformer, cli, flash_attn_varlen_func, load_model, predictor_messages,
+                      profile_answer, profile_prompt, save_model)
 from reward import metrics, profile_predictions
 from rollout import generate
 
@@ -187,19 +188,23 @@ def logprobs_no_grad(model, seqs, budget, device, temperature=1.0):
 
 
 def validate(rollout, tok, judge, val, args, d):
-    """Greedy profiles for the validation users, judged: the task metric users care about."""
+    """Greedy profiles for the validation users, judged: the task metric on all users, on the users
+    whose profile closed, and -- to separate content from format -- no profile on those same users."""
     mine = val[d.rank::d.world]
-    texts = []
+    texts, preds, bare, status = [], [], [], []
     if mine:
         outs = generate(rollout, [profile_prompt(tok, s) for s in mine], max_new_tokens=args.max_new_tokens,
                         temperature=0, stop=(PROFILE_CLOSE,), tokenizer=tok, batch_size=args.rollout_batch_size)
         texts = [profile_answer(o[0].text, o[0].finish) for o in outs]
-    preds, scored = profile_predictions(mine, texts, judge, args.task) if mine else ([], [])
-    rows = [r for part in gather_objects(list(zip(mine, preds, [sc.status for sc in scored]))) for r in part]
-    m = metrics(args.task, [p for _, p, _ in rows], [s for s, _, _ in rows], boot=200)
+        preds, scored = profile_predictions(mine, texts, judge, args.task)
+        bare, status = judge.predict([predictor_messages(s, None, args.task) for s in mine], args.task), [sc.status for sc in scored]
+    rows = [r for part in gather_objects(list(zip(mine, preds, bare, status))) for r in part]
+    closed = [r for r in rows if r[3] == "ok"]
     key = "MAE" if args.task == "rating" else "accuracy"
-    return {"val_" + key: m[key][0] if key in m else None, "val_format_rate": sum(st != "format" for *_, st in rows) / max(len(rows), 1),
-            "val_judge_failures": sum(st == "judge_failed" for *_, st in rows)}, texts[:2]
+    value = lambda rs, k: metrics(args.task, [r[k] for r in rs], [r[0] for r in rs], boot=0).get(key, (None,))[0]
+    return {"val_" + key: value(rows, 1), "val_format_rate": len(closed) / max(len(rows), 1),
+            f"val_{key}_closed": value(closed, 1), f"val_no_profile_{key}_closed": value(closed, 2),
+            "val_judge_failures": sum(r[3] == "judge_failed" for r in rows)}, texts[:2]
 
 
 # ----------------------------------------------------------------------------- the guarded step

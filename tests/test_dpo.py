@@ -10,7 +10,7 @@ import torch
 from conftest import checkpoint_weights as weights
 from conftest import clean_env, launch, max_diff, tiny_run_folder
 
-from dpo import dpo_loss, make_pairs
+from dpo import best_profiles, dpo_loss, make_pairs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DPO = os.path.join(ROOT, "dpo.py")
@@ -111,8 +111,8 @@ def test_stages_skip_when_up_to_date(setup, tmp_path):
         assert r.returncode == 0 and "up to date" not in r.stdout, r.stderr[-2000:]
     prof = [json.loads(x) for x in open(tmp_path / "profiles.jsonl")]
     assert len(prof) == 12 and {p["model"] for p in prof} == {str(setup / "model")}
-    scores = [json.loads(x) for x in open(tmp_path / "scores.jsonl")]
-    assert all("reward_rating" in s and "reward_sentiment" in s for s in scores)
+    scores = [json.loads(x) for x in open(tmp_path / "scores-rating.jsonl")]
+    assert len(scores) == 12 and all("reward_rating" in s and "no_profile_reward_rating" in s for s in scores)
     assert "up to date, skipped" in run("explore").stdout
 
 
@@ -128,3 +128,33 @@ def test_tokenize_pair_ends_only_complete_profiles(setup):
         tok("<user_profile>", add_special_tokens=False)["input_ids"]          # the forced tag ends the prompt
     assert c[-1] == end and tok.decode(c[:-1]) == "likes Comedy</user_profile>"
     assert end not in r and tok.decode(r) == "likes Comedy and"              # truncated: no end token
+
+
+def test_best_profiles_rule():
+    r = lambda u, k, rew, bare, st="ok": {"user_id": u, "item_id": "i", "text": f"{u}-{k}", "reward_rating": rew,
+                                          "no_profile_reward_rating": bare, "status_rating": st}
+    rows_ = [r("a", 0, 0.8, 0.7), r("a", 1, 0.9, 0.7), r("a", 2, 1.0, 0.7, "format"),     # a: the best *closed* one
+             r("b", 0, 0.6, 0.7), r("b", 1, 0.7, 0.7),                                     # b: none beats no profile
+             r("c", 0, 0.75, 0.7), r("c", 1, None, 0.7, "judge_failed")]
+    picks = best_profiles(rows_, "rating")
+    assert [(p["user_id"], p["chosen"]) for p in picks] == [("a", "a-1"), ("c", "c-0")]
+    assert picks[0]["gain"] == pytest.approx(0.2)
+    assert [p["user_id"] for p in best_profiles(rows_, "rating", min_gain=0.1)] == ["a"]
+
+
+def test_sft_stage_learns_the_kept_profiles(setup, tmp_path):
+    """Warm start: scores written by hand (one user's profile beats no profile, one does not);
+    the SFT stage keeps only the first and its NLL falls as it trains."""
+    samples = [json.loads(x) for x in open(setup / "data" / "train.jsonl")][:2]
+    (tmp_path / "scores-rating.jsonl").write_text("".join(json.dumps(
+        {"user_id": s["user_id"], "item_id": s["item_id"], "model": "m", "k": 0, "text": "<user_profile>likes Comedy</user_profile>",
+         "reward_rating": 0.9 - 0.5 * i, "no_profile_reward_rating": 0.6, "status_rating": "ok"}) + "\n" for i, s in enumerate(samples)))
+    r = subprocess.run([sys.executable, DPO, "sft", "--data", str(setup / "data" / "train.jsonl"), "--out", str(tmp_path),
+                        "--model", str(setup / "model"), "--task", "rating", "--lr", "1e-3", "--steps", "6",
+                        "--pairs-per-step", "1", "--save-every", "6"], capture_output=True, text=True, timeout=300, env=clean_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    kept = [json.loads(x) for x in open(tmp_path / "sft-rating.jsonl")]
+    assert [k["user_id"] for k in kept] == [samples[0]["user_id"]]
+    nll = [json.loads(x)["nll"] for x in open(tmp_path / "sft" / "metrics.jsonl")]
+    assert len(nll) == 6 and all(b < a for a, b in zip(nll, nll[1:])) and nll[-1] < nll[0] - 0.5
+    assert (tmp_path / "sft" / "ckpt-000006" / "model" / "config.json").is_file()

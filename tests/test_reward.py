@@ -175,7 +175,37 @@ def test_eval_cli_on_synthetic(tiny, tmp_path):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "reward.py"), "eval", "--data", str(tmp_path / "test.jsonl"),
                         "--profiles", str(prof), "--judge", folder], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    for row in ("global mean (no LLM)", "user mean (no LLM)", "no profile", "raw history", "oracle profile", "profiles: "):
+    for row in ("global mean (no LLM)", "user mean (no LLM)", "no profile", "raw history", "oracle profile", "profiles: ",
+                "template profile (code, no LLM)", "paired differences", "no profile -> template profile"):
         assert row in r.stdout
     line = [x for x in r.stdout.splitlines() if x.startswith("profiles: ")][0]
-    assert "50.0%" in line                                                # one of two generations has no tag
+    assert " 50% " in line                                                # one of two generations has no tag
+
+
+def test_template_profile_by_hand():
+    from reward import template_profile
+    h = lambda t, g, r: {"title": t, "genres": g, "rating": r}
+    s = {"user_mean": 3.5, "history": [h("A", "Drama, Comedy", 5), h("B", "Drama", 4), h("C", "Horror", 1),
+                                       h("D", "Comedy", 4), h("E", "Horror, Thriller", 2)]}
+    # Drama (5,4) mean 4.5, Comedy (5,4) 4.5, Horror (1,2) 1.5, Thriller (2) 2.0; user mean 3.5
+    assert template_profile(s) == ("A moderate rater: average rating 3.5 out of 5. Likes Comedy, Drama. "
+                                   "Dislikes Horror, Thriller.")
+    s = {"user_mean": 4.2, "history": [h("Blue Guitar Strings", "", 5), h("Guitar Picks", "", 5), h("Drum Sticks Set", "", 1),
+                                       h("Drum Pedal", "", 2)]}
+    assert template_profile(s) == "A generous rater: average rating 4.2 out of 5. Likes guitar. Dislikes drum."
+    assert template_profile({"history": [h("X", "", 2), h("Y", "", 1)]}).startswith("A harsh rater: average rating 1.5")
+
+
+def test_paired_difference_against_brute_force():
+    from reward import paired_difference
+    import random as rnd
+    a = [0.5, 1.0, 0.2, 0.9, 0.4, 0.7]
+    b = [0.4, 0.6, 0.3, 0.5, 0.1, 0.7]
+    mean, lo, hi = paired_difference(a, b, boot=2000, seed=3)
+    assert mean == pytest.approx(sum(x - y for x, y in zip(a, b)) / 6)
+    rng = rnd.Random(3)                     # the same resampling written out: users drawn once for both conditions
+    d = sorted(sum(a[k] - b[k] for k in ks) / 6 for ks in ([rng.randrange(6) for _ in a] for _ in range(2000)))
+    assert (lo, hi) == pytest.approx((d[50], d[1949]))
+    assert paired_difference([1.0, None, 0.5], [0.5, 0.2, None]) == (0.5, 0.5, 0.5)   # only samples both judged
+    shift = paired_difference(a, [x - 0.25 for x in a])                               # a constant gain: a zero-width interval
+    assert shift == pytest.approx((0.25, 0.25, 0.25))
