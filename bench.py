@@ -9,7 +9,6 @@ machine, plus the fraction of the hardware limit (measured copy bandwidth / matm
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -20,7 +19,7 @@ import time
 
 import torch
 
-from lettingo import ALIASES, LettingoError, alias_folder, cli, load_model, resolve
+from lettingo import ALIASES, ArgParser, LettingoError, alias_folder, cli, load_model, resolve
 from rollout import generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -137,16 +136,13 @@ def bench_grpo(args):
                           "--lr", "1e-6", "--token-budget", "16384", "--dtype", args.dtype])
     policy, rollout, tok_ours = load_policy(folder, d, False, getattr(torch, args.dtype))
     opt, sched = make_optimizer(policy, ns.lr, ns.weight_decay)
-    batch = [{"user_id": str(k)} for k in range(args.prompts)]
-    p_ids = [tok_ours(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    grpo.profile_prompt = lambda tk, s: p_ids[int(s["user_id"])]        # raw prompts, as TRL gets them
-    grpo.profile_answer = lambda text, finish: text
+    p_ids = [tok_ours(p, add_special_tokens=False)["input_ids"] for p in prompts]   # raw prompts, as TRL gets them
     scorer = lambda samples, outs: [Scored(r) for r in reward([o.text for o in outs])]
-    grpo.generate = lambda *a, **k: generate(*a, **{**k, "stop": (), "end_ids": set()})   # forced length, as TRL's
 
-    def ours_step(step):
-        return grpo.grpo_step(step, batch, list(range(args.prompts)), [0] * args.prompts, policy, rollout, None,
-                              tok_ours, scorer, opt, sched, ns, d)
+    def ours_step(step):   # the code path a user runs; no stop string and no end token: forced length, as TRL's
+        return grpo.grpo_step(step, [{}] * args.prompts, p_ids, [grpo.sample_seed(0, step, i) for i in range(args.prompts)],
+                              [0] * args.prompts, policy, rollout, None, tok_ours, scorer, opt, sched, ns, d,
+                              stop=(), end_ids=set())
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype))
     cfg = GRPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.prompts * args.group_size,
@@ -268,7 +264,7 @@ def bench_learning(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Benchmarks against baselines run in the same process.")
+    p = ArgParser(description="Benchmarks against baselines run in the same process.")
     p.add_argument("what", nargs="?", default="all", choices=["all", "rollout", "grpo", "data", "learning"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -6,11 +6,12 @@ downstream task, pair better with worse profiles of the same user, align the wri
     python dpo.py evaluate --out runs/dpo            # reward.py scores for both tasks
     python dpo.py pairs    --out runs/dpo --task sentiment
     torchrun --nproc_per_node=8 dpo.py train --out runs/dpo --model /ckpt/Llama-3-8B-Instruct
+    python dpo.py sft --out runs/dpo --task rating   # warm start: fine-tune on each user's best explored profile
+    python dpo.py plot runs/dpo/train                # curves -> runs/dpo/train/curves.png
 Each stage writes into --out and is skipped when its output exists and was made from the same inputs.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -23,30 +24,38 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lettingo import (PROFILE_CLOSE, PROFILE_OPEN, LettingoError, cli, load_model, predictor_messages, profile_answer,
-                      profile_messages, profile_prompt, read_jsonl)
+from lettingo import (PROFILE_CLOSE, PROFILE_OPEN, ArgParser, LettingoError, at_least, cli, load_model, predictor_messages, profile_answer,
+                      output_folder, profile_messages, profile_prompt, read_jsonl, read_samples)
 from reward import HTTPJudge, make_judge, score_profiles, task_reward
 from rollout import end_token_ids, generate
 from train import (Logger, add_training_args, all_sum, apply_update, completion_logprobs, demo_data, gather_objects, load_policy,
                    compute_dtype, load_trainer_state, logprobs_no_grad, make_optimizer, resolve_start, save_checkpoint, setup_distributed,
-                   sync_rollout_model, synced_groups, validate)
+                   sync_rollout_model, synced_groups, validate, plot_curves)
 
 # ----------------------------------------------------------------------------- the loss
 
 
-def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid", label_smoothing=0.0):
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
+             chosen_len=None, rejected_len=None):
     """Per pair, from summed response log-probs:
         delta = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))
-        sigmoid (DPO):      -(1 - eps) log sigmoid(beta delta) - eps log sigmoid(-beta delta)   (eps = 0: plain DPO)
-        ipo:                (delta - 1 / (2 beta))^2
+        sigmoid (DPO):  -(1 - eps) log sigmoid(beta delta) - eps log sigmoid(-beta delta)   (eps = 0: plain DPO)
+        ipo:            (delta - 1 / (2 beta))^2 with every log-prob divided by its response length first
+                        (TRL's IPO, as the IPO paper uses it: a long response cannot dominate delta)
+        ipo-sum:        the same on summed log-probs (the original implementation)
     Returns (loss, implicit chosen reward, implicit rejected reward), rewards = beta (log pi - log ref)."""
+    if loss_type == "ipo":
+        if chosen_len is None or rejected_len is None:
+            raise LettingoError("dpo_loss: loss 'ipo' needs the response lengths")
+        pi_chosen, ref_chosen = pi_chosen / chosen_len, ref_chosen / chosen_len
+        pi_rejected, ref_rejected = pi_rejected / rejected_len, ref_rejected / rejected_len
     delta = (pi_chosen - ref_chosen) - (pi_rejected - ref_rejected)
     if loss_type == "sigmoid":
         loss = -(1 - label_smoothing) * F.logsigmoid(beta * delta) - label_smoothing * F.logsigmoid(-beta * delta)
-    elif loss_type == "ipo":
+    elif loss_type in ("ipo", "ipo-sum"):
         loss = (delta - 1 / (2 * beta)) ** 2
     else:
-        raise LettingoError(f"unknown --loss {loss_type!r} (sigmoid | ipo)")
+        raise LettingoError(f"unknown --loss {loss_type!r} (sigmoid | ipo | ipo-sum)")
     return loss, beta * (pi_chosen - ref_chosen).detach(), beta * (pi_rejected - ref_rejected).detach()
 
 
@@ -120,7 +129,7 @@ def explore(args, d):
                      args.seed, profile_messages({"history": [], "user_mean": 3.0}))   # the prompt wording is an input too
     if up_to_date(out, fp):
         return print(f"explore: {out} is up to date, skipped") if d.main else None
-    samples = read_jsonl(args.data)[:args.users or None]
+    samples = read_samples(args.data)[:args.users or None]
     mine = list(range(d.rank, len(samples), d.world))
     rows = []
     for m in args.models.split(","):
@@ -169,7 +178,7 @@ def evaluate(args, d):
     fp = fingerprint("evaluate", src, args.data, args.judge, args.judge_url, args.judge_mode, args.task)
     if up_to_date(out, fp):
         return print(f"evaluate: {out} is up to date, skipped") if d.main else None
-    samples = {(s["user_id"], s["item_id"]): s for s in read_jsonl(args.data)}
+    samples = {(s["user_id"], s["item_id"]): s for s in read_samples(args.data)}
     rows = read_jsonl(src)[d.rank::d.world]
     judge = make_judge(args.judge, args.judge_url, args.judge_mode, device=d.device)
     task = args.task
@@ -259,7 +268,7 @@ def reference_logprobs(pairs_file, model_path, samples, args, d):
 def train(args, d):
     """DPO on the pairs, from --model (which is also the reference)."""
     pairs_file = args.pairs or os.path.join(args.out, f"pairs-{args.task}.jsonl")
-    samples = {(s["user_id"], s["item_id"]): s for s in read_jsonl(args.data)}
+    samples = {(s["user_id"], s["item_id"]): s for s in read_samples(args.data)}
     pairs, computed = reference_logprobs(pairs_file, args.model, samples, args, d)
     if not pairs:
         raise LettingoError(f"{pairs_file}: no pairs to train on")
@@ -283,7 +292,7 @@ def sft(args, d):
     picks = read_jsonl(out) if os.path.getsize(out) else []
     if not picks:
         raise LettingoError(f"{out}: no explored profile beats no profile; explore more (--n, --users)")
-    samples = {(s["user_id"], s["item_id"]): s for s in read_jsonl(args.data)}
+    samples = {(s["user_id"], s["item_id"]): s for s in read_samples(args.data)}
     fit(args, d, os.path.join(args.out, "sft"), picks, lambda tok, end: [
         (profile_prompt(tok, samples[(p["user_id"], p["item_id"])]), response_ids(tok, p["chosen"], end)) for p in picks],
         sft_step, f"{len(picks)} best profiles")
@@ -299,7 +308,7 @@ def fit(args, d, run_dir, examples, tokenize, step_fn, note):
     start = load_trainer_state(ckpt, policy, optimizer, scheduler, d)["step"] if ckpt else 0
     log = Logger(run_dir, d, args.wandb, vars(args))
     judge = make_judge(args.judge, args.judge_url, args.judge_mode, device=d.device) if args.val_data else None
-    val = read_jsonl(args.val_data)[:args.val_users or None] if args.val_data else []
+    val = read_samples(args.val_data)[:args.val_users or None] if args.val_data else []
     steps = args.steps or max(1, args.epochs * len(examples) // args.pairs_per_step)
     if args.pairs_per_step % d.world:
         raise LettingoError(f"--pairs-per-step {args.pairs_per_step} must divide evenly over {d.world} ranks")
@@ -362,7 +371,9 @@ def dpo_step(policy, optimizer, scheduler, batch, pairs, args, d):
             continue
         rc = torch.tensor([pairs[i]["ref_chosen"] for i in g], device=pc.device)
         rr = torch.tensor([pairs[i]["ref_rejected"] for i in g], device=pc.device)
-        loss, cr, rj = dpo_loss(pc, pr, rc, rr, args.beta, args.loss, args.label_smoothing)
+        lc = torch.tensor([float(len(batch[i][1])) for i in g], device=pc.device)
+        lr_ = torch.tensor([float(len(batch[i][2])) for i in g], device=pc.device)
+        loss, cr, rj = dpo_loss(pc, pr, rc, rr, args.beta, args.loss, args.label_smoothing, lc, lr_)
         (loss.sum() / n_global).backward()
         sums += torch.tensor([loss.sum().item(), (cr > rj).sum().item(), (cr - rj).sum().item(), cr.sum().item(),
                               pc.sum().item(), pr.sum().item()], dtype=torch.float64)
@@ -373,11 +384,34 @@ def dpo_step(policy, optimizer, scheduler, batch, pairs, args, d):
             "lr": scheduler.get_last_lr()[0], "time": time.time() - t0}
 
 
+# ----------------------------------------------------------------------------- curves
+
+
+def plot_run(run_dir):
+    """RUN/curves.png for a DPO (OUT/train) or SFT (OUT/sft) run: loss, preference accuracy,
+    margins, log-probs, validation (all users, closed-profile users, no-profile / template lines)."""
+    m, v = "metrics.jsonl", "validation.jsonl"
+    rows = read_jsonl(os.path.join(run_dir, v)) if os.path.isfile(os.path.join(run_dir, v)) else []
+    key = "accuracy" if rows and "val_accuracy" in rows[0] else "MAE"
+    return plot_curves(run_dir, [
+        ("loss", [(m, "loss", "DPO loss", "-"), (m, "nll", "SFT NLL per token", "-")]),
+        ("preference accuracy", [(m, "pref_accuracy", "implicit reward chosen > rejected", "-")]),
+        ("implicit reward", [(m, "reward_margin", "margin (chosen - rejected)", "-"), (m, "chosen_reward", "chosen", "--")]),
+        ("summed log-probs", [(m, "logp_chosen", "chosen", "-"), (m, "logp_rejected", "rejected", "-")]),
+        (f"validation {key}", [(v, f"val_{key}", "all users", "-"), (v, f"val_{key}_closed", "users whose profile closed", "-"),
+                              (v, f"val_no_profile_{key}_closed", "no profile, same users", "--"),
+                              (v, f"val_no_profile_{key}", "no profile, all users", ":"),
+                              (v, f"val_template_{key}", "template profile (code)", ":")]),
+        ("validation format rate", [(v, "val_format_rate", "profile closed", "-")]),
+        ("gradient norm", [(m, "grad_norm", "before clipping", "-")]),
+    ], "DPO" if os.path.basename(os.path.normpath(run_dir)) != "sft" else "SFT warm start")
+
+
 # ----------------------------------------------------------------------------- main
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="LettinGo's explore -> evaluate -> pairs -> DPO pipeline. "
+    p = ArgParser(description="LettinGo's explore -> evaluate -> pairs -> DPO pipeline. "
                                 "No arguments: every stage on SmolLM2 and synthetic users (~10 min CPU).")
     p.add_argument("stage", nargs="?", default="all", choices=["all", "explore", "evaluate", "pairs", "train", "sft"],
                    help="all = explore, evaluate, pairs, train (the paper); sft = warm start on the best explored profiles")
@@ -388,28 +422,29 @@ def parse_args(argv):
     a("--model", default="smollm2-135m", help="the profile writer to align (and the DPO reference)")
     a("--models", default=None, help="explore: comma-separated generators (paths, aliases or http:// URLs); default --model")
     a("--remote-model", default="default", help="model name sent to http:// generators")
-    a("--users", type=int, default=0, help="explore: first N training samples (0 = all)")
-    a("--n", type=int, default=10, help="explore: profiles per user per generator (paper: 10)")
-    a("--temperature", type=float, default=1.0, help="explore: sampling temperature (paper: 1.0)")
-    a("--top-p", type=float, default=1.0, help="explore: nucleus sampling (1 = off)")
-    a("--max-new-tokens", type=int, default=256)
-    a("--batch-size", type=int, default=32, help="rows decoded together")
-    a("--judge", default="smollm2-135m")
-    a("--judge-url", default=None)
-    a("--judge-mode", default="expect", choices=["expect", "decode"])
+    a("--users", type=at_least(0), default=0, help="explore: first N training samples (0 = all)")
+    a("--n", type=at_least(1), default=10, help="explore: profiles per user per generator (paper: 10)")
+    a("--temperature", type=at_least(0.0, float), default=1.0, help="explore: sampling temperature (paper: 1.0)")
+    a("--top-p", type=at_least(0.0, float), default=1.0, help="explore: nucleus sampling (1 = off)")
+    a("--max-new-tokens", type=at_least(1), default=256, help="profile budget (explore, validation)")
+    a("--batch-size", type=at_least(1), default=32, help="rows decoded together")
+    a("--judge", default="smollm2-135m", help="local judge model (or the model name sent to --judge-url)")
+    a("--judge-url", default=None, help="OpenAI-compatible judge server")
+    a("--judge-mode", default="expect", choices=["expect", "decode"], help="local judge: expected rating or greedy answer")
     a("--task", default="sentiment", choices=["sentiment", "rating"], help="pairs: which task's outcome (paper: sentiment)")
-    a("--min-margin", type=float, default=0.125, help="rating pairs: min reward gap (0.125 = half a star)")
-    a("--max-pairs-per-user", type=int, default=10)
+    a("--min-margin", type=at_least(0.0, float), default=0.125, help="rating pairs: min reward gap (0.125 = half a star)")
+    a("--max-pairs-per-user", type=at_least(1), default=10, help="cap per user (a seeded sample; widest margins first for rating)")
     a("--sft-min-gain", type=float, default=0.0, help="sft: keep a user's best profile if its reward beats no profile by more")
-    a("--pairs", default=None, help="train: a pairs JSONL (default OUT/pairs-TASK.jsonl)")
-    a("--beta", type=float, default=0.1)
-    a("--loss", default="sigmoid", choices=["sigmoid", "ipo"])
-    a("--label-smoothing", type=float, default=0.0, help="conservative DPO epsilon")
-    a("--epochs", type=int, default=1)
-    a("--steps", type=int, default=0, help="optimizer steps (0 = --epochs over the pairs)")
-    a("--pairs-per-step", type=int, default=8)
-    a("--eval-every", type=int, default=20)
-    a("--val-users", type=int, default=64)
+    a("--pairs", default=None, help="train: a pairs JSONL")
+    a("--beta", type=at_least(1e-9, float), default=0.1, help="DPO temperature beta (common default 0.1; the paper does not report it)")
+    a("--loss", default="sigmoid", choices=["sigmoid", "ipo", "ipo-sum"],
+      help="sigmoid = DPO; ipo = IPO on length-normalised log-probs (TRL); ipo-sum = IPO on summed log-probs")
+    a("--label-smoothing", type=at_least(0.0, float), default=0.0, help="conservative DPO epsilon")
+    a("--epochs", type=at_least(1), default=1, help="passes over the pairs (when --steps is 0)")
+    a("--steps", type=at_least(0), default=0, help="optimizer steps (0 = --epochs over the pairs)")
+    a("--pairs-per-step", type=at_least(1), default=8, help="pairs (or sft profiles) per optimizer step")
+    a("--eval-every", type=at_least(1), default=20, help="validate every N steps (and at the end)")
+    a("--val-users", type=at_least(0), default=64, help="validation users (0 = all in --val-data)")
     add_training_args(p, lr=1e-6, weight_decay=0.0, save_every=50)
     args = p.parse_args(argv)
     args.models = args.models or args.model
@@ -424,7 +459,12 @@ DEMO = ["all", "--data", "runs/demo-data/train.jsonl", "--val-data", "runs/demo-
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "plot":
+        p = ArgParser(prog=f"{os.path.basename(__file__)} plot", description="Draw RUN_DIR/curves.png (needs matplotlib).")
+        p.add_argument("run_dir", metavar="RUN_DIR", help="a DPO or SFT run folder (OUT/train, OUT/sft)")
+        return plot_run(p.parse_args(argv[1:]).run_dir)
     args = parse_args(argv or DEMO)
+    output_folder(args.out)
     d = setup_distributed()
     torch.manual_seed(args.seed)
     if not argv and d.main:

@@ -3,11 +3,10 @@ a frozen recommender predicts the user's next rating with it, push up the better
 
     python grpo.py                                   # demo: SmolLM2 policy + judge, synthetic users
     torchrun --nproc_per_node=8 grpo.py --model /ckpt/Qwen3-8B --data runs/ml10m --judge-url http://judge:8008
-    python grpo.py plot runs/grpo                    # reward and validation curves -> PNG
+    python grpo.py plot runs/grpo                    # training and validation curves -> runs/grpo/curves.png
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -18,12 +17,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from lettingo import PROFILE_CLOSE, LettingoError, cli, load_model, profile_answer, profile_prompt, read_jsonl
+from lettingo import (PROFILE_CLOSE, ArgParser, LettingoError, at_least, cli, load_model, profile_answer, profile_prompt,
+                      output_folder, read_jsonl, read_samples)
 from reward import make_judge, score_profiles
 from rollout import generate
-from train import (Logger, all_max, all_sum, apply_update, completion_logprobs, load_policy, load_trainer_state,
+from train import (Logger, all_sum, apply_update, completion_logprobs, load_policy, load_trainer_state,
                    logprobs_no_grad, make_optimizer, resolve_start, save_checkpoint, setup_distributed, shard,
-                   sync_rollout_model, synced_groups, validate, demo_data, compute_dtype, add_training_args)
+                   sync_rollout_model, synced_groups, validate, demo_data, compute_dtype, add_training_args, plot_curves)
 
 # ----------------------------------------------------------------------------- the algorithm
 
@@ -32,7 +32,8 @@ def group_advantages(rewards: list[float | None], group_size: int, eps: float = 
     """A_i = (r_i - mean_g) / (std_g + eps) within each group of `group_size` consecutive samples
     (unbiased std, as verl). Samples the judge failed on (None) are left out of their group's
     statistics and get A = None (excluded, not zero-scored). A group with one valid sample gets
-    mean 0, std 1 (verl). std_scaling=False is Dr. GRPO: A_i = r_i - mean_g.
+    mean 0, std 1 (verl's rule), i.e. A = r / (1 + eps): its raw reward, not 0. std_scaling=False
+    is Dr. GRPO: A_i = r_i - mean_g.
     Returns (advantages, number of groups whose valid rewards are all equal)."""
     adv, flat_groups = [None] * len(rewards), 0
     for g in range(0, len(rewards), group_size):
@@ -74,18 +75,20 @@ def kl_k3(logp, ref_logp):
     return (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)
 
 
-def token_weights(lengths: list[int], mode: str, n_seqs: float, n_tokens: float, max_len: float) -> list[float]:
+def token_weights(lengths: list[int], mode: str, n_seqs: float, n_tokens: float, budget: float) -> list[float]:
     """Per-sequence weight w of each of its tokens so that loss = sum_tokens w * L, with the
     normalisers taken over the *global* (all-rank) mini-batch:
       token-mean               sum L / total tokens
       seq-mean-token-mean      mean over sequences of each sequence's token mean (original GRPO)
-      seq-mean-token-sum-norm  sum L / (sequences x longest response)  (Dr. GRPO)"""
+      seq-mean-token-sum-norm  sum L / (sequences x generation budget)  (Dr. GRPO; TRL's dr_grpo and verl
+                               divide by the constant max response length, not by the longest response of
+                               the batch, so the scale does not change from step to step)"""
     if mode == "token-mean":
         return [1.0 / n_tokens] * len(lengths)
     if mode == "seq-mean-token-mean":
         return [1.0 / (n * n_seqs) for n in lengths]
     if mode == "seq-mean-token-sum-norm":
-        return [1.0 / (n_seqs * max_len)] * len(lengths)
+        return [1.0 / (n_seqs * budget)] * len(lengths)
     raise LettingoError(f"unknown --loss-agg {mode!r}")
 
 
@@ -104,10 +107,10 @@ def update(policy, ref, optimizer, scheduler, items, args, d):
         for mb in range(args.mini_batches):
             idx = [i for i, it in enumerate(items) if it["mb"] == mb]
             lens = [len(items[i]["tokens"]) for i in idx]
-            n_seqs, n_tok, max_len = all_sum(len(idx), d.device), all_sum(sum(lens), d.device), all_max(max(lens, default=1), d.device)
+            n_seqs, n_tok = all_sum(len(idx), d.device), all_sum(sum(lens), d.device)
             if n_seqs == 0:
                 continue
-            w = token_weights(lens, args.loss_agg, n_seqs, max(n_tok, 1), max_len)
+            w = token_weights(lens, args.loss_agg, n_seqs, max(n_tok, 1), args.max_new_tokens)
             groups = synced_groups([len(seqs[i][0]) + lens[k] for k, i in enumerate(idx)], args.token_budget, d.device)
             sums = torch.zeros(5, dtype=torch.float64)           # loss, pg, kl, clipped tokens, entropy sum
             for gi, g in enumerate(groups):
@@ -154,16 +157,18 @@ def sample_seed(seed, step, index):
     return (seed * 1_000_003 + step * 100_003 + index) % (2**62)
 
 
-def grpo_step(step, batch, global_idx, mini_batch, policy, rollout, ref, tok, scorer, optimizer, scheduler, args, d):
+def grpo_step(step, samples, prompts, seeds, mini_batch, policy, rollout, ref, tok, scorer, optimizer, scheduler, args, d,
+              stop=(PROFILE_CLOSE,), end_ids=None):
+    """One GRPO step on this rank's share: sample args.group_size completions of each prompt (token
+    ids; seeds[i] makes prompt i's samples reproducible), score them with
+    scorer(samples, rollout Samples) -> [Scored], group advantages, PPO update."""
     t0 = time.time()
     sync_rollout_model(policy, rollout)
-    prompts = [profile_prompt(tok, s) for s in batch]
-    outs = generate(rollout, prompts, n=args.group_size, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_p=args.top_p, stop=(PROFILE_CLOSE,),
-                    seed=[sample_seed(args.seed, step, i) for i in global_idx], tokenizer=tok,
-                    batch_size=args.rollout_batch_size) if batch else []
+    outs = generate(rollout, prompts, n=args.group_size, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                    top_p=args.top_p, stop=stop, end_ids=end_ids, seed=seeds, tokenizer=tok,
+                    batch_size=args.rollout_batch_size) if prompts else []
     t1 = time.time()
-    flat = [(s, p, o) for s, p, group in zip(batch, prompts, outs) for o in group]
+    flat = [(s, p, o) for s, p, group in zip(samples, prompts, outs) for o in group]     # [prompts * group]
     scored = scorer([s for s, _, _ in flat], [o for _, _, o in flat]) if flat else []
     t2 = time.time()
     adv, flat_groups = group_advantages([sc.reward for sc in scored], args.group_size, std_scaling=not args.no_std_scaling)
@@ -190,7 +195,7 @@ def grpo_step(step, batch, global_idx, mini_batch, policy, rollout, ref, tok, sc
            "response_length": gen_tokens / max(n_all, 1), **st, "lr": scheduler.get_last_lr()[0],
            "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2,
            "rollout_tokens_per_s": gen_tokens / max(t1 - t0, 1e-9)}
-    examples = [{"user_id": s["user_id"], "reward": sc.reward, "status": sc.status, "text": profile_answer(o.text, o.finish)}
+    examples = [{"user_id": s.get("user_id"), "reward": sc.reward, "status": sc.status, "text": o.text, "finish": o.finish}
                 for (s, _, o), sc in zip(flat[:args.group_size], scored)]
     return row, examples
 
@@ -199,35 +204,36 @@ def grpo_step(step, batch, global_idx, mini_batch, policy, rollout, ref, tok, sc
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description="GRPO training of a profile writer against a frozen recommender judge. "
+    p = ArgParser(description="GRPO training of a profile writer against a frozen recommender judge. "
                                 "No arguments: a ~10 minute CPU demo on SmolLM2 and synthetic users.")
     a = p.add_argument
     a("--model", default="smollm2-135m", help="policy to train: HF folder, .gguf or alias")
-    a("--data", default=None, help="folder with train.jsonl/val.jsonl from data/prepare.py (default: demo synthetic)")
+    a("--data", default=None, help="folder with train.jsonl/val.jsonl from data/prepare.py")
     a("--out", default="runs/grpo", help="run folder: checkpoints, metrics.jsonl, samples.jsonl")
-    a("--task", default="rating", choices=["rating", "sentiment"])
+    a("--task", default="rating", choices=["rating", "sentiment"], help="reward: rating (1 - |err|/4) or sentiment (correct = 1)")
     a("--judge", default="smollm2-135m", help="local judge model (or the model name sent to --judge-url)")
     a("--judge-url", default=None, help="OpenAI-compatible judge server (recommended for big judges)")
-    a("--judge-mode", default="expect", choices=["expect", "decode"])
-    a("--steps", type=int, default=100)
-    a("--prompts-per-step", type=int, default=64, help="global batch of users per step (public code: 64)")
-    a("--group-size", type=int, default=8, help="profiles sampled per user (public code: 8)")
-    a("--mini-batches", type=int, default=2, help="optimizer steps per GRPO step (public code: 64 prompts / 32 = 2)")
-    a("--ppo-epochs", type=int, default=1)
-    a("--temperature", type=float, default=1.0)
-    a("--top-p", type=float, default=1.0)
-    a("--max-new-tokens", type=int, default=896, help="response budget (public code: 896)")
-    a("--clip-low", type=float, default=0.2)
-    a("--clip-high", type=float, default=0.2, help="DAPO clip-higher uses 0.28")
-    a("--dual-clip", type=float, default=0.0, help="dual-clip constant c for A < 0 (0 = off; usual 3)")
-    a("--kl-coef", type=float, default=0.001, help="k3 KL-to-reference loss weight; 0 loads no reference")
-    a("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"])
+    a("--judge-mode", default="expect", choices=["expect", "decode"], help="local judge: expected rating or greedy answer")
+    a("--steps", type=at_least(1), default=100, help="GRPO steps")
+    a("--prompts-per-step", type=at_least(1), default=64, help="global batch of users per step (public code: 64)")
+    a("--group-size", type=at_least(1), default=8, help="profiles sampled per user (public code: 8)")
+    a("--mini-batches", type=at_least(1), default=2, help="optimizer steps per GRPO step (public code: 64 prompts / 32 = 2)")
+    a("--ppo-epochs", type=at_least(1), default=1, help="passes over each step's samples")
+    a("--temperature", type=at_least(0.0, float), default=1.0, help="rollout temperature (public code: 1.0)")
+    a("--top-p", type=at_least(0.0, float), default=1.0, help="rollout nucleus sampling (1 = off)")
+    a("--max-new-tokens", type=at_least(1), default=896, help="response budget (public code: 896)")
+    a("--clip-low", type=at_least(0.0, float), default=0.2, help="PPO clip: ratio >= 1 - clip_low")
+    a("--clip-high", type=at_least(0.0, float), default=0.2, help="DAPO clip-higher uses 0.28")
+    a("--dual-clip", type=at_least(0.0, float), default=0.0, help="dual-clip constant c for A < 0 (0 = off; usual 3)")
+    a("--kl-coef", type=at_least(0.0, float), default=0.001, help="k3 KL-to-reference loss weight; 0 loads no reference")
+    a("--loss-agg", default="token-mean", choices=["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"],
+      help="loss normaliser: tokens (verl/public code), per-sequence means (GRPO paper), sequences x budget (Dr. GRPO)")
     a("--no-std-scaling", action="store_true", help="Dr. GRPO advantages (no division by the group std)")
     a("--drop-zero-variance", action="store_true", help="DAPO dynamic sampling: drop groups with equal rewards")
-    a("--rollout-batch-size", type=int, default=64, help="max rows decoded together")
-    a("--eval-every", type=int, default=10)
-    a("--val-users", type=int, default=64, help="validation users evaluated (0 = all in val.jsonl)")
-    a("--sample-every", type=int, default=1, help="write sampled profiles to samples.jsonl every N steps")
+    a("--rollout-batch-size", type=at_least(1), default=64, help="max rows decoded together")
+    a("--eval-every", type=at_least(1), default=10, help="validate every N steps (and at the end)")
+    a("--val-users", type=at_least(0), default=64, help="validation users evaluated (0 = all in val.jsonl)")
+    a("--sample-every", type=at_least(1), default=1, help="write sampled profiles to samples.jsonl every N steps")
     add_training_args(p, lr=1e-6, weight_decay=0.01, save_every=50)   # public code: lr 1e-6, wd 0.01
     return p.parse_args(argv)
 
@@ -240,12 +246,15 @@ DEMO = ["--data", "runs/demo-data", "--out", "runs/grpo-demo", "--steps", "12", 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "plot":
-        return plot_run(argv[1] if len(argv) > 1 else "runs/grpo")
+        p = ArgParser(prog=f"{os.path.basename(__file__)} plot", description="Draw RUN_DIR/curves.png (needs matplotlib).")
+        p.add_argument("run_dir", metavar="RUN_DIR", help="a GRPO run folder")
+        return plot_run(p.parse_args(argv[1:]).run_dir)
     run(parse_args(argv or DEMO), demo=not argv)
 
 
 def run(args, demo=False, scorer=None):
     """The training loop. `scorer(samples, rollout Samples) -> [Scored]` defaults to the judge."""
+    output_folder(args.out)
     d = setup_distributed()
     torch.manual_seed(args.seed)
     random.seed(args.seed)
@@ -257,8 +266,8 @@ def run(args, demo=False, scorer=None):
     if args.data is None:
         raise LettingoError("--data DIR is required (a folder from data/prepare.py)")
     dist.barrier()
-    train = read_jsonl(os.path.join(args.data, "train.jsonl"))
-    val = read_jsonl(os.path.join(args.data, "val.jsonl"))[:args.val_users or None]
+    train = read_samples(os.path.join(args.data, "train.jsonl"))
+    val = read_samples(os.path.join(args.data, "val.jsonl"))[:args.val_users or None]
     weights, ckpt = resolve_start(args.out, args.model, args.resume)
     dtype = compute_dtype(args.dtype, d.device)
     policy, rollout, tok = load_policy(weights, d, args.activation_checkpointing, dtype)
@@ -298,7 +307,9 @@ def run(args, demo=False, scorer=None):
         pos = step * args.prompts_per_step
         perm = order(pos // len(train))
         global_idx = [perm[(pos + k) % len(train)] for k in mine]
-        row, examples = grpo_step(step, [train[i] for i in global_idx], global_idx, [k // (P // M) for k in mine],
+        batch = [train[i] for i in global_idx]
+        row, examples = grpo_step(step, batch, [profile_prompt(tok, s) for s in batch],
+                                  [sample_seed(args.seed, step, i) for i in global_idx], [k // (P // M) for k in mine],
                                   policy, rollout, ref, tok, scorer, optimizer, scheduler, args, d)
         log.log(row, f"step {step:>4} | reward {row['reward_mean']:+.3f} ± {row['reward_std']:.3f} | format "
                      f"{row['format_rate']:.0%} | kl {row['kl']:.4f} | clip {row['clip_frac']:.3f} | grad {row['grad_norm']:.3f}"
@@ -314,71 +325,30 @@ def run(args, demo=False, scorer=None):
     dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------- plot (no matplotlib needed)
+# ----------------------------------------------------------------------------- curves
 
 
 def plot_run(run_dir):
-    """reward_mean and format_rate per step and the validation metric as a PNG: a tiny rasteriser
-    on numpy + zlib, so the plot needs nothing beyond the runtime requirements."""
-    import numpy as np
-    rows = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
-    val = read_jsonl(os.path.join(run_dir, "validation.jsonl")) if os.path.isfile(os.path.join(run_dir, "validation.jsonl")) else []
-    key = next((k for k in ("val_MAE", "val_accuracy") if val and k in val[0]), None)
-    series = [(k, [(r["step"], r[k]) for r in rows if k in r], c) for k, c in (("reward_mean", (200, 40, 40)),
-                                                                               ("format_rate", (40, 150, 40)))]
-    if key:
-        series.append((key, [(r["step"], r[key]) for r in val if r.get(key) is not None], (40, 40, 200)))
-    W, H, pad = 640, 240 * len(series), 36
-    img = np.full((H, W, 3), 255, np.uint8)
-    for k, (name, pts, color) in enumerate(series):
-        top = k * 240
-        img[top + pad:top + 240 - pad, pad] = img[top + 240 - pad, pad:W - pad] = 0
-        draw_text(img, f"{name} {min(p[1] for p in pts):.3f}..{max(p[1] for p in pts):.3f}" if pts else name, pad, top + 8)
-        if len(pts) < 2:
-            continue
-        xs, ys = np.array([p[0] for p in pts], float), np.array([p[1] for p in pts], float)
-        px = pad + (xs - xs.min()) / max(np.ptp(xs), 1e-9) * (W - 2 * pad - 1)
-        py = top + 240 - pad - (ys - ys.min()) / max(np.ptp(ys), 1e-9) * (240 - 2 * pad - 1)
-        for (x0, y0), (x1, y1) in zip(zip(px, py), zip(px[1:], py[1:])):
-            n = int(max(abs(x1 - x0), abs(y1 - y0))) + 1
-            for t in np.linspace(0, 1, n):
-                x, y = int(round(x0 + t * (x1 - x0))), int(round(y0 + t * (y1 - y0)))
-                img[max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = color
-    path = os.path.join(run_dir, "curves.png")
-    write_png(path, img)
-    print(f"wrote {path}")
-
-
-FONT = {c: bits for c, bits in zip("0123456789.-_+ abcdefghijklmnopqrstuvwxyzAEMS", [
-    "111101101101111", "010110010010111", "111001111100111", "111001111001111", "101101111001001", "111100111001111",
-    "111100111101111", "111001001001001", "111101111101111", "111101111001111", "000000000000010", "000000111000000",
-    "000000000000111", "000010111010000", "000000000000000", "000011101101011", "100111101101111", "000111100100111",
-    "001111101101111", "000111111100111", "011100110100100", "000111101111001", "100111101101101", "010000010010010",
-    "001000001101111", "100101110101101", "010010010010010", "000111111101101", "000110101101101", "000111101101111",
-    "000111101111100", "000111101111001", "000111100100100", "000011010001110", "010111010010011", "000101101101111",
-    "000101101101010", "000101101111111", "000101010101101", "000101101111001", "000111011110111", "111101111101101",
-    "111100111100111", "101111111101101", "111100111001111"])}
-
-
-def draw_text(img, text, x, y, scale=2):
-    for ch in text:
-        bits = FONT.get(ch, FONT[" "])
-        for i, b in enumerate(bits):
-            if b == "1":
-                r, c = divmod(i, 3)
-                img[y + r * scale:y + (r + 1) * scale, x + c * scale:x + (c + 1) * scale] = 0
-        x += 4 * scale
-
-
-def write_png(path, img):
-    import struct
-    import zlib
-    h, w, _ = img.shape
-    raw = b"".join(b"\x00" + img[r].tobytes() for r in range(h))
-    chunk = lambda tag, data: struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-    with open(path, "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
+    """RUN/curves.png: training reward, format, validation (all users, closed-profile users, with the
+    no-profile and template lines), KL, entropy, clipping, response length, time per step."""
+    m, v = "metrics.jsonl", "validation.jsonl"
+    rows = read_jsonl(os.path.join(run_dir, v)) if os.path.isfile(os.path.join(run_dir, v)) else []
+    key = "accuracy" if rows and "val_accuracy" in rows[0] else "MAE"
+    return plot_curves(run_dir, [
+        ("training reward (mean +- std)", [(m, "reward_mean", "reward", "band:reward_std")]),
+        ("format rate (profile closed)", [(m, "format_rate", "training samples", "-"), (v, "val_format_rate", "validation (greedy)", "-")]),
+        (f"validation {key}", [(v, f"val_{key}", "all users", "-"), (v, f"val_{key}_closed", "users whose profile closed", "-"),
+                              (v, f"val_no_profile_{key}_closed", "no profile, same users", "--"),
+                              (v, f"val_no_profile_{key}", "no profile, all users", ":"),
+                              (v, f"val_template_{key}", "template profile (code)", ":")]),
+        ("KL to reference (k3)", [(m, "kl", "kl", "-")]),
+        ("entropy (per token)", [(m, "entropy", "entropy", "-")]),
+        ("clip fraction", [(m, "clip_frac", "clipped tokens", "-")]),
+        ("response length (tokens)", [(m, "response_length", "mean", "-")]),
+        ("time per step (s)", [(m, "time_rollout", "rollout", "stack"), (m, "time_reward", "reward", "stack"),
+                               (m, "time_update", "update", "stack")]),
+        ("gradient norm", [(m, "grad_norm", "before clipping", "-")]),
+    ], "GRPO")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,30 @@ class LettingoError(Exception):
     """A problem with the user's input, reported as one line by every CLI."""
 
 
+class ArgParser(argparse.ArgumentParser):
+    """argparse with defaults shown in --help and bad arguments reported as one `error:` line."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **k)
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def at_least(lo, kind=int):
+    """argparse type: a number >= lo, so a bad value fails at parse time with one clear line,
+    before any model loads."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not value >= lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+        return value
+    return parse
+
+
 def cli(main):
     """Run a CLI entry point; our own errors become one clear line, not a stack trace."""
     try:
@@ -424,13 +448,23 @@ def default_device():
 
 
 def load_model(path_or_alias: str, dtype=None, device=None):
-    """-> (Transformer in eval mode, tokenizer). A HF folder, a .gguf file, or an alias."""
-    from transformers import AutoTokenizer
+    """-> (Transformer in eval mode, tokenizer). A HF folder, a .gguf file, or an alias. A file that
+    cannot be read (truncated weights, a fake .gguf, a config that is not JSON) is one clear error."""
     path = resolve(path_or_alias)
     if path_or_alias in ALIASES:
         path = alias_folder(path_or_alias, path)
     device = torch.device(device) if device else default_device()
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    try:
+        return read_model(path, dtype, device)
+    except (LettingoError, torch.OutOfMemoryError):
+        raise
+    except Exception as e:  # the readers' own errors (safetensors, gguf, json, tokenizers) carry no file context
+        raise LettingoError(f"{path}: cannot read the model ({type(e).__name__}: {str(e)[:200]})") from e
+
+
+def read_model(path, dtype, device):
+    from transformers import AutoTokenizer
     if path.endswith(".gguf"):
         cfg, tensors = read_gguf(path)
         tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
@@ -673,8 +707,44 @@ def read_jsonl(path: str) -> list[dict]:
     return rows
 
 
+SAMPLE_KEYS = ("user_id", "item_id", "title", "rating", "history", "user_mean")
+
+
+def read_samples(path: str, what="samples from data/prepare.py") -> list[dict]:
+    """read_jsonl + a check that the rows are LettinGo samples, so a profiles file passed as data
+    fails here with one line instead of a KeyError deep inside."""
+    rows = read_jsonl(path)
+    for i, r in enumerate(rows, 1):
+        missing = [k for k in SAMPLE_KEYS if k not in r]
+        if missing or not isinstance(r["history"], list):
+            hint = " (this looks like a profiles file from rollout.py)" if "generations" in r else ""
+            raise LettingoError(f"{path}: row {i} lacks {', '.join(missing) or 'a history list'}: not {what}{hint}")
+    return rows
+
+
+def output_file(path: str) -> str:
+    """Checked before any work: --out must be a file whose folder can exist (created here)."""
+    if os.path.isdir(path):
+        raise LettingoError(f"--out {path}: is a folder, expected a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise LettingoError(f"--out {path}: cannot create its folder ({e.strerror})")
+    if not os.access(folder, os.W_OK):
+        raise LettingoError(f"--out {path}: folder {folder} is not writable")
+    return path
+
+
+def output_folder(path: str) -> str:
+    """Checked before any work: --out must be a folder or not exist yet."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise LettingoError(f"--out {path}: exists and is not a folder")
+    return path
+
+
 def main():
-    p = argparse.ArgumentParser(description="Load a model and print its config and parameter count.")
+    p = ArgParser(description="Load a model and print its config and parameter count.")
     p.add_argument("model", nargs="?", default="smollm2-135m", help="HF folder, .gguf file or alias (smollm2-135m)")
     args = p.parse_args()
     model, _ = load_model(args.model, device="cpu")

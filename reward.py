@@ -6,7 +6,6 @@ user's reaction to a new item from the profile; the reward is how right it was.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import queue
@@ -22,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lettingo import (LettingoError, chat_prompt, cli, extract_tag, format_interactions, load_model,
+from lettingo import (ArgParser, LettingoError, at_least, output_file, read_samples, chat_prompt, cli, extract_tag, format_interactions, load_model,
                       predictor_messages, read_jsonl)
 from rollout import generate
 
@@ -174,7 +173,13 @@ class HTTPJudge:
 def make_judge(judge: str | None = None, judge_url: str | None = None, mode="expect", batch_size=16, device=None,
                timeout=30.0, retries=3):
     if judge_url:
-        return HTTPJudge(judge_url, model=judge or "judge", timeout=timeout, retries=retries)
+        http = HTTPJudge(judge_url, model=judge or "judge", timeout=timeout, retries=retries)
+        try:      # one request now: an unreachable judge is an error before any work, not a table of dashes
+            http.ask([{"role": "user", "content": "Say OK."}], max_tokens=1)
+        except JudgeFailure as e:
+            raise LettingoError(f"the judge at {judge_url} does not answer: {e}")
+        http.retried = 0
+        return http
     model, tok = load_model(judge or "smollm2-135m", device=device)
     return LocalJudge(model, tok, mode, batch_size)
 
@@ -401,7 +406,9 @@ def print_summary(summary):
 
 
 def run_eval(args):
-    samples = read_jsonl(args.data)[:args.limit or None]
+    samples = read_samples(args.data)[:args.limit or None]
+    if args.out:
+        output_file(args.out)
     profiles = {f"profiles: {path}": profile_texts(path, samples) for path in args.profiles or []}  # checked before judging
     judge = make_judge(args.judge, args.judge_url, args.mode, args.batch_size, timeout=args.timeout, retries=args.retries)
     rows = judge_conditions(samples, judge, args.task, profiles)
@@ -437,9 +444,32 @@ def profile_texts(path, samples):
 
 # ----------------------------------------------------------------------------- serve
 
+def check_request(req):
+    """A chat request this server can answer, with its defaults filled in; else ValueError (-> HTTP 400)."""
+    if not isinstance(req, dict) or not isinstance(req.get("messages"), list) or not req["messages"]:
+        raise ValueError("`messages` must be a non-empty list")
+    if req.get("stream"):
+        raise ValueError("streaming is not supported by this server; send \"stream\": false")
+    if req.get("n", 1) != 1:
+        raise ValueError("only n = 1 is supported")
+    mt = req.get("max_tokens", req.get("max_completion_tokens"))
+    mt = 256 if mt is None else mt
+    if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
+        raise ValueError(f"`max_tokens` must be an integer >= 1, got {mt!r}")
+    t = req.get("temperature")
+    t = 0.0 if t is None else t
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or t < 0:
+        raise ValueError(f"`temperature` must be a number >= 0, got {t!r}")
+    req["max_tokens"], req["temperature"] = mt, float(t)
+
+
 def serve(args):
     """OpenAI-compatible chat completions for the local model; concurrent requests are batched."""
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    try:          # bind first: a port in use is an error now, not after the model has loaded
+        server = ThreadingHTTPServer((args.host, args.port), None)
+    except OSError as e:
+        raise LettingoError(f"cannot listen on {args.host}:{args.port}: {e.strerror} (another server there? pick --port)")
     model, tok = load_model(args.model, device=args.device)
     pending: queue.Queue = queue.Queue()
 
@@ -455,7 +485,7 @@ def serve(args):
                 groups: dict = {}
                 for job in batch:
                     req = job["req"]
-                    key = (int(req.get("max_tokens") or 256), float(req.get("temperature") or 0.0),
+                    key = (req["max_tokens"], req["temperature"],
                            tuple(req.get("stop") or ()) if not isinstance(req.get("stop"), str) else (req["stop"],))
                     groups.setdefault(key, []).append(job)
                 for (max_tokens, temp, stop), jobs in groups.items():
@@ -490,8 +520,7 @@ def serve(args):
                 return self.reply(404, {"error": {"message": "only /v1/chat/completions"}})
             try:
                 req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                if not isinstance(req.get("messages"), list):
-                    raise ValueError("`messages` must be a list")
+                check_request(req)
             except ValueError as e:
                 return self.reply(400, {"error": {"message": f"bad request: {e}"}})
             job = {"req": req, "done": threading.Event()}
@@ -509,32 +538,32 @@ def serve(args):
         def log_message(self, *a):
             pass
 
-    server = ThreadingHTTPServer((args.host, args.port), Handler)
+    server.RequestHandlerClass = Handler
     print(f"serving {args.model} on http://{args.host}:{server.server_address[1]}/v1/chat/completions", flush=True)
     server.serve_forever()
 
 
 def main():
-    p = argparse.ArgumentParser(description="Judge user profiles by how well a frozen recommender predicts with them.")
+    p = ArgParser(description="Judge user profiles by how well a frozen recommender predicts with them.")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("eval", help="metrics for baselines and given profiles, side by side")
     e.add_argument("--data", required=True, help="samples JSONL from data/prepare.py (e.g. DIR/test.jsonl)")
     e.add_argument("--profiles", nargs="+", help="profiles JSONL file(s) from rollout.py (matched by user_id, item_id)")
     e.add_argument("--judge", default="smollm2-135m", help="local judge model (or the model name sent to --judge-url)")
     e.add_argument("--judge-url", help="OpenAI-compatible server instead of a local judge")
-    e.add_argument("--task", default="rating", choices=["rating", "sentiment"])
+    e.add_argument("--task", default="rating", choices=["rating", "sentiment"], help="rating: MAE/RMSE; sentiment: like/neutral/dislike accuracy")
     e.add_argument("--mode", default="expect", choices=["expect", "decode"], help="local judge: expected value or greedy answer")
-    e.add_argument("--batch-size", type=int, default=16)
-    e.add_argument("--limit", type=int, default=0, help="only the first N samples")
-    e.add_argument("--timeout", type=float, default=30.0, help="HTTP judge: seconds per request")
-    e.add_argument("--retries", type=int, default=3, help="HTTP judge: retries per request")
+    e.add_argument("--batch-size", type=at_least(1), default=16)
+    e.add_argument("--limit", type=at_least(0), default=0, help="only the first N samples")
+    e.add_argument("--timeout", type=at_least(0.001, float), default=30.0, help="HTTP judge: seconds per request")
+    e.add_argument("--retries", type=at_least(0), default=3, help="HTTP judge: retries per request")
     e.add_argument("--out", help="per-sample predictions JSONL")
     s = sub.add_parser("serve", help="OpenAI-compatible chat server for a local model")
-    s.add_argument("--model", default="smollm2-135m")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8008)
-    s.add_argument("--batch-size", type=int, default=16, help="max concurrent requests decoded together")
-    s.add_argument("--device", default=None)
+    s.add_argument("--model", default="smollm2-135m", help="model to serve: HF folder, .gguf or alias")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = all)")
+    s.add_argument("--port", type=at_least(0), default=8008, help="TCP port (0 = any free one)")
+    s.add_argument("--batch-size", type=at_least(1), default=16, help="max concurrent requests decoded together")
+    s.add_argument("--device", default=None, help="cpu or cuda")
     args = p.parse_args()
     run_eval(args) if args.cmd == "eval" else serve(args)
 

@@ -6,7 +6,6 @@ which GRPO needs.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -14,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lettingo import (KVCache, LettingoError, Transformer, chat_prompt, cli, extract_tag, load_model,
+from lettingo import (ArgParser, KVCache, LettingoError, at_least, output_file, read_samples, Transformer, chat_prompt, cli, extract_tag, load_model,
                       profile_answer, profile_prompt, read_jsonl)
 
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>")
@@ -172,28 +171,33 @@ def prompt_of(row: dict, tokenizer) -> list[int]:
 
 
 def main():
-    p = argparse.ArgumentParser(description="Sample user profiles (or any chat completions) with a KV-cached "
+    p = ArgParser(description="Sample user profiles (or any chat completions) with a KV-cached "
                                 "batched sampler and write them as JSONL.")
-    p.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file or alias (default: smollm2-135m)")
+    p.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file or alias")
     p.add_argument("--data", required=True, help="JSONL of LettinGo samples (data/prepare.py) or rows with `messages`")
     p.add_argument("--out", required=True, help="output JSONL, one line per input row")
-    p.add_argument("--n", type=int, default=1, help="samples per prompt; they share one prefill (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per sample (default 256)")
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0 = off)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (default 0 = off)")
+    p.add_argument("--n", type=at_least(1), default=1, help="samples per prompt; they share one prefill")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="generation budget per sample")
+    p.add_argument("--temperature", type=at_least(0.0, float), default=1.0, help="0 = greedy")
+    p.add_argument("--top-p", type=at_least(0.0, float), default=1.0, help="nucleus sampling mass (1.0 = off)")
+    p.add_argument("--top-k", type=at_least(0), default=0, help="keep the k most likely tokens (0 = off)")
     p.add_argument("--stop", action="append", default=None,
-                   help="stop string, repeatable (default: </user_profile>)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same output (default 0)")
-    p.add_argument("--batch-size", type=int, default=32, help="max rows decoded together (prompts x n)")
-    p.add_argument("--limit", type=int, default=0, help="only the first N rows (default 0 = all)")
+                   help="stop string, repeatable (none given: </user_profile>)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same output")
+    p.add_argument("--batch-size", type=at_least(1), default=32, help="max rows decoded together (prompts x n)")
+    p.add_argument("--limit", type=at_least(0), default=0, help="only the first N rows (0 = all)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+                   help="weights dtype (none: bfloat16 on CUDA, float32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu or cuda (none: cuda when available)")
     args = p.parse_args()
-    if args.n < 1 or args.max_new_tokens < 1 or args.batch_size < 1:
-        raise LettingoError("--n, --max-new-tokens and --batch-size must be >= 1")
+    output_file(args.out)
     rows = read_jsonl(args.data)[:args.limit or None]
+    for i, r in enumerate(rows, 1):
+        if "history" in r:
+            read_samples(args.data)          # LettinGo samples: all of them complete
+            break
+        if not isinstance(r.get("messages"), list):
+            raise LettingoError(f"{args.data}: row {i} has neither `history` (a LettinGo sample) nor `messages` (a chat)")
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
     stop = tuple(args.stop or ["</user_profile>"])
     prompts = [prompt_of(r, tok) for r in rows]

@@ -22,9 +22,9 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from lettingo import (PROFILE_CLOSE, LettingoError, Transformer, cli, flash_attn_varlen_func, load_model, predictor_messages,
+from lettingo import (PROFILE_CLOSE, ArgParser, LettingoError, Transformer, at_least, cli, flash_attn_varlen_func, load_model, predictor_messages,
                       profile_answer, profile_prompt, save_model)
-from reward import metrics, profile_predictions
+from reward import metrics, profile_predictions, template_profile
 from rollout import generate
 
 
@@ -191,20 +191,23 @@ def validate(rollout, tok, judge, val, args, d):
     """Greedy profiles for the validation users, judged: the task metric on all users, on the users
     whose profile closed, and -- to separate content from format -- no profile on those same users."""
     mine = val[d.rank::d.world]
-    texts, preds, bare, status = [], [], [], []
+    texts, preds, bare, templ, status = [], [], [], [], []
     if mine:
         outs = generate(rollout, [profile_prompt(tok, s) for s in mine], max_new_tokens=args.max_new_tokens,
                         temperature=0, stop=(PROFILE_CLOSE,), tokenizer=tok, batch_size=args.rollout_batch_size)
         texts = [profile_answer(o[0].text, o[0].finish) for o in outs]
         preds, scored = profile_predictions(mine, texts, judge, args.task)
-        bare, status = judge.predict([predictor_messages(s, None, args.task) for s in mine], args.task), [sc.status for sc in scored]
-    rows = [r for part in gather_objects(list(zip(mine, preds, bare, status))) for r in part]
-    closed = [r for r in rows if r[3] == "ok"]
+        status = [sc.status for sc in scored]
+        bare = judge.predict([predictor_messages(s, None, args.task) for s in mine], args.task)
+        templ = judge.predict([predictor_messages(s, template_profile(s), args.task) for s in mine], args.task)
+    rows = [r for part in gather_objects(list(zip(mine, preds, bare, templ, status))) for r in part]  # (sample, ours, none, template, status)
+    closed = [r for r in rows if r[4] == "ok"]
     key = "MAE" if args.task == "rating" else "accuracy"
     value = lambda rs, k: metrics(args.task, [r[k] for r in rs], [r[0] for r in rs], boot=0).get(key, (None,))[0]
     return {"val_" + key: value(rows, 1), "val_format_rate": len(closed) / max(len(rows), 1),
             f"val_{key}_closed": value(closed, 1), f"val_no_profile_{key}_closed": value(closed, 2),
-            "val_judge_failures": sum(r[3] == "judge_failed" for r in rows)}, texts[:2]
+            f"val_no_profile_{key}": value(rows, 2), f"val_template_{key}": value(rows, 3),
+            "val_judge_failures": sum(r[4] == "judge_failed" for r in rows)}, texts[:2]
 
 
 # ----------------------------------------------------------------------------- the guarded step
@@ -297,16 +300,16 @@ def demo_data(folder):
 def add_training_args(parser, lr, weight_decay, save_every):
     """The flags every training loop here takes (optimizer, memory, dtype, checkpoints, logging)."""
     a = parser.add_argument
-    a("--lr", type=float, default=lr)
-    a("--weight-decay", type=float, default=weight_decay, help="AdamW weight decay")
-    a("--warmup-steps", type=int, default=0, help="linear lr warm-up, then constant")
-    a("--grad-clip", type=float, default=1.0, help="global grad-norm clip")
-    a("--token-budget", type=int, default=8192, help="max tokens per packed training micro-batch")
+    a("--lr", type=at_least(0.0, float), default=lr, help="AdamW learning rate (constant after warm-up)")
+    a("--weight-decay", type=at_least(0.0, float), default=weight_decay, help="AdamW weight decay")
+    a("--warmup-steps", type=at_least(0), default=0, help="linear lr warm-up, then constant")
+    a("--grad-clip", type=at_least(0.0, float), default=1.0, help="global grad-norm clip")
+    a("--token-budget", type=at_least(16), default=8192, help="max tokens per packed training micro-batch")
     a("--activation-checkpointing", action="store_true")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="compute dtype of training and rollouts (fp32 master weights); auto = bf16 on GPU, fp32 on CPU")
-    a("--save-every", type=int, default=save_every, help="checkpoint every N steps (and at the end)")
-    a("--seed", type=int, default=0)
+    a("--save-every", type=at_least(1), default=save_every, help="checkpoint every N steps (and at the end)")
+    a("--seed", type=int, default=0, help="data order and sampling seed")
     a("--resume", action="store_true", help="continue from the latest complete checkpoint")
     a("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (when installed)")
 
@@ -340,9 +343,63 @@ class Logger:
             print(line, flush=True)
 
 
+# ----------------------------------------------------------------------------- curves
+
+
+def plot_curves(run_dir, panels, title):
+    """One figure per run from metrics.jsonl / validation.jsonl. panels: [(panel title, [(file, key,
+    label, style)])]; style "band:KEY" draws KEY as a +- band; "stack" stacks the series as areas.
+    matplotlib is optional: a clear error says how to get it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise LettingoError("plotting needs matplotlib: pip install matplotlib")
+    from lettingo import read_jsonl
+    files = {}
+    for f in ("metrics.jsonl", "validation.jsonl"):
+        path = os.path.join(run_dir, f)
+        files[f] = read_jsonl(path) if os.path.isfile(path) else []
+    if not files["metrics.jsonl"]:
+        raise LettingoError(f"{run_dir}: no metrics.jsonl to plot")
+    cols = 3
+    fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(5 * cols, 3.2 * ((len(panels) + cols - 1) // cols)),
+                             squeeze=False)
+    for ax, (name, series) in zip(axes.flat, panels):
+        stack = []
+        for f, key, label, style in series:
+            pts = [(r["step"], r[key], r) for r in files[f] if r.get(key) is not None]
+            if not pts:
+                continue
+            x, y = [p[0] for p in pts], [p[1] for p in pts]
+            if style == "stack":
+                stack.append((x, y, label))
+                continue
+            ax.plot(x, y, style if style and not style.startswith("band:") else "-", label=label, marker="o" if len(x) < 12 else None)
+            if style and style.startswith("band:"):
+                sd = [p[2].get(style[5:], 0.0) for p in pts]
+                ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)], alpha=0.2)
+        if stack:
+            ax.stackplot(stack[0][0], *[s[1] for s in stack], labels=[s[2] for s in stack], alpha=0.7)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step", fontsize=8)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{title}: {run_dir}", fontsize=11)
+    fig.tight_layout()
+    path = os.path.join(run_dir, "curves.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+    return path
+
+
 def main():
-    import argparse
-    p = argparse.ArgumentParser(description="List the complete checkpoints of a run folder (grpo.py / dpo.py).")
+    p = ArgParser(description="List the complete checkpoints of a run folder (grpo.py / dpo.py).")
     p.add_argument("run_dir", help="e.g. runs/grpo or runs/dpo/train")
     args = p.parse_args()
     found = sorted(checkpoints(args.run_dir))

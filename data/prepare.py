@@ -8,7 +8,6 @@ the paper's (profile from older history, 10 recent kept raw): --profile-history 
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import bisect
 import csv
@@ -23,7 +22,7 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lettingo import LettingoError, cli  # noqa: E402
+from lettingo import ArgParser, LettingoError, at_least, cli  # noqa: E402
 
 
 class Drops:
@@ -135,6 +134,34 @@ def parse_json_or_literal(text):
         return ast.literal_eval(text)  # Amazon 2014 metadata is Python-literal, not JSON
 
 
+def amazon_files(raw, meta=None):
+    """(reviews file, metadata file or None) from --raw as published: a file, or a folder holding
+    one category -- 2023 `<Cat>.jsonl[.gz]` + `meta_<Cat>.jsonl[.gz]`, 2014/2018
+    `reviews_<Cat>[_5].json.gz` or `<Cat>[_5].json[.gz]` + `meta_<Cat>.json[.gz]`."""
+    if os.path.isdir(raw):
+        found = sorted(n for n in os.listdir(raw) if n.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")))
+        reviews = [n for n in found if not n.startswith("meta_")]
+        if len(reviews) != 1:
+            raise LettingoError(f"--raw {raw}: expected one reviews file (*.json[l][.gz], not meta_*), found "
+                                f"{reviews or 'none'}; pass the file itself as --raw")
+        path = os.path.join(raw, reviews[0])
+    elif os.path.isfile(raw):
+        path = raw
+    else:
+        raise LettingoError(f"--raw {raw}: no such file or folder")
+    if meta is None:                               # the category's metadata beside the reviews, if published there
+        name = os.path.basename(path)
+        for suffix in (".gz", ".jsonl", ".json", "_5"):
+            name = name[:-len(suffix)] if name.endswith(suffix) else name
+        name = name[len("reviews_"):] if name.startswith("reviews_") else name
+        folder = os.path.dirname(path)
+        cands = [os.path.join(folder, f"meta_{name}{ext}") for ext in (".jsonl.gz", ".jsonl", ".json.gz", ".json")]
+        meta = next((c for c in cands if os.path.isfile(c)), None)
+        if meta:
+            print(f"metadata: {meta}")
+    return path, meta
+
+
 def read_amazon(path, drops, meta=None, review_chars=200):
     """2014/2018 (reviewerID, asin, overall, unixReviewTime) or 2023 (user_id, parent_asin, rating,
     timestamp in ms) review lines; optional metadata (title, description) from --meta."""
@@ -156,11 +183,11 @@ def read_amazon(path, drops, meta=None, review_chars=200):
             r = json.loads(line)
             if "reviewerID" in r:
                 user, item, rating, ts = r["reviewerID"], r["asin"], float(r["overall"]), int(r["unixReviewTime"])
-                text = " ".join(x for x in (r.get("summary"), r.get("reviewText")) if x)
+                text = ": ".join(x.strip() for x in (r.get("summary"), r.get("reviewText")) if x and x.strip())
             else:
                 user, item, rating = r["user_id"], r.get("parent_asin") or r["asin"], float(r["rating"])
                 ts = int(r["timestamp"]) // 1000
-                text = " ".join(x for x in (r.get("title"), r.get("text")) if x)
+                text = ": ".join(x.strip() for x in (r.get("title"), r.get("text")) if x and x.strip())
             ratings.append((user, item, rating, ts, text[:review_chars]))
         except (ValueError, KeyError, TypeError) as e:
             drops.add("malformed line", f"{os.path.basename(path)}:{n}: {type(e).__name__} {e}")
@@ -289,10 +316,15 @@ def build_samples(ratings, items, args, drops, oracle=None):
         else:
             eligible.append(u)
     random.Random(args.seed).shuffle(eligible)
+    if args.test_users is None:                     # split sizes that fit the data: fractions with caps
+        args.test_users = min(200, max(1, round(0.10 * len(eligible))))
+    if args.val_users is None:
+        args.val_users = min(50, max(1, round(0.05 * len(eligible))))
     need = args.test_users + args.val_users
     if len(eligible) <= need:
-        raise LettingoError(f"only {len(eligible)} users have >= {args.min_interactions} interactions; "
-                            f"--test-users {args.test_users} + --val-users {args.val_users} leaves none for training")
+        raise LettingoError(f"only {len(eligible)} users have >= {args.min_interactions} interactions; --test-users "
+                            f"{args.test_users} + --val-users {args.val_users} leaves none for training (lower those, "
+                            f"or --min-interactions)")
     split_users = {"test": eligible[:args.test_users], "val": eligible[args.test_users:need],
                    "train": eligible[need:need + args.train_users] if args.train_users else eligible[need:]}
     out = {}
@@ -345,28 +377,35 @@ def make_sample(u, rows, j, items, item_index, args, drops, oracle):
 
 
 def main():
-    p = argparse.ArgumentParser(description="Turn a ratings dataset into leak-free LettinGo samples.")
+    p = ArgParser(description="Turn a ratings dataset into leak-free LettinGo samples.")
     p.add_argument("source", choices=["movielens", "amazon", "yelp", "synthetic"])
     p.add_argument("--raw", help="movielens/yelp: the dataset folder; amazon: the reviews file (.json/.jsonl[.gz])")
     p.add_argument("--meta", help="amazon: optional metadata file (titles, descriptions)")
     p.add_argument("--out", required=True, help="output folder for train/val/test.jsonl and stats.json")
-    p.add_argument("--profile-history", type=int, default=10, help="interactions the profile is written from (default 10)")
-    p.add_argument("--recent", type=int, default=0, help="most recent interactions kept raw for the recommender (paper: 10)")
-    p.add_argument("--min-interactions", type=int, default=20, help="users with fewer are dropped (default 20)")
-    p.add_argument("--min-history", type=int, default=5, help="targets with fewer earlier interactions are dropped")
-    p.add_argument("--test-users", type=int, default=200)
-    p.add_argument("--val-users", type=int, default=50)
-    p.add_argument("--train-users", type=int, default=0, help="cap on training users (default 0 = all the rest)")
-    p.add_argument("--targets-per-user", type=int, default=1, help="train users: last N interactions as targets")
-    p.add_argument("--like-min", type=float, default=4.0, help="rating >= this is 'like' (default 4)")
-    p.add_argument("--dislike-max", type=float, default=2.0, help="rating <= this is 'dislike' (default 2)")
-    p.add_argument("--review-chars", type=int, default=200, help="review text kept per interaction")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--users", type=int, default=300, help="synthetic: number of users")
-    p.add_argument("--items", type=int, default=400, help="synthetic: catalog size")
-    p.add_argument("--total-ratings", type=int, default=0, help="synthetic: exact number of ratings (0 = 20-60 per user)")
+    p.add_argument("--profile-history", type=at_least(1), default=10, help="interactions the profile is written from")
+    p.add_argument("--recent", type=at_least(0), default=0, help="most recent interactions kept raw for the recommender (paper: 10)")
+    p.add_argument("--min-interactions", type=at_least(2), default=None,
+                   help="users with fewer are dropped (none: 20 for movielens/synthetic, 5 for amazon/yelp 5-core data)")
+    p.add_argument("--min-history", type=at_least(1), default=None,
+                   help="targets with fewer earlier interactions are dropped (none: 5, or 3 for amazon/yelp)")
+    p.add_argument("--test-users", type=at_least(0), default=None, help="none: 10%% of eligible users, at most 200")
+    p.add_argument("--val-users", type=at_least(0), default=None, help="none: 5%% of eligible users, at most 50")
+    p.add_argument("--train-users", type=at_least(0), default=0, help="cap on training users (0 = all the rest)")
+    p.add_argument("--targets-per-user", type=at_least(1), default=1, help="train users: last N interactions as targets")
+    p.add_argument("--like-min", type=float, default=4.0, help="rating >= this is 'like'")
+    p.add_argument("--dislike-max", type=float, default=2.0, help="rating <= this is 'dislike'")
+    p.add_argument("--review-chars", type=at_least(0), default=200, help="review text kept per interaction")
+    p.add_argument("--seed", type=int, default=0, help="user split and synthetic data seed")
+    p.add_argument("--users", type=at_least(2), default=300, help="synthetic: number of users")
+    p.add_argument("--items", type=at_least(2), default=400, help="synthetic: catalog size")
+    p.add_argument("--total-ratings", type=at_least(0), default=0, help="synthetic: exact number of ratings (0 = 20-60 per user)")
     p.add_argument("--export-movielens", metavar="DIR", help="synthetic: also write ratings.dat/movies.dat (ML-1M layout)")
     args = p.parse_args()
+    sparse = args.source in ("amazon", "yelp")
+    args.min_interactions = args.min_interactions or (5 if sparse else 20)
+    args.min_history = args.min_history or (3 if sparse else 5)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise LettingoError(f"--out {args.out}: exists and is not a folder")
     t0, drops, oracle = time.time(), Drops(), None
     if args.source == "synthetic":
         ratings, items, oracle = synthetic(args.users, args.seed, args.items, total_ratings=args.total_ratings)
@@ -377,7 +416,12 @@ def main():
     elif args.source == "movielens":
         ratings, items = read_movielens(args.raw, drops)
     elif args.source == "amazon":
-        ratings, items = read_amazon(args.raw, drops, args.meta, args.review_chars)
+        reviews, meta = amazon_files(args.raw, args.meta)
+        ratings, items = read_amazon(reviews, drops, meta, args.review_chars)
+        if items is None:
+            print("warning: no item metadata (no --meta and no meta_<Category> file beside the reviews): items are "
+                  "shown by their ids, with the review text that exists; stats.json says items_without_metadata",
+                  file=sys.stderr)
     else:
         ratings, items = read_yelp(args.raw, drops, args.review_chars)
     if not ratings:
@@ -390,7 +434,7 @@ def main():
     stats = {"source": args.source, "raw": args.raw, "options": vars(args),
              "ratings_read": len(ratings), "users_read": len({r[0] for r in ratings}),
              "items_rated": len({r[1] for r in ratings}), "items_in_catalog": len(items) if items is not None else None,
-             "ratings_kept": sum(len(v) for v in by_user.values()),
+             "ratings_kept": sum(len(v) for v in by_user.values()), "items_without_metadata": items is None,
              "rating_counts": dict(sorted(Counter(r[2] for r in ratings).items())),
              "dropped": drops.report(), "seconds": round(time.time() - t0, 2),
              **{f"{s}_samples": len(v) for s, v in splits.items()},

@@ -104,7 +104,7 @@ def test_amazon_2014_gz_literal_meta_and_2023(tmp_path):
     splits, _ = load(tmp_path / "o")
     s = splits["test"][0]
     assert s["title"] == "Book 2" and s["description"] == "About things" and s["rating"] == 3.0
-    assert s["history"][0]["review"] == ("Nice " + "x" * 300)[:200]
+    assert s["history"][0]["review"] == ("Nice: " + "x" * 300)[:200]                # summary: text
     rows = [{"user_id": f"U{u}", "parent_asin": f"P{i}", "rating": 5.0, "timestamp": 1000 * (10 * u + i),
              "title": "t", "text": "great"} for u in range(3) for i in range(3)]
     (tmp_path / "Books.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
@@ -113,6 +113,45 @@ def test_amazon_2014_gz_literal_meta_and_2023(tmp_path):
     splits, _ = load(tmp_path / "o3")
     s = splits["test"][0]
     assert s["title"] == "P2" and s["timestamp"] == 10 * int(s["user_id"][1:]) + 2   # ms -> s; id names the item
+
+
+def test_amazon_folders_as_published_and_5core_defaults(tmp_path):
+    """--raw takes the folder as downloaded, finds the category's metadata, and the default split and
+    minimum-interaction settings fit 5-core data (every user has >= 5 reviews)."""
+    users, items = 30, 8
+    reviews = [{"reviewerID": f"U{u}", "asin": f"A{(u + i) % items}", "overall": float(1 + (u + i) % 5),
+                "unixReviewTime": 1000 * u + i, "summary": "ok", "reviewText": "fine"} for u in range(users) for i in range(5)]
+    d14 = tmp_path / "2014"
+    d14.mkdir()
+    with gzip.open(d14 / "reviews_Musical_Instruments_5.json.gz", "wt") as f:
+        f.writelines(json.dumps(x) + "\n" for x in reviews)
+    with gzip.open(d14 / "meta_Musical_Instruments.json.gz", "wt") as f:
+        f.writelines(repr({"asin": f"A{i}", "title": f"Guitar {i}"}) + "\n" for i in range(items))
+    r = prepare("amazon", "--raw", d14, "--out", tmp_path / "o14")
+    assert r.returncode == 0, r.stderr
+    splits, stats = load(tmp_path / "o14")
+    assert stats["users_read"] == users and not stats["items_without_metadata"]
+    assert len(splits["test"]) == 3 and len(splits["val"]) == 2 and len(splits["train"]) == 25   # 10 % / 5 % of 30 users
+    assert all(s["title"].startswith("Guitar") for s in splits["test"])
+    check_leakage(splits)
+    d23 = tmp_path / "2023"
+    d23.mkdir()
+    rows = [{"user_id": f"U{u}", "parent_asin": f"P{(u + i) % items}", "rating": 4.0, "timestamp": 1000 * (10 * u + i),
+             "title": "t", "text": "great"} for u in range(users) for i in range(5)]
+    (d23 / "Books.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    r = prepare("amazon", "--raw", d23, "--out", tmp_path / "o23")                         # no metadata: said, not silent
+    assert r.returncode == 0 and "no item metadata" in r.stderr, r.stderr
+    assert load(tmp_path / "o23")[1]["items_without_metadata"]
+    with gzip.open(d23 / "meta_Books.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"parent_asin": f"P{i}", "title": f"Novel {i}"}) + "\n" for i in range(items))
+    r = prepare("amazon", "--raw", d23, "--out", tmp_path / "o23m")
+    assert r.returncode == 0, r.stderr
+    assert load(tmp_path / "o23m")[0]["test"][0]["title"].startswith("Novel")
+    (d23 / "Extra.jsonl").write_text("")
+    r = prepare("amazon", "--raw", d23, "--out", tmp_path / "o23x")                        # two candidates: say which
+    assert r.returncode != 0 and "expected one reviews file" in r.stderr and "Traceback" not in r.stderr
+    r = prepare("amazon", "--raw", d14, "--out", tmp_path / "o14x", "--test-users", "20", "--val-users", "10")
+    assert r.returncode != 0 and "--min-interactions" in r.stderr                          # the error names the fix
 
 
 def test_yelp(tmp_path):

@@ -16,26 +16,31 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DPO = os.path.join(ROOT, "dpo.py")
 
 
-@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo", 0.0)])
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo-sum", 0.0), ("ipo", 0.0)])
 def test_dpo_loss_by_hand_and_finite_differences(loss_type, eps):
     pc, pr, rc, rr = -10.0, -12.0, -11.0, -11.5
+    nc, nr = 4.0, 10.0                                      # response lengths (only IPO uses them)
     delta = (pc - rc) - (pr - rr)                           # 1 - (-0.5) = 1.5
     beta = 0.1
     sig = lambda x: 1 / (1 + math.exp(-x))
-    want = (-(1 - eps) * math.log(sig(beta * delta)) - eps * math.log(sig(-beta * delta)) if loss_type == "sigmoid"
-            else (delta - 1 / (2 * beta)) ** 2)
+    if loss_type == "sigmoid":
+        want = -(1 - eps) * math.log(sig(beta * delta)) - eps * math.log(sig(-beta * delta))
+    elif loss_type == "ipo-sum":
+        want = (delta - 1 / (2 * beta)) ** 2
+    else:                                                   # TRL: every log-prob divided by its length first
+        want = ((pc / nc - rc / nc) - (pr / nr - rr / nr) - 1 / (2 * beta)) ** 2     # (0.25 + 0.05 - 5)^2
+    f64 = lambda v: torch.tensor(v, dtype=torch.float64)
     x = torch.tensor([pc, pr], dtype=torch.float64, requires_grad=True)
-    loss, cr, rj = dpo_loss(x[0], x[1], torch.tensor(rc, dtype=torch.float64), torch.tensor(rr, dtype=torch.float64),
-                            beta, loss_type, eps)
+    loss, cr, rj = dpo_loss(x[0], x[1], f64(rc), f64(rr), beta, loss_type, eps, f64(nc), f64(nr))
     assert loss.item() == pytest.approx(want, rel=1e-12)
-    assert cr.item() == pytest.approx(beta * (pc - rc)) and rj.item() == pytest.approx(beta * (pr - rr))
+    scale = (nc, nr) if loss_type == "ipo" else (1.0, 1.0)
+    assert cr.item() == pytest.approx(beta * (pc - rc) / scale[0]) and rj.item() == pytest.approx(beta * (pr - rr) / scale[1])
     g, = torch.autograd.grad(loss, x)
     h = 1e-6
     for i in range(2):
         e = torch.zeros(2, dtype=torch.float64)
         e[i] = h
-        f = lambda v: dpo_loss(v[0], v[1], torch.tensor(rc, dtype=torch.float64), torch.tensor(rr, dtype=torch.float64),
-                               beta, loss_type, eps)[0].item()
+        f = lambda v: dpo_loss(v[0], v[1], f64(rc), f64(rr), beta, loss_type, eps, f64(nc), f64(nr))[0].item()
         assert g[i].item() == pytest.approx((f(x.detach() + e) - f(x.detach() - e)) / (2 * h), rel=1e-6)
 
 

@@ -59,10 +59,11 @@ def test_k3_kl_by_hand():
 def test_aggregation_modes_by_hand():
     L = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0, 6.0])]
     lens = [2, 4]
-    agg = lambda mode: sum((x * w).sum() for x, w in zip(L, token_weights(lens, mode, n_seqs=2, n_tokens=6, max_len=4)))
+    agg = lambda mode: sum((x * w).sum() for x, w in zip(L, token_weights(lens, mode, n_seqs=2, n_tokens=6, budget=16)))
     assert agg("token-mean").item() == pytest.approx(21 / 6)
     assert agg("seq-mean-token-mean").item() == pytest.approx((1.5 + 4.5) / 2)
-    assert agg("seq-mean-token-sum-norm").item() == pytest.approx(21 / (2 * 4))
+    # Dr. GRPO / TRL dr_grpo: the constant generation budget (16), not the longest response (4)
+    assert agg("seq-mean-token-sum-norm").item() == pytest.approx(21 / (2 * 16))
 
 
 def test_non_finite_step_is_skipped():
@@ -175,3 +176,27 @@ def test_shared_prompt_packing_matches_separate_forwards(tiny):
         total = total + (want * (k + 1)).sum()
     total.backward()
     assert max((shared[n] - p.grad).abs().max().item() for n, p in m.named_parameters()) < 1e-4
+
+
+def test_plot_curves_draws_every_panel(tmp_path):
+    """A run folder written by hand -> curves.png whose panels carry the logged values."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+    import grpo
+    rows = [{"step": s, "reward_mean": -0.5 + 0.1 * s, "reward_std": 0.2, "format_rate": 0.3 + 0.1 * s, "kl": 0.01 * s,
+             "entropy": 2.0, "clip_frac": 0.01, "response_length": 40 + s, "time_rollout": 5.0, "time_reward": 1.0,
+             "time_update": 3.0, "grad_norm": 0.5} for s in range(5)]
+    val = [{"step": s, "val_MAE": 1.2 - 0.05 * s, "val_format_rate": 0.5, "val_MAE_closed": 1.0, "val_no_profile_MAE_closed": 1.1,
+            "val_no_profile_MAE": 1.2, "val_template_MAE": 0.9} for s in (0, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
+    path = grpo.plot_run(str(tmp_path))
+    img = matplotlib.image.imread(path)
+    assert img.shape[0] > 600 and img.shape[1] > 1200 and img[..., :3].std() > 0.05   # a real figure, not a blank page
+    import dpo
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.7 - 0.1 * s, "pref_accuracy": 0.5,
+                                                                      "reward_margin": 0.1 * s, "chosen_reward": 0.0,
+                                                                      "logp_chosen": -30.0, "logp_rejected": -40.0,
+                                                                      "grad_norm": 1.0}) + "\n" for s in range(3)))
+    assert os.path.isfile(dpo.plot_run(str(tmp_path / "d")))

@@ -1,6 +1,8 @@
 """reward.py: parsing and rewards by hand, expect mode vs brute force, HTTP judge vs the real server
 and a fault-injecting one."""
 import json
+import urllib.error
+import urllib.request
 import os
 import socket
 import subprocess
@@ -115,6 +117,22 @@ def test_http_judge_against_real_server(tiny):
         from rollout import generate
         want = generate(model, [chat_prompt(tok, msgs[0])], max_new_tokens=20, temperature=0, tokenizer=tok)[0][0].text
         assert raw == want                                     # the server answers greedily with our model
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        for bad, why in (({"max_tokens": -5}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"stream": True}, "stream"),
+                         ({"temperature": -1}, "temperature"), ({"messages": []}, "messages")):
+            body = json.dumps({"messages": msgs[0], **bad}).encode()
+            try:
+                urllib.request.urlopen(urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}), timeout=30)
+                raise AssertionError(f"{bad} was accepted")
+            except urllib.error.HTTPError as e:
+                assert e.code == 400 and why in json.loads(e.read())["error"]["message"]
+        openai = pytest.importorskip("openai")             # the official client, as users drive a judge
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        assert [m.id for m in client.models.list()] == [folder]
+        r = client.chat.completions.create(model=folder, messages=msgs[0], max_tokens=20, temperature=0)
+        assert r.choices[0].message.content == want
+        with pytest.raises(openai.BadRequestError, match="stream"):
+            client.chat.completions.create(model=folder, messages=msgs[0], max_tokens=5, stream=True)
     finally:
         proc.terminate()
         proc.wait(10)

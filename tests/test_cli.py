@@ -1,0 +1,89 @@
+"""Every CLI on bad input: a non-zero exit with one `error:` line, no traceback, and -- for argument
+errors -- before any model loads (the model named here does not exist, so loading it would say so)."""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOMODEL = "/nonexistent/model"
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def assert_clear_error(r, *words):
+    assert r.returncode != 0, r.stdout[-500:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr[-2000:]
+    for w in words:
+        assert w in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    r = run("data/prepare.py", "synthetic", "--users", "30", "--out", d / "data", "--test-users", "4", "--val-users", "2")
+    assert r.returncode == 0, r.stderr
+    (d / "profiles.jsonl").write_text(json.dumps({"user_id": "u", "item_id": "i", "generations": [{"text": "x"}]}) + "\n")
+    (d / "nohistory.jsonl").write_text(json.dumps({"user_id": "u", "item_id": "i", "title": "t", "rating": 3}) + "\n")
+    return d
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["rollout.py", "--data", "D/data/test.jsonl", "--out", "D/o.jsonl", "--limit", "-1", "--model", NOMODEL], ["--limit"]),
+    (["rollout.py", "--data", "D/data/test.jsonl", "--out", "D/o.jsonl", "--temperature", "-1", "--model", NOMODEL], ["--temperature"]),
+    (["rollout.py", "--data", "D/data/test.jsonl", "--out", "D/o.jsonl", "--n", "0", "--model", NOMODEL], ["--n"]),
+    (["rollout.py", "--data", "D/data/test.jsonl", "--out", "D/data", "--model", NOMODEL], ["is a folder"]),
+    (["rollout.py", "--data", "D/profiles.jsonl", "--out", "D/o.jsonl", "--model", NOMODEL], ["neither"]),
+    (["reward.py", "eval", "--data", "D/profiles.jsonl", "--judge", NOMODEL], ["profiles file"]),
+    (["reward.py", "eval", "--data", "D/nohistory.jsonl", "--judge", NOMODEL], ["lacks", "history"]),
+    (["reward.py", "eval", "--data", "D/data/test.jsonl", "--batch-size", "0", "--judge", NOMODEL], ["--batch-size"]),
+    (["reward.py", "eval", "--data", "D/data/test.jsonl", "--profiles", "D/profiles.jsonl", "--judge", NOMODEL], ["no profile for user"]),
+    (["reward.py", "eval", "--data", "D/data/test.jsonl", "--judge-url", "http://127.0.0.1:9", "--retries", "0"], ["does not answer"]),
+    (["reward.py", "serve", "--port", "-1", "--model", NOMODEL], ["--port"]),
+    (["grpo.py", "--group-size", "0", "--model", NOMODEL], ["--group-size"]),
+    (["grpo.py", "--eval-every", "0", "--model", NOMODEL], ["--eval-every"]),
+    (["grpo.py", "--max-new-tokens", "0", "--model", NOMODEL], ["--max-new-tokens"]),
+    (["grpo.py", "--steps", "-1", "--model", NOMODEL], ["--steps"]),
+    (["grpo.py", "--data", "D/data", "--out", "D/profiles.jsonl", "--model", NOMODEL], ["exists and is not a folder"]),
+    (["dpo.py", "explore", "--data", "D/data/train.jsonl", "--out", "D/profiles.jsonl", "--model", NOMODEL], ["exists and is not a folder"]),
+    (["dpo.py", "--n", "0"], ["--n"]),
+    (["dpo.py", "train", "--data", "D/profiles.jsonl", "--out", "D/dpo", "--model", NOMODEL], ["profiles file"]),
+    (["data/prepare.py", "synthetic", "--users", "-5", "--out", "D/s"], ["--users"]),
+    (["data/prepare.py", "synthetic", "--test-users", "-1", "--out", "D/s"], ["--test-users"]),
+    (["data/prepare.py", "synthetic", "--out", "D/profiles.jsonl"], ["exists and is not a folder"]),
+    (["lettingo.py", "D/fake.gguf"], ["cannot read the model", "GGUF"]),
+    (["lettingo.py", "D/badcfg"], ["cannot read the model", "JSON"]),
+    (["lettingo.py", "D/cut"], ["cannot read the model"]),
+])
+def test_bad_input_is_one_clear_line(data, argv, words):
+    (data / "fake.gguf").write_text("not a gguf file")
+    (data / "badcfg").mkdir(exist_ok=True)
+    (data / "badcfg" / "config.json").write_text("{not json")
+    if not (data / "cut").exists():                        # a real checkpoint with its weights file cut short
+        from conftest import make_model
+        make_model(str(data / "cut"))
+        w = data / "cut" / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:len(w.read_bytes()) // 2])
+    assert_clear_error(run(*[a.replace("D/", f"{data}/") for a in argv]), *words)
+
+
+def test_serve_port_in_use_fails_before_loading():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        r = run("reward.py", "serve", "--port", s.getsockname()[1], "--model", NOMODEL)
+    assert_clear_error(r, "cannot listen")                 # the port, not the missing model: checked first
+
+
+@pytest.mark.parametrize("script", ["grpo.py", "dpo.py"])
+def test_plot_usage(script):
+    r = run(script, "plot", "--help")
+    assert r.returncode == 0 and "RUN_DIR" in r.stdout and "curves.png" in r.stdout, r.stderr
+    assert_clear_error(run(script, "plot", "/nonexistent/run"), "no metrics.jsonl")
