@@ -123,7 +123,7 @@ def bench_grpo(args):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     import grpo
     from reward import Scored
-    from train import load_policy, make_optimizer, setup_distributed
+    from train import close_distributed, load_policy, make_optimizer, setup_distributed
     folder = hf_folder(args.model)
     tok = AutoTokenizer.from_pretrained(folder)
     ids = tok(TEXT * (args.prompt_tokens // 20 + 2), add_special_tokens=False)["input_ids"]
@@ -175,6 +175,7 @@ def bench_grpo(args):
                       "ours_samples_per_s": round(samples / t_ours, 2), "trl_samples_per_s": round(samples / t_trl, 2)},
                      indent=1))
     print(f"grpo speedup_vs_trl={t_trl / t_ours:.2f}")
+    close_distributed()
 
 
 # ----------------------------------------------------------------------------- learning

@@ -30,7 +30,7 @@ from reward import HTTPJudge, make_judge, score_profiles, task_reward
 from rollout import end_token_ids, generate
 from train import (Logger, add_training_args, all_sum, apply_update, completion_logprobs, demo_data, gather_objects, load_policy,
                    compute_dtype, load_trainer_state, logprobs_no_grad, make_optimizer, resolve_start, save_checkpoint, setup_distributed,
-                   sync_rollout_model, synced_groups, validate, plot_curves)
+                   sync_rollout_model, synced_groups, validate, plot_curves, close_distributed)
 
 # ----------------------------------------------------------------------------- the loss
 
@@ -476,9 +476,9 @@ def main(argv=None):
     stages = {"explore": explore, "evaluate": evaluate, "pairs": build_pairs, "train": train, "sft": sft}
     for name, fn in stages.items():
         if args.stage == name or (args.stage == "all" and name != "sft"):
-            fn(args, d)
+            fn(args, d)              # a stage's models are freed when it returns
             dist.barrier()
-    dist.destroy_process_group()
+    close_distributed()
 
 
 if __name__ == "__main__":

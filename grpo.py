@@ -23,7 +23,7 @@ from reward import make_judge, score_profiles
 from rollout import generate
 from train import (Logger, all_sum, apply_update, completion_logprobs, load_policy, load_trainer_state,
                    logprobs_no_grad, make_optimizer, resolve_start, save_checkpoint, setup_distributed, shard,
-                   sync_rollout_model, synced_groups, validate, demo_data, compute_dtype, add_training_args, plot_curves)
+                   sync_rollout_model, synced_groups, validate, demo_data, compute_dtype, add_training_args, close_distributed, plot_curves)
 
 # ----------------------------------------------------------------------------- the algorithm
 
@@ -250,6 +250,7 @@ def main(argv=None):
         p.add_argument("run_dir", metavar="RUN_DIR", help="a GRPO run folder")
         return plot_run(p.parse_args(argv[1:]).run_dir)
     run(parse_args(argv or DEMO), demo=not argv)
+    close_distributed()
 
 
 def run(args, demo=False, scorer=None):
@@ -321,8 +322,6 @@ def run(args, demo=False, scorer=None):
             save_checkpoint(args.out, step + 1, policy, tok, optimizer, scheduler, {"args": vars(args)}, d)
     if d.main and first_val:
         print(f"validation before: {json.dumps(first_val)}\nvalidation after:  {json.dumps(v)}")
-    dist.barrier()  # no rank tears down gloo while another still talks to it
-    dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------- curves

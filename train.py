@@ -6,6 +6,7 @@ still forms a 1-rank process group, so both go through the same FSDP code path.
 """
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -53,6 +54,19 @@ def setup_distributed() -> Dist:
         dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def close_distributed():
+    """End of a successful run, called after the function that trained has returned. FSDP modules
+    sit in reference cycles that hold the process group; left to the interpreter's exit, gloo's
+    worker threads are torn down during finalization and abort the process ("terminate called
+    without an active exception", exit -6) after a run that trained fine. So: collect them now,
+    then destroy the group on every rank together."""
+    gc.collect()
+    if dist.is_initialized():
+        dist.barrier()             # no rank tears down the group while another still talks to it
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def all_sum(x: float | int, device) -> float:
@@ -194,7 +208,8 @@ def validate(rollout, tok, judge, val, args, d):
     texts, preds, bare, templ, status = [], [], [], [], []
     if mine:
         outs = generate(rollout, [profile_prompt(tok, s) for s in mine], max_new_tokens=args.max_new_tokens,
-                        temperature=0, stop=(PROFILE_CLOSE,), tokenizer=tok, batch_size=args.rollout_batch_size)
+                        temperature=0, stop=(PROFILE_CLOSE,), tokenizer=tok, batch_size=args.rollout_batch_size,
+                        progress=d.main)
         texts = [profile_answer(o[0].text, o[0].finish) for o in outs]
         preds, scored = profile_predictions(mine, texts, judge, args.task)
         status = [sc.status for sc in scored]

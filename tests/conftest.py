@@ -3,8 +3,15 @@ independent reference), with a small byte-level BPE tokenizer and a ChatML templ
 import os
 import sys
 
-import pytest
-import torch
+# The references (transformers models, brute-force loops) are built on the CPU, and the 2-rank tests
+# use gloo: on a GPU workstation the suite runs on the CPU as in CI -- this process and every child
+# it starts. The GPU paths have their own tests, marked `cuda`: LETTINGO_TEST_CUDA=1 pytest -m cuda tests
+CUDA_TESTS = os.environ.get("LETTINGO_TEST_CUDA") == "1"
+if not CUDA_TESTS:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""     # before torch initialises CUDA
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -99,3 +106,15 @@ def checkpoint_weights(folder):
 
 def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (run with LETTINGO_TEST_CUDA=1 pytest -m cuda tests)")
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = ("no CUDA GPU" if not torch.cuda.is_available() else "GPU tests run with LETTINGO_TEST_CUDA=1") \
+        if not (CUDA_TESTS and torch.cuda.is_available()) else None
+    for item in items:
+        if reason and "cuda" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))

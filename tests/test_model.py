@@ -128,3 +128,27 @@ def test_cli_error_is_one_line(tmp_path):
     r = subprocess.run([sys.executable, os.path.join(root, "lettingo.py"), str(tmp_path / "nope")],
                        capture_output=True, text=True)
     assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family,kw", FAMILIES[:1] + FAMILIES[3:])
+def test_cuda_parity_with_transformers(tmp_path, family, kw):
+    """On the GPU: fp32 logits vs transformers (on the GPU too), packed documents (flash-attn /
+    SDPA rows) vs separate forwards in bf16, and greedy decoding equal to the CPU's."""
+    ref = make_model(str(tmp_path), family, **kw).cuda()
+    ours, tok = load_model(str(tmp_path), dtype=torch.float32, device="cuda")
+    V = ref.config.vocab_size
+    x = torch.randint(0, V, (2, 64), device="cuda")
+    with torch.no_grad():
+        assert (ref(x).logits - ours(x)).abs().max() < 1e-4
+        bf, _ = load_model(str(tmp_path), dtype=torch.bfloat16, device="cuda")
+        docs = [torch.randint(0, V, (1, n), device="cuda") for n in (40, 70)]
+        packed = bf(torch.cat(docs, 1), doc_ids=torch.cat([torch.full((1, n), i, device="cuda") for i, n in enumerate((40, 70))], 1))
+        sep = torch.cat([bf(d) for d in docs], 1)
+        assert (packed.float() - sep.float()).abs().max() < 0.05
+    from rollout import generate
+    cpu, _ = load_model(str(tmp_path), dtype=torch.float32, device="cpu")
+    prompt = [tok("Toy Story (1995): rated 5/5.", add_special_tokens=False)["input_ids"]]
+    a = generate(ours, prompt, max_new_tokens=12, temperature=0)[0][0].tokens
+    b = generate(cpu, prompt, max_new_tokens=12, temperature=0)[0][0].tokens
+    assert a == b

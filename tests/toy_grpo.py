@@ -17,3 +17,4 @@ def token_share(samples, outs):
 
 if __name__ == "__main__":
     grpo.run(grpo.parse_args(sys.argv[1:]), scorer=token_share)
+    grpo.close_distributed()
