@@ -1,7 +1,7 @@
 """dpo.py -- the LettinGo paper's pipeline: explore many profiles per user, score each on the
 downstream task, pair better with worse profiles of the same user, align the writer with DPO.
 
-    python dpo.py                                    # all stages: SmolLM2 + synthetic users (~4 min on 2 CPU cores)
+    python dpo.py                                    # all stages: SmolLM2 + synthetic users (~2.5 min on 2 CPU cores)
     python dpo.py explore  --data runs/ml/train.jsonl --models smollm2-135m,http://gpu:8000 --out runs/dpo
     python dpo.py evaluate --out runs/dpo            # reward.py scores for both tasks
     python dpo.py pairs    --out runs/dpo --task sentiment
@@ -412,7 +412,7 @@ def plot_run(run_dir):
 
 def parse_args(argv):
     p = ArgParser(description="LettinGo's explore -> evaluate -> pairs -> DPO pipeline. "
-                                "No arguments: every stage on SmolLM2 and synthetic users (~4 min on 2 CPU cores, see README).")
+                                "No arguments: every stage on SmolLM2 and synthetic users (~2.5 min on 2 CPU cores, see README).")
     p.add_argument("stage", nargs="?", default="all", choices=["all", "explore", "evaluate", "pairs", "train", "sft"],
                    help="all = explore, evaluate, pairs, train (the paper); sft = warm start on the best explored profiles")
     a = p.add_argument

@@ -205,7 +205,7 @@ def grpo_step(step, samples, prompts, seeds, mini_batch, policy, rollout, ref, t
 
 def parse_args(argv):
     p = ArgParser(description="GRPO training of a profile writer against a frozen recommender judge. "
-                                "No arguments: the CPU demo on SmolLM2 and synthetic users (7-8 min on 2 cores, see README).")
+                                "No arguments: the CPU demo on SmolLM2 and synthetic users (~3.5 min on 2 cores, see README).")
     a = p.add_argument
     a("--model", default="smollm2-135m", help="policy to train: HF folder, .gguf or alias")
     a("--data", default=None, help="folder with train.jsonl/val.jsonl from data/prepare.py")
