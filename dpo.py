@@ -30,7 +30,8 @@ from reward import HTTPJudge, make_judge, score_profiles, task_reward
 from rollout import end_token_ids, generate
 from train import (Logger, add_training_args, all_sum, apply_update, completion_logprobs, demo_data, gather_objects, load_policy,
                    compute_dtype, load_trainer_state, logprobs_no_grad, make_optimizer, resolve_start, save_checkpoint, setup_distributed,
-                   sync_rollout_model, synced_groups, validate, plot_curves, close_distributed)
+                   sync_rollout_model, synced_groups, validate, plot_curves, close_distributed, plot_command,
+                   validation_panel)
 
 # ----------------------------------------------------------------------------- the loss
 
@@ -391,17 +392,12 @@ def plot_run(run_dir):
     """RUN/curves.png for a DPO (OUT/train) or SFT (OUT/sft) run: loss, preference accuracy,
     margins, log-probs, validation (all users, closed-profile users, no-profile / template lines)."""
     m, v = "metrics.jsonl", "validation.jsonl"
-    rows = read_jsonl(os.path.join(run_dir, v)) if os.path.isfile(os.path.join(run_dir, v)) else []
-    key = "accuracy" if rows and "val_accuracy" in rows[0] else "MAE"
     return plot_curves(run_dir, [
         ("loss", [(m, "loss", "DPO loss", "-"), (m, "nll", "SFT NLL per token", "-")]),
         ("preference accuracy", [(m, "pref_accuracy", "implicit reward chosen > rejected", "-")]),
         ("implicit reward", [(m, "reward_margin", "margin (chosen - rejected)", "-"), (m, "chosen_reward", "chosen", "--")]),
         ("summed log-probs", [(m, "logp_chosen", "chosen", "-"), (m, "logp_rejected", "rejected", "-")]),
-        (f"validation {key}", [(v, f"val_{key}", "all users", "-"), (v, f"val_{key}_closed", "users whose profile closed", "-"),
-                              (v, f"val_no_profile_{key}_closed", "no profile, same users", "--"),
-                              (v, f"val_no_profile_{key}", "no profile, all users", ":"),
-                              (v, f"val_template_{key}", "template profile (code)", ":")]),
+        validation_panel(run_dir),
         ("validation format rate", [(v, "val_format_rate", "profile closed", "-")]),
         ("gradient norm", [(m, "grad_norm", "before clipping", "-")]),
     ], "DPO" if os.path.basename(os.path.normpath(run_dir)) != "sft" else "SFT warm start")
@@ -460,9 +456,7 @@ DEMO = ["all", "--data", "runs/demo-data/train.jsonl", "--val-data", "runs/demo-
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "plot":
-        p = ArgParser(prog=f"{os.path.basename(__file__)} plot", description="Draw RUN_DIR/curves.png (needs matplotlib).")
-        p.add_argument("run_dir", metavar="RUN_DIR", help="a DPO or SFT run folder (OUT/train, OUT/sft)")
-        return plot_run(p.parse_args(argv[1:]).run_dir)
+        return plot_command(argv[1:], plot_run, "a DPO or SFT run folder (OUT/train, OUT/sft)")
     args = parse_args(argv or DEMO)
     output_folder(args.out)
     d = setup_distributed()

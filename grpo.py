@@ -23,7 +23,8 @@ from reward import make_judge, score_profiles
 from rollout import generate
 from train import (Logger, all_sum, apply_update, completion_logprobs, load_policy, load_trainer_state,
                    logprobs_no_grad, make_optimizer, resolve_start, save_checkpoint, setup_distributed, shard,
-                   sync_rollout_model, synced_groups, validate, demo_data, compute_dtype, add_training_args, close_distributed, plot_curves)
+                   sync_rollout_model, synced_groups, validate, demo_data, compute_dtype, add_training_args, close_distributed, plot_command,
+                   plot_curves, validation_panel)
 
 # ----------------------------------------------------------------------------- the algorithm
 
@@ -246,9 +247,7 @@ DEMO = ["--data", "runs/demo-data", "--out", "runs/grpo-demo", "--steps", "12", 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "plot":
-        p = ArgParser(prog=f"{os.path.basename(__file__)} plot", description="Draw RUN_DIR/curves.png (needs matplotlib).")
-        p.add_argument("run_dir", metavar="RUN_DIR", help="a GRPO run folder")
-        return plot_run(p.parse_args(argv[1:]).run_dir)
+        return plot_command(argv[1:], plot_run, "a GRPO run folder")
     run(parse_args(argv or DEMO), demo=not argv)
     close_distributed()
 
@@ -331,15 +330,10 @@ def plot_run(run_dir):
     """RUN/curves.png: training reward, format, validation (all users, closed-profile users, with the
     no-profile and template lines), KL, entropy, clipping, response length, time per step."""
     m, v = "metrics.jsonl", "validation.jsonl"
-    rows = read_jsonl(os.path.join(run_dir, v)) if os.path.isfile(os.path.join(run_dir, v)) else []
-    key = "accuracy" if rows and "val_accuracy" in rows[0] else "MAE"
     return plot_curves(run_dir, [
         ("training reward (mean +- std)", [(m, "reward_mean", "reward", "band:reward_std")]),
         ("format rate (profile closed)", [(m, "format_rate", "training samples", "-"), (v, "val_format_rate", "validation (greedy)", "-")]),
-        (f"validation {key}", [(v, f"val_{key}", "all users", "-"), (v, f"val_{key}_closed", "users whose profile closed", "-"),
-                              (v, f"val_no_profile_{key}_closed", "no profile, same users", "--"),
-                              (v, f"val_no_profile_{key}", "no profile, all users", ":"),
-                              (v, f"val_template_{key}", "template profile (code)", ":")]),
+        validation_panel(run_dir),
         ("KL to reference (k3)", [(m, "kl", "kl", "-")]),
         ("entropy (per token)", [(m, "entropy", "entropy", "-")]),
         ("clip fraction", [(m, "clip_frac", "clipped tokens", "-")]),

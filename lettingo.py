@@ -710,15 +710,19 @@ def read_jsonl(path: str) -> list[dict]:
 SAMPLE_KEYS = ("user_id", "item_id", "title", "rating", "history", "user_mean")
 
 
-def read_samples(path: str, what="samples from data/prepare.py") -> list[dict]:
-    """read_jsonl + a check that the rows are LettinGo samples, so a profiles file passed as data
-    fails here with one line instead of a KeyError deep inside."""
-    rows = read_jsonl(path)
+def read_samples(path: str) -> list[dict]:
+    """read_jsonl + check_samples."""
+    return check_samples(read_jsonl(path), path)
+
+
+def check_samples(rows: list[dict], path: str) -> list[dict]:
+    """The rows must be LettinGo samples, so a profiles file passed as data fails here with one
+    line instead of a KeyError deep inside."""
     for i, r in enumerate(rows, 1):
         missing = [k for k in SAMPLE_KEYS if k not in r]
         if missing or not isinstance(r["history"], list):
             hint = " (this looks like a profiles file from rollout.py)" if "generations" in r else ""
-            raise LettingoError(f"{path}: row {i} lacks {', '.join(missing) or 'a history list'}: not {what}{hint}")
+            raise LettingoError(f"{path}: row {i} lacks {', '.join(missing) or 'a history list'}: not samples from data/prepare.py{hint}")
     return rows
 
 

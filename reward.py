@@ -361,7 +361,6 @@ def summarize(task, samples, rows: dict[str, Condition], compare: list[tuple[str
     whose profile closed next to no-profile on those same samples; paired differences for
     `compare` ((a, b): error(a) - error(b), > 0 means b is better) and for every profile row
     against no profile."""
-    key = "MAE" if task == "rating" else "accuracy"
     err = {name: sample_errors(task, c.preds, [samples[i] for i in c.idx]) for name, c in rows.items()}
     base = err[NO_PROFILE]
     out = {"task": task, "n_samples": len(samples), "rows": {}, "paired": {}}
@@ -380,7 +379,6 @@ def summarize(task, samples, rows: dict[str, Condition], compare: list[tuple[str
     for a, b in compare:
         if a in rows and b in rows and len(rows[a].idx) == len(rows[b].idx) == len(samples):
             out["paired"][f"{a} -> {b}"] = paired_difference(err[a], err[b])
-    out["key"] = key
     return out
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lettingo import (ArgParser, KVCache, LettingoError, at_least, output_file, read_samples, Transformer, chat_prompt, cli, extract_tag, load_model,
+from lettingo import (ArgParser, KVCache, LettingoError, at_least, output_file, check_samples, Transformer, chat_prompt, cli, extract_tag, load_model,
                       profile_answer, profile_prompt, read_jsonl)
 
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>")
@@ -194,7 +194,7 @@ def main():
     rows = read_jsonl(args.data)[:args.limit or None]
     for i, r in enumerate(rows, 1):
         if "history" in r:
-            read_samples(args.data)          # LettinGo samples: all of them complete
+            check_samples(rows, args.data)   # LettinGo samples: all of them complete
             break
         if not isinstance(r.get("messages"), list):
             raise LettingoError(f"{args.data}: row {i} has neither `history` (a LettinGo sample) nor `messages` (a chat)")

@@ -24,7 +24,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from lettingo import (PROFILE_CLOSE, ArgParser, LettingoError, Transformer, at_least, cli, flash_attn_varlen_func, load_model, predictor_messages,
-                      profile_answer, profile_prompt, save_model)
+                      profile_answer, profile_prompt, read_jsonl, save_model)
 from reward import metrics, profile_predictions, template_profile
 from rollout import generate
 
@@ -371,7 +371,6 @@ def plot_curves(run_dir, panels, title):
         import matplotlib.pyplot as plt
     except ImportError:
         raise LettingoError("plotting needs matplotlib: pip install matplotlib")
-    from lettingo import read_jsonl
     files = {}
     for f in ("metrics.jsonl", "validation.jsonl"):
         path = os.path.join(run_dir, f)
@@ -411,6 +410,25 @@ def plot_curves(run_dir, panels, title):
     plt.close(fig)
     print(f"wrote {path}")
     return path
+
+
+def validation_panel(run_dir):
+    """The plot panel of what validate() logs: the metric on all users, on closed-profile users,
+    and the no-profile / template lines."""
+    path = os.path.join(run_dir, "validation.jsonl")
+    rows = read_jsonl(path) if os.path.isfile(path) else []
+    key, v = ("accuracy" if rows and "val_accuracy" in rows[0] else "MAE"), "validation.jsonl"
+    return (f"validation {key}", [(v, f"val_{key}", "all users", "-"), (v, f"val_{key}_closed", "users whose profile closed", "-"),
+                                  (v, f"val_no_profile_{key}_closed", "no profile, same users", "--"),
+                                  (v, f"val_no_profile_{key}", "no profile, all users", ":"),
+                                  (v, f"val_template_{key}", "template profile (code)", ":")])
+
+
+def plot_command(argv, plot_run, what):
+    """`python x.py plot RUN_DIR` for grpo.py and dpo.py."""
+    p = ArgParser(prog=f"{os.path.basename(sys.argv[0])} plot", description="Draw RUN_DIR/curves.png (needs matplotlib).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help=what)
+    return plot_run(p.parse_args(argv).run_dir)
 
 
 def main():
