@@ -192,7 +192,7 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
     gen = ["--max-new-tokens", str(args.max_new_tokens), "--dtype", "bfloat16", "--token-budget", "4096", "--task", "rating"]
     val = ["--val-users", str(args.val_users)]
     prep = [py, f"{HERE}/data/prepare.py", args.dataset, "--out", data, "--test-users", str(args.test_users),
-            "--val-users", str(args.val_users)] + (["--raw", args.raw] if args.raw else []) + (["--meta", args.meta] if args.meta else [])
+            "--val-users", str(args.val_users), "--reward-targets", str(args.reward_targets)] + (["--raw", args.raw] if args.raw else []) + (["--meta", args.meta] if args.meta else [])
     explore = lambda model, folder, users, n, temp: [
         py, f"{HERE}/dpo.py", "explore", "--model", model, "--data", tr, "--out", os.path.join(out, folder), "--users", str(users),
         "--n", str(n), "--temperature", str(temp), "--top-p", "0.9", "--max-new-tokens", str(args.max_new_tokens)]
@@ -283,10 +283,12 @@ def main():
     g.add_argument("--test-users", type=int, default=100)
     g.add_argument("--val-users", type=int, default=32)
     g.add_argument("--max-new-tokens", type=int, default=96)
+    g.add_argument("--reward-targets", type=int, default=4,
+                   help="training rewards average the judge over this many next items of the user")
     g.add_argument("--explore-users", type=int, default=128)
     g.add_argument("--explore-n", type=int, default=6)
     g.add_argument("--sft-steps", type=int, default=16)
-    g.add_argument("--grpo-steps", type=int, default=21)
+    g.add_argument("--grpo-steps", type=int, default=30)
     g.add_argument("--grpo-lr", type=float, default=5e-6)
     g.add_argument("--dpo-users", type=int, default=96)
     g.add_argument("--dpo-steps", type=int, default=30)

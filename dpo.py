@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from lettingo import (PROFILE_CLOSE, PROFILE_OPEN, ArgParser, LettingoError, at_least, cli, load_model, predictor_messages, profile_answer,
                       output_folder, profile_messages, profile_prompt, read_jsonl, read_samples)
-from reward import HTTPJudge, make_judge, score_profiles, task_reward
+from reward import HTTPJudge, make_judge, score_profiles, target_rewards
 from rollout import end_token_ids, generate
 from train import (Logger, add_training_args, all_sum, apply_update, completion_logprobs, demo_data, gather_objects, load_policy,
                    compute_dtype, load_trainer_state, logprobs_no_grad, make_optimizer, resolve_start, save_checkpoint, setup_distributed,
@@ -185,8 +185,8 @@ def evaluate(args, d):
     task = args.task
     scored = score_profiles([samples[(r["user_id"], r["item_id"])] for r in rows], [r["text"] for r in rows], judge, task)
     keys = sorted({(r["user_id"], r["item_id"]) for r in rows})
-    bare = judge.predict([predictor_messages(samples[k], None, task) for k in keys], task)
-    bare = {k: None if p is None else task_reward(task, p, samples[k]) for k, p in zip(keys, bare)}
+    bare = target_rewards([samples[k] for k in keys], [None] * len(keys), judge, task)
+    bare = {k: reward for k, (reward, _) in zip(keys, bare)}
     for r, sc in zip(rows, scored):
         r[f"reward_{task}"], r[f"status_{task}"] = sc.reward, sc.status
         r[f"no_profile_reward_{task}"] = bare[(r["user_id"], r["item_id"])]

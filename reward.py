@@ -193,14 +193,39 @@ class Scored:
     status: str = "ok"          # ok | format (no complete profile tag) | judge_failed
 
 
+def sample_targets(sample) -> list[dict]:
+    """The sample, then one copy per extra target (prepare.py --reward-targets): same user, same
+    history, the next items instead of the target."""
+    return [sample] + [{**sample, **t} for t in sample.get("more_targets", ())]
+
+
+def target_rewards(samples, profiles, judge, task) -> list[tuple[float | None, object]]:
+    """Ask the judge with profiles[i] (None = no profile) about every target of samples[i].
+    -> per sample (mean task reward over its targets, prediction for the sample's own target);
+    (None, None) when the judge failed on any of them."""
+    flat = [(i, t) for i, s in enumerate(samples) for t in sample_targets(s)]
+    preds = judge.predict([predictor_messages(t, profiles[i], task) for i, t in flat], task) if flat else []
+    per = defaultdict(list)                       # sample index -> [(target, prediction), ...]
+    for (i, t), p in zip(flat, preds):
+        per[i].append((t, p))
+    out = []
+    for i in range(len(samples)):
+        if any(p is None for _, p in per[i]):
+            out.append((None, None))
+        else:
+            out.append((sum(task_reward(task, p, t) for t, p in per[i]) / len(per[i]), per[i][0][1]))
+    return out
+
+
 def score_profiles(samples, texts, judge, task) -> list[Scored]:
-    """(sample, generated text) -> reward. Format failures get -1 without asking the judge."""
+    """(sample, generated text) -> reward (mean over the sample's targets). Format failures get -1
+    without asking the judge."""
     profiles = [extract_tag(t, "user_profile") for t in texts]
     ask = [i for i, p in enumerate(profiles) if p]
-    preds = judge.predict([predictor_messages(samples[i], profiles[i], task) for i in ask], task) if ask else []
+    judged = target_rewards([samples[i] for i in ask], [profiles[i] for i in ask], judge, task)
     out = [Scored(FORMAT_PENALTY, None, "format") for _ in texts]
-    for i, pred in zip(ask, preds):
-        out[i] = Scored(None, None, "judge_failed") if pred is None else Scored(task_reward(task, pred, samples[i]), pred)
+    for i, (reward, pred) in zip(ask, judged):
+        out[i] = Scored(None, None, "judge_failed") if reward is None else Scored(reward, pred)
     return out
 
 

@@ -332,9 +332,11 @@ def build_samples(ratings, items, args, drops, oracle=None):
         samples = []
         for u in users:
             rows = by_user[u]
-            k = 1 if split != "train" else args.targets_per_user
-            for j in range(len(rows) - k, len(rows)):
+            k, more = (args.targets_per_user, args.reward_targets - 1) if split == "train" else (1, 0)
+            for j in range(len(rows) - k - more, len(rows) - more):
                 s = make_sample(u, rows, j, items, item_index, args, drops, oracle)
+                if s and more:            # the next interactions after the target, also after the history
+                    s["more_targets"] = [target_fields(rows[x], items, args) for x in range(j + 1, j + 1 + more)]
                 if s:
                     samples.append(s)
         out[split] = samples
@@ -348,6 +350,14 @@ def genres_of(description: str) -> str:
             if part.startswith(key):
                 return part[len(key):].rstrip(".")
     return ""
+
+
+def target_fields(row, items, args) -> dict:
+    """What a sample says about the item whose rating is predicted."""
+    t, i, r, _ = row
+    title, desc = items[i] if items else (i, "")
+    return {"item_id": i, "title": title, "description": desc, "rating": r,
+            "label": "like" if r >= args.like_min else "dislike" if r <= args.dislike_max else "neutral", "timestamp": t}
 
 
 def make_sample(u, rows, j, items, item_index, args, drops, oracle):
@@ -364,10 +374,8 @@ def make_sample(u, rows, j, items, item_index, args, drops, oracle):
     older = earlier[:len(earlier) - args.recent] if args.recent else earlier
     ts, sums = item_index[i]
     n_before = bisect.bisect_left(ts, t)            # other users' ratings strictly before the target
-    title, desc = items[i] if items else (i, "")
-    sample = {"user_id": u, "item_id": i, "title": title, "description": desc, "rating": r,
-              "label": "like" if r >= args.like_min else "dislike" if r <= args.dislike_max else "neutral",
-              "timestamp": t, "history": [as_dict(x) for x in older[-args.profile_history:]],
+    sample = {"user_id": u, **target_fields(rows[j], items, args),
+              "history": [as_dict(x) for x in older[-args.profile_history:]],
               "recent": [as_dict(x) for x in recent],
               "user_mean": round(sum(x[2] for x in earlier) / len(earlier), 4),
               "item_mean": round(sums[n_before] / n_before, 4) if n_before else None}
@@ -392,6 +400,9 @@ def main():
     p.add_argument("--val-users", type=at_least(0), default=None, help="none: 5%% of eligible users, at most 50")
     p.add_argument("--train-users", type=at_least(0), default=0, help="cap on training users (0 = all the rest)")
     p.add_argument("--targets-per-user", type=at_least(1), default=1, help="train users: last N interactions as targets")
+    p.add_argument("--reward-targets", type=at_least(1), default=1,
+                   help="train users: each sample also carries the next N-1 interactions as `more_targets`; a "
+                        "profile's reward is its mean over all N (less noisy than one item)")
     p.add_argument("--like-min", type=float, default=4.0, help="rating >= this is 'like'")
     p.add_argument("--dislike-max", type=float, default=2.0, help="rating <= this is 'dislike'")
     p.add_argument("--review-chars", type=at_least(0), default=200, help="review text kept per interaction")

@@ -33,6 +33,8 @@ def check_leakage(splits):
             assert all(h["timestamp"] < s["timestamp"] for h in hist)
             assert [h["timestamp"] for h in hist] == sorted(h["timestamp"] for h in hist)   # oldest first
             assert s["item_id"] not in {h["item_id"] for h in hist}
+            later = [s] + s.get("more_targets", [])                      # reward targets: after the target
+            assert [t["timestamp"] for t in later] == sorted(t["timestamp"] for t in later)
 
 
 def write_ml100k(d, rows):
@@ -179,6 +181,24 @@ def test_synthetic_deterministic_fast_and_leak_free(tmp_path):
     splits, _ = load(tmp_path / "a")
     check_leakage(splits)
     assert all("love" in s["oracle_profile"] for s in splits["test"])
+
+
+def test_reward_targets_are_the_next_interactions(tmp_path):
+    r = prepare("synthetic", "--users", 60, "--out", tmp_path / "a", "--test-users", 5, "--val-users", 5,
+                "--reward-targets", 3, "--targets-per-user", 2)
+    assert r.returncode == 0, r.stderr
+    splits, _ = load(tmp_path / "a")
+    check_leakage(splits)
+    assert not any("more_targets" in s for s in splits["test"] + splits["val"])     # evaluation: one target
+    train = splits["train"]
+    assert train and all(len(s["more_targets"]) == 2 for s in train)
+    for u in {s["user_id"] for s in train}:
+        mine = sorted((s for s in train if s["user_id"] == u), key=lambda s: s["timestamp"])
+        assert len(mine) == 2
+        # targets are consecutive interactions: the later sample's target is the earlier one's next
+        assert mine[1]["item_id"] == mine[0]["more_targets"][0]["item_id"]
+        assert mine[1]["more_targets"][0]["item_id"] == mine[0]["more_targets"][1]["item_id"]
+        assert len(mine[1]["history"]) >= len(mine[0]["history"])
 
 
 def test_bad_input(tmp_path):

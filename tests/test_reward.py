@@ -57,6 +57,22 @@ def test_rewards_by_hand():
     assert j.asked == 2                                                  # format failures never reach the judge
 
 
+def test_reward_averages_over_the_extra_targets():
+    class ByTitle:  # answers 4 for "Heat", 1 for anything else; fails on "Bad"
+        def predict(self, messages, task):
+            text = [m[-1]["content"] for m in messages]
+            return [None if "Bad (" in t else 4.0 if "Heat (" in t else 1.0 for t in text]
+
+    more = dict(SAMPLE, more_targets=[{"item_id": "7", "title": "Jaws (1975)", "description": "", "rating": 5.0, "label": "like"},
+                                      {"item_id": "8", "title": "Big (1988)", "description": "", "rating": 1.0, "label": "dislike"}])
+    out = score_profiles([more, SAMPLE], ["<user_profile>p</user_profile>"] * 2, ByTitle(), "rating")
+    # |4-2|, |1-5|, |1-1| -> rewards 0.5, 0, 1 -> mean 0.5; the prediction is the sample's own target's
+    assert out[0].reward == pytest.approx((0.5 + 0.0 + 1.0) / 3) and out[0].prediction == 4.0
+    assert out[1].reward == pytest.approx(0.5)
+    bad = dict(more, more_targets=more["more_targets"] + [{"item_id": "6", "title": "Bad (2000)", "rating": 3.0}])
+    assert score_profiles([bad], ["<user_profile>p</user_profile>"], ByTitle(), "rating")[0].status == "judge_failed"
+
+
 def test_metrics_by_hand():
     ss = [dict(SAMPLE, rating=r, label=l) for r, l in ((1.0, "dislike"), (4.0, "like"), (3.0, "neutral"), (5.0, "like"))]
     m = metrics("rating", [2.0, 4.0, None, 3.0], ss, boot=200)
