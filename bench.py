@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from lettingo import ALIASES, ArgParser, LettingoError, alias_folder, cli, load_model, resolve
+from lettingo import (ALIASES, ArgParser, LettingoError, ModelConfig, Transformer, alias_folder, cli, load_model, resolve,
+                      rope_frequencies)
 from rollout import generate
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,19 +28,24 @@ TEXT = ("The user watched many films last year. They loved quiet dramas and shar
         "tedious, and rated big action films harshly unless the story was clever. ")
 
 
-def hardware(dtype) -> dict:
+def hardware(dtype, device="cpu") -> dict:
     """Measured, not quoted: copy bandwidth (bytes read + written per second) and matmul FLOP/s."""
-    x = torch.empty(64 * 2**20 // 4, dtype=torch.float32)                 # 256 MB
+    x = torch.empty(256 * 2**20 // 4, dtype=torch.float32, device=device)    # 256 MB
     y = torch.empty_like(x)
     best = min(timed(lambda: y.copy_(x)) for _ in range(5))
-    a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+    n = 8192 if device == "cuda" else 2048
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
     mm = min(timed(lambda: a @ b) for _ in range(5))
-    return {"copy_GBps": 2 * x.numel() * 4 / best / 1e9, f"matmul_{str(dtype)[6:]}_GFLOPs": 2 * 2048**3 / mm / 1e9}
+    return {"copy_GBps": 2 * x.numel() * 4 / best / 1e9, f"matmul_{str(dtype)[6:]}_GFLOPs": 2 * n**3 / mm / 1e9}
 
 
 def timed(fn) -> float:
+    """Wall time of fn(), waiting for the GPU's queued work before and after."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() and torch.cuda.is_initialized() else (lambda: None)
+    sync()
     t = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t
 
 
@@ -48,51 +54,90 @@ def hf_folder(name):
     return alias_folder(name, resolve(name)) if name in ALIASES else name
 
 
-def bench_rollout(args):
-    from transformers import AutoModelForCausalLM
-    dtype = getattr(torch, args.dtype)
-    torch.set_num_threads(os.cpu_count())
-    ours, tok = load_model(args.model, dtype=dtype, device="cpu")
-    ref = AutoModelForCausalLM.from_pretrained(hf_folder(args.model), dtype=dtype).eval()
-    ids = tok(TEXT * (args.prompt_tokens // 20 + 2), add_special_tokens=False)["input_ids"]
-    prompts = [ids[k:k + args.prompt_tokens] for k in range(args.batch)]  # distinct prompts, same length
-    n_new = args.new_tokens
+# real configs, random weights: speed does not depend on the values, and nothing is downloaded
+SHAPES = {
+    "smollm2-135m": ("llama", dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                   num_key_value_heads=3, intermediate_size=1536, max_position_embeddings=8192,
+                                   rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)),
+    "qwen3-1.7b": ("qwen3", dict(architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
+                                 num_key_value_heads=8, head_dim=128, intermediate_size=6144,
+                                 max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                                 tie_word_embeddings=True)),
+}
 
-    def run_ours():
-        out = generate(ours, prompts, max_new_tokens=n_new, temperature=1.0, seed=0, end_ids=set(), batch_size=args.batch)
-        assert all(len(s[0].tokens) == n_new for s in out)
+
+def bench_models(args, dtype):
+    """(ours, transformers' model with the same weights, prompt ids [batch][prompt_tokens])."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+    if args.shape:
+        family, kw = SHAPES[args.shape]
+        torch.manual_seed(0)
+        cfg = {"llama": LlamaConfig, "qwen3": Qwen3Config}[family](**kw)
+        with torch.device(args.device):
+            ref = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+        with torch.device("meta"):                                # no memory until the weights arrive
+            ours = Transformer(ModelConfig.from_hf(cfg.to_dict())).to(dtype)
+        ours.to_empty(device=args.device)
+        ours.tie()
+        ours.load_state_dict(ref.state_dict(), strict=False)      # same names; inv_freq is not saved
+        ours.inv_freq = rope_frequencies(ours.cfg).to(args.device)
+        g = torch.Generator().manual_seed(0)
+        prompts = torch.randint(100, cfg.vocab_size, (args.batch, args.prompt_tokens), generator=g).tolist()
+        return ours.eval(), ref, prompts
+    ours, tok = load_model(args.model, dtype=dtype, device=args.device)
+    ref = AutoModelForCausalLM.from_pretrained(hf_folder(args.model), dtype=dtype).to(args.device).eval()
+    ids = tok(TEXT * (args.prompt_tokens // 20 + 2), add_special_tokens=False)["input_ids"]
+    return ours, ref, [ids[k:k + args.prompt_tokens] for k in range(args.batch)]   # distinct, same length
+
+
+def bench_rollout(args):
+    dtype = getattr(torch, args.dtype)
+    if args.device == "cpu":
+        torch.set_num_threads(os.cpu_count())
+    ours, ref, prompts = bench_models(args, dtype)
+    n_new, rows = args.new_tokens, args.batch * args.n
+
+    def run_ours(graphs):
+        out = generate(ours, prompts, n=args.n, max_new_tokens=n_new, temperature=1.0, seed=0, end_ids=set(),
+                       batch_size=rows, cuda_graphs=graphs)
+        assert all(len(s.tokens) == n_new for ss in out for s in ss)
 
     def run_hf():
-        x = torch.tensor(prompts)
+        x = torch.tensor(prompts, device=args.device).repeat_interleave(args.n, 0)
         with torch.no_grad():
             out = ref.generate(input_ids=x, attention_mask=torch.ones_like(x), do_sample=True, temperature=1.0, top_k=0,
-                               max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=tok.pad_token_id or 0)
+                               max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0)
         assert out.shape[1] == args.prompt_tokens + n_new
 
-    times = {"ours": [], "transformers": []}
-    for r in range(args.repeats):                                        # alternate, same process
-        times["ours"].append(timed(run_ours))
-        times["transformers"].append(timed(run_hf))
-        print(f"  run {r}: ours {times['ours'][-1]:.2f}s  transformers {times['transformers'][-1]:.2f}s", flush=True)
-    hw = hardware(dtype)
-    t_ours, t_hf = min(times["ours"]), min(times["transformers"])
-    tok_s = lambda t: args.batch * n_new / t
+    runs = {"ours": lambda: run_ours(args.device == "cuda"), "transformers": run_hf}
+    if args.device == "cuda":                                 # what the graphs buy: the same step, eager
+        runs["ours_eager"] = lambda: run_ours(False)
+    times = {k: [] for k in runs}
+    for r in range(args.repeats + (args.device == "cuda")):  # alternate, same process (GPU: 1 warm-up)
+        for k, fn in runs.items():
+            times[k].append(timed(fn))
+        print(f"  run {r}: " + "  ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
+    hw = hardware(dtype, args.device)
+    best = {k: min(v[1:] if args.device == "cuda" else v) for k, v in times.items()}
+    tok_s = lambda t: rows * n_new / t
     cfg = ours.cfg
     n_params = sum(p.numel() for p in ours.parameters())
     n_body = n_params - cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
     size = torch.tensor([], dtype=dtype).element_size()
     # work of the whole call: prefill (body on every prompt token, head on the last) + decode steps
-    flops = 2 * n_body * args.batch * args.prompt_tokens + 2 * n_params * args.batch * n_new
-    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * size * args.batch * (args.prompt_tokens + n_new / 2)
+    flops = 2 * n_body * args.batch * args.prompt_tokens + 2 * n_params * rows * n_new
+    kv = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * size * rows * (args.prompt_tokens + n_new / 2)
     bytes_moved = n_new * (n_params * size + kv) + n_params * size
     t_flops, t_bytes = flops / (hw[f"matmul_{args.dtype}_GFLOPs"] * 1e9), bytes_moved / (hw["copy_GBps"] / 2 * 1e9)
     limit = max(t_flops, t_bytes)                                         # the roofline bound for this call
-    print(json.dumps({"model": args.model, "dtype": args.dtype, "batch": args.batch, "prompt_tokens": args.prompt_tokens,
+    print(json.dumps({"model": args.shape or args.model, "weights": "random" if args.shape else "checkpoint",
+                      "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "dtype": args.dtype,
+                      "prompts": args.batch, "n": args.n, "rows": rows, "prompt_tokens": args.prompt_tokens,
                       "new_tokens": n_new, **{k: round(v, 1) for k, v in hw.items()},
-                      "ours_tok_s": round(tok_s(t_ours), 1), "transformers_tok_s": round(tok_s(t_hf), 1),
-                      "lower_bound_s": round(limit, 2), "bound_by": "compute" if t_flops > t_bytes else "memory",
-                      "ours_fraction_of_limit": round(limit / t_ours, 3)}, indent=1))
-    print(f"rollout speedup_vs_transformers={t_hf / t_ours:.2f}")
+                      **{f"{k}_tok_s": round(tok_s(t), 1) for k, t in best.items()},
+                      "lower_bound_s": round(limit, 3), "bound_by": "compute" if t_flops > t_bytes else "memory",
+                      "ours_fraction_of_limit": round(limit / best["ours"], 3)}, indent=1))
+    print(f"rollout speedup_vs_transformers={best['transformers'] / best['ours']:.2f}")
 
 
 def bench_data(args):
@@ -213,14 +258,15 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
                                       "--mini-batches", "1", "--temperature", "0.8", "--lr", str(args.grpo_lr), "--kl-coef", "0",
                                       "--eval-every", str(args.grpo_steps // 3), "--save-every", str(args.grpo_steps)] + gen + val,
          grpo_model),
+    ] + ([] if args.no_dpo else [
         ("DPO: explore with the warm start", explore(warm, "explore-warm", args.dpo_users, 4, 0.8), f"{ew}/profiles.jsonl"),
         ("DPO: evaluate", stage("evaluate", "explore-warm"), f"{ew}/scores-rating.jsonl"),
         ("DPO: pairs", stage("pairs", "explore-warm") + ["--min-margin", "0.05", "--max-pairs-per-user", "4"], f"{ew}/pairs-rating.jsonl"),
         ("DPO from the warm start", stage("train", "explore-warm") + gen + val + [
             "--model", warm, "--val-data", va, "--lr", "5e-6", "--beta", "0.1", "--steps", str(args.dpo_steps), "--pairs-per-step", "8",
             "--eval-every", str(args.dpo_steps // 2), "--save-every", str(args.dpo_steps)], dpo_model),
-        test("smollm2-135m", "base"), test(warm, "warm"), test(grpo_model, "grpo"), test(dpo_model, "dpo"),
-    ]
+    ]) + [test("smollm2-135m", "base"), test(warm, "warm"), test(grpo_model, "grpo")] + (
+        [] if args.no_dpo else [test(dpo_model, "dpo")])
 
 
 def bench_learning(args):
@@ -245,22 +291,24 @@ def bench_learning(args):
             raise SystemExit(f"error: stage '{name}' failed (exit {rc}); see {log}")
     test = read_jsonl(os.path.join(out, "data", "test.jsonl"))
     names = {"base": "base writer (untrained)", "warm": "warm start (SFT on best explored)",
-             "grpo": "GRPO (from the warm start)", "dpo": "DPO (from the warm start)"}
+             "grpo": "GRPO (from the warm start)", **({} if args.no_dpo else {"dpo": "DPO (from the warm start)"})}
     profiles = {names[k]: profile_texts(os.path.join(out, f"test-{k}.jsonl"), test) for k in names}
     judge = make_judge("smollm2-135m", mode="expect")
     rows = judge_conditions(test, judge, "rating", profiles)
-    summary = summarize("rating", test, rows, compare=[(names["base"], names["warm"]), (names["warm"], names["grpo"]),
-                                                       (names["warm"], names["dpo"]), (names["base"], names["grpo"]),
-                                                       (names["base"], names["dpo"]), ("template profile (code, no LLM)", names["grpo"])])
+    pairs = [("base", "warm"), ("warm", "grpo"), ("warm", "dpo"), ("base", "grpo"), ("base", "dpo")]
+    summary = summarize("rating", test, rows, compare=[(names[a], names[b]) for a, b in pairs if b in names] +
+                        [("template profile (code, no LLM)", names["grpo"])])
     summary["stage_minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print_summary(summary)
     mae = lambda n: f"{summary['rows'][n]['all']['MAE'][0]:.3f}"
     ci = lambda a, b: "[{1:+.3f},{2:+.3f}]".format(*summary["paired"][f"{a} -> {b}"])
-    print(f"learning base={mae(names['base'])} grpo={mae(names['grpo'])} dpo={mae(names['dpo'])} "
+    dpo = "" if args.no_dpo else f" dpo={mae(names['dpo'])}"
+    dpo_ci = "" if args.no_dpo else f" dpo_gain_ci={ci(names['warm'], names['dpo'])}"
+    print(f"learning base={mae(names['base'])} grpo={mae(names['grpo'])}{dpo} "
           f"template={mae('template profile (code, no LLM)')} no_profile={mae('no profile')} user_mean={mae('user mean (no LLM)')} "
-          f"grpo_gain_ci={ci(names['warm'], names['grpo'])} dpo_gain_ci={ci(names['warm'], names['dpo'])} "
+          f"grpo_gain_ci={ci(names['warm'], names['grpo'])}{dpo_ci} "
           f"start={mae(names['warm'])} start_gain_ci={ci(names['base'], names['warm'])}")
 
 
@@ -268,8 +316,12 @@ def main():
     p = ArgParser(description="Benchmarks against baselines run in the same process.")
     p.add_argument("what", nargs="?", default="all", choices=["all", "rollout", "grpo", "data", "learning"])
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--shape", choices=sorted(SHAPES), help="random weights of this real config instead of --model "
+                   "(nothing downloaded; speed does not depend on the values)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--batch", type=int, default=32, help="rollout: rows decoded together")
+    p.add_argument("--batch", type=int, default=32, help="rollout: prompts decoded together")
+    p.add_argument("--n", type=int, default=1, help="rollout: samples per prompt (rows = batch x n)")
     p.add_argument("--prompt-tokens", type=int, default=300)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=2, help="grpo: prompts per step")
@@ -292,6 +344,7 @@ def main():
     g.add_argument("--grpo-lr", type=float, default=5e-6)
     g.add_argument("--dpo-users", type=int, default=96)
     g.add_argument("--dpo-steps", type=int, default=30)
+    g.add_argument("--no-dpo", action="store_true", help="the GRPO branch only (about half the time)")
     args = p.parse_args()
     if args.what == "learning":
         if not args.raw and args.dataset != "synthetic":

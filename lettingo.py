@@ -161,31 +161,34 @@ class Attn:
     index: torch.Tensor | None = None
     rows: torch.Tensor | None = None
     row_valid: torch.Tensor | None = None
+    slots: torch.Tensor | None = None      # [T] the cache slots this call's tokens are written to
 
 
 class KVCache:
-    """Static cache: k/v [layers, B, kv_heads, max_len, hd] preallocated once; `valid` [B, max_len]
-    marks slots holding real tokens (left padding stays False); `length` slots are filled."""
+    """Static cache, allocated at its final length: k/v [layers, B, kv_heads, max_len, hd]; `valid`
+    [B, max_len] marks slots holding real tokens (left padding stays False); `slot` [1] is the next
+    slot to write. `slot` is a device tensor and every shape is fixed, so a decode step keeps no
+    Python-side state and can be captured once and replayed (CUDA graphs, see rollout.py)."""
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype, device):
         shape = (cfg.n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)
-        self.length = 0
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
 
-    def repeat_interleave(self, n: int) -> "KVCache":
-        """Copy each row n times: one prefill serves a whole GRPO group."""
+    def rows(self, index: torch.Tensor) -> "KVCache":
+        """A new cache holding rows `index` [B'] of this one (repeats allowed: one prefill copied to
+        a whole GRPO group; a subset: finished rows dropped from the decode batch)."""
         new = object.__new__(KVCache)
-        new.k, new.v = self.k.repeat_interleave(n, dim=1), self.v.repeat_interleave(n, dim=1)
-        new.valid, new.length = self.valid.repeat_interleave(n, dim=0), self.length
+        new.k, new.v, new.valid = self.k.index_select(1, index), self.v.index_select(1, index), self.valid[index]
+        new.slot = self.slot.clone()
         return new
 
-    def select(self, rows: torch.Tensor) -> "KVCache":
-        """Keep only some rows (finished rows are dropped from the decode batch)."""
-        new = object.__new__(KVCache)
-        new.k, new.v, new.valid, new.length = self.k[:, rows], self.v[:, rows], self.valid[rows], self.length
-        return new
+    def load_(self, other: "KVCache"):
+        """Copy another cache of the same shape into this one's storage (a captured graph's buffers)."""
+        for name in ("k", "v", "valid", "slot"):
+            getattr(self, name).copy_(getattr(other, name))
 
 
 class Attention(nn.Module):
@@ -208,11 +211,10 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, H, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # write the new keys, then attend over everything cached so far
-            start = cache.length
-            cache.k[self.layer, :, :, start:start + T] = k
-            cache.v[self.layer, :, :, start:start + T] = v
-            k, v = cache.k[self.layer, :, :, :start + T], cache.v[self.layer, :, :, :start + T]
+        if cache is not None:  # write the new keys at their slots, then attend over the whole cache
+            cache.k[self.layer].index_copy_(2, attn.slots, k)
+            cache.v[self.layer].index_copy_(2, attn.slots, v)
+            k, v = cache.k[self.layer], cache.v[self.layer]
         if attn.cu_seqlens is not None:  # flash-attn varlen: only the valid tokens, no padding
             qv, kv, vv = (t.transpose(1, 2).reshape(B * T, -1, self.hd)[attn.index] for t in (q, k, v))
             o = flash_attn_varlen_func(qv, kv, vv, attn.cu_seqlens, attn.cu_seqlens,
@@ -286,7 +288,7 @@ class Transformer(nn.Module):
     def use_flash(self, x) -> bool:
         return flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
 
-    def attention_plan(self, mask, doc_ids, cache, T, x, branch_ids=None) -> Attn:
+    def attention_plan(self, mask, doc_ids, cache, T, x, branch_ids=None, slots=None) -> Attn:
         """mask [B, T] bool: real tokens of a left/right padded batch. doc_ids [B, T] int: packed
         documents (a token sees only earlier tokens of its own document). branch_ids: see forward."""
         dev = x.device
@@ -314,16 +316,18 @@ class Transformer(nn.Module):
             see = causal & ((br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])) & row_valid[:, None, :]
             see = see | torch.eye(len(span), dtype=torch.bool, device=dev)              # padding sees itself
             return Attn(rows=rows, row_valid=row_valid, mask=see[:, None])              # [D, 1, L, L]
-        if mask is None and cache is None:
-            return Attn()  # plain causal
-        past = cache.length if cache is not None else 0
-        q_pos = torch.arange(past, past + T, device=dev)
-        k_pos = torch.arange(past + T, device=dev)
-        allowed = (k_pos[None, :] <= q_pos[:, None])[None]                         # [1, Tq, Tk] causal
-        allowed = allowed & (cache.valid[:, None, :past + T] if cache is not None else mask[:, None, :])
+        if cache is None:
+            if mask is None:
+                return Attn()  # plain causal
+            allowed = torch.tril(torch.ones(T, T, dtype=torch.bool, device=dev))[None] & mask[:, None, :]
+            allowed = allowed | torch.eye(T, dtype=torch.bool, device=dev)[None]   # see below
+            return Attn(mask=allowed[:, None])                                       # [B, 1, T, T]
+        # with a cache: the queries sit at `slots`, the keys are every slot of the (fixed-size) cache
+        k_slot = torch.arange(cache.valid.shape[1], device=dev)
+        allowed = (k_slot[None, :] <= slots[:, None])[None] & cache.valid[:, None, :]   # [B, T, L]
         # a padding query that may see nothing would give NaN: let it see itself (output unused)
-        allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None]
-        return Attn(mask=allowed[:, None])                                             # [B, 1, Tq, Tk]
+        allowed = allowed | (k_slot[None, :] == slots[:, None])[None]
+        return Attn(mask=allowed[:, None], slots=slots)                                  # [B, 1, T, L]
 
     def forward(self, tokens, *, mask=None, doc_ids=None, branch_ids=None, positions=None,
                 cache: KVCache | None = None, last_only=False, targets=None, temperature=1.0, entropy=False):
@@ -334,11 +338,13 @@ class Transformer(nn.Module):
         and its own earlier tokens only -- one prompt, computed once, for a whole group."""
         B, T = tokens.shape
         x = self.model.embed_tokens(tokens)
-        if cache is not None:
-            cache.valid[:, cache.length:cache.length + T] = True if mask is None else mask
+        slots = None
+        if cache is not None:  # this call's tokens go to slots [slot, slot + T) of the cache
+            slots = cache.slot + torch.arange(T, device=tokens.device)
+            cache.valid.index_copy_(1, slots, torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask)
         if positions is None:  # count real tokens: left padding does not shift positions
             if cache is not None:
-                positions = cache.valid[:, :cache.length + T].long().cumsum(1)[:, -T:] - 1
+                positions = cache.valid.long().cumsum(1).index_select(1, slots) - 1
             elif doc_ids is not None:
                 start = torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
                 idx = torch.arange(T, device=tokens.device).expand(B, T)
@@ -351,14 +357,14 @@ class Transformer(nn.Module):
         freqs = positions[:, None, :, None].float() * self.inv_freq                  # [B, 1, T, hd/2]
         cos = torch.cat([freqs.cos(), freqs.cos()], -1).to(x.dtype)
         sin = torch.cat([freqs.sin(), freqs.sin()], -1).to(x.dtype)
-        attn = self.attention_plan(mask, doc_ids, cache, T, x, branch_ids)
+        attn = self.attention_plan(mask, doc_ids, cache, T, x, branch_ids, slots)
         for layer in self.model.layers:
             if self.checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, cache, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, attn, cache)
         if cache is not None:
-            cache.length += T
+            cache.slot += T
         x = self.model.norm(x)
         if targets is not None:
             return token_logprobs(x, self.lm_head.weight, targets, temperature, entropy)

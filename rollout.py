@@ -1,6 +1,6 @@
-"""rollout.py -- KV-cached batched sampling: one prefill per prompt (shared by its n samples), then a
-decode loop over a static cache with per-row stopping. Returns the log-prob of every sampled token,
-which GRPO needs.
+"""rollout.py -- KV-cached batched sampling: one prefill per prompt (shared by its n samples), then
+one fixed-shape decode step over a static cache, repeated -- replayed from a CUDA graph on GPU --
+with per-row stopping. Returns the log-prob of every sampled token, which GRPO needs.
 
     python rollout.py --model smollm2-135m --data train.jsonl --n 4 --out profiles.jsonl
 """
@@ -36,14 +36,39 @@ def end_token_ids(tokenizer) -> set[int]:
 
 
 def row_seed(prompt_seed: int, sample: int) -> int:
-    """One RNG stream per (prompt, sample): a row samples the same tokens whatever batch it is in,
+    """One random stream per (prompt, sample): a row samples the same tokens whatever batch it is in,
     whichever rank runs it, and however prompts are chunked."""
     return (prompt_seed * 1_000_003 + sample * 7_919 + 12_345) % (2**63 - 1)
 
 
-def sample_next(logits, temperature, top_p, top_k, generators):
-    """logits [B, V] fp32 -> (tokens [B], logprobs [B]). Sampling uses the Gumbel-max trick with
-    per-row generators; log-probs are of softmax(logits / T) before top-k/top-p filtering (the
+M32 = 0xFFFFFFFF
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (Wellons' lowbias32) on int64 tensors holding values < 2**32. Each
+    product is split into 16-bit halves so nothing overflows int64, on any device."""
+    for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        x = x ^ (x >> shift)
+        x = (x * (mul & 0xFFFF) + (((x * (mul >> 16)) & 0xFFFF) << 16)) & M32
+    return x ^ (x >> 16)
+
+
+def row_keys(seeds: list[int], device) -> torch.Tensor:
+    """64-bit row seeds -> 32-bit hash keys [B] (int64)."""
+    s = torch.tensor(seeds, dtype=torch.long, device=device)
+    return mix32(mix32(s >> 32) ^ (s & M32))
+
+
+def uniforms(keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Counter-based random numbers: u = hash(row key, step) in (0, 1), [B] fp32. No generator
+    state, so a step needs no Python list of generators and can be replayed from a CUDA graph."""
+    h = mix32(keys ^ mix32((step * 0x9E3779B9) & M32))
+    return ((h >> 9).float() + 0.5) / 2**23                     # 23 bits + 0.5: exact in fp32, in (0, 1)
+
+
+def sample_next(logits, temperature, top_p, top_k, keys, step):
+    """logits [B, V] fp32 -> (tokens [B], logprobs [B]). Inverse-CDF sampling with one counter-based
+    uniform per row; log-probs are of softmax(logits / T) before top-k/top-p filtering (the
     distribution the trainer differentiates)."""
     if temperature == 0:
         tokens = logits.argmax(-1)
@@ -58,19 +83,32 @@ def sample_next(logits, temperature, top_p, top_k, generators):
         probs, order = torch.sort(torch.softmax(filtered, -1), dim=-1, descending=True)
         drop = probs.cumsum(-1) - probs > top_p          # keep the smallest set reaching top_p
         filtered = filtered.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    u = torch.stack([torch.rand(logits.shape[-1], generator=g, device=logits.device) for g in generators])
-    tokens = (filtered - torch.log(-torch.log(u.clamp_min(1e-20)))).argmax(-1)
+    cdf = torch.softmax(filtered, -1).cumsum(-1)                                 # [B, V]
+    # the first token whose cdf reaches u * total: it has probability > 0 (cdf rises there)
+    tokens = torch.searchsorted(cdf, (uniforms(keys, step) * cdf[:, -1])[:, None]).squeeze(1)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
+
+
+def cpu_decode_layout(model: Transformer):
+    """Store every linear weight [out, in] with transposed strides (same values, same shape): on CPU,
+    MKL's matrix-vector product reads W in the nn.Linear layout at ~12 GB/s but the transposed one at
+    ~20 GB/s (bench.py rollout, batch 1 and 32 both gain). Done once; in-place weight copies
+    (train.sync_rollout_model) keep the layout; a tied head changes its embedding too (one tensor)."""
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.Linear) and mod.weight.is_contiguous():
+            mod.weight.data = mod.weight.data.t().contiguous().t()
 
 
 @torch.no_grad()
 def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop: tuple[str, ...] = (),
              seed: int | list[int] | None = None, tokenizer=None, end_ids: set[int] | None = None,
-             batch_size: int = 64, progress: bool = False) -> list[list[Sample]]:
+             batch_size: int = 64, progress: bool = False, cuda_graphs: bool | None = None) -> list[list[Sample]]:
     """Sample `n` continuations of every prompt (token id lists). Returns [prompt][sample].
     Prompts are sorted by length and cut into chunks of at most `batch_size` rows (n rows per prompt),
-    so the cache is sized by each chunk's longest prompt + max_new_tokens."""
+    so the cache is sized by each chunk's longest prompt + max_new_tokens. cuda_graphs (None: on
+    when the model is on CUDA) replays captured decode steps; the graphs live on the model and
+    stay valid while its weights are updated in place."""
     if not prompts:
         raise LettingoError("generate: empty prompt list")
     if any(len(p) == 0 for p in prompts):
@@ -89,6 +127,15 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(len(prompts))]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     per_chunk = max(1, batch_size // n)
+    if model.lm_head.weight.device.type == "cpu":
+        cpu_decode_layout(model)
+    if cuda_graphs is None:
+        cuda_graphs = model.lm_head.weight.is_cuda
+    graphs = None
+    if cuda_graphs:
+        if not model.lm_head.weight.is_cuda:
+            raise LettingoError("generate: cuda_graphs needs the model on CUDA")
+        graphs = model.__dict__.setdefault("decode_graphs", GraphedDecode())
     out: list[list[Sample]] = [None] * len(prompts)
     bar = None
     if progress:
@@ -98,7 +145,7 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
         idx = order[c:c + per_chunk]
         done = generate_chunk(model, [prompts[i] for i in idx], [seeds[i] for i in idx], n,
                               min(max_new_tokens, ctx - max(len(prompts[i]) for i in idx)),
-                              temperature, top_p, top_k, stop, tokenizer, end_ids)
+                              temperature, top_p, top_k, stop, tokenizer, end_ids, graphs)
         for i, samples in zip(idx, done):
             out[i] = samples
         if bar:
@@ -108,47 +155,147 @@ def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_ne
     return out
 
 
-def generate_chunk(model, prompts, seeds, n, max_new, temperature, top_p, top_k, stop, tokenizer, end_ids):
+@dataclass
+class DecodeState:
+    """Everything one decode step reads and writes, on the device, in fixed shapes: B rows."""
+    cache: KVCache
+    logits: torch.Tensor        # [B, V] fp32: the next token's logits
+    keys: torch.Tensor          # [B] int64: per-row random keys (row_keys)
+    step: torch.Tensor          # [1] int64: tokens sampled so far
+    tokens: torch.Tensor        # [B, max_new] sampled ids (a row's tail after its end is ignored)
+    logprobs: torch.Tensor      # [B, max_new] fp32
+    end_ids: torch.Tensor       # [E] ids that end a row
+
+    def rows(self, index: torch.Tensor) -> "DecodeState":
+        return DecodeState(self.cache.rows(index), self.logits[index], self.keys[index], self.step.clone(),
+                           self.tokens[index], self.logprobs[index], self.end_ids.clone())
+
+    def load_(self, other: "DecodeState"):
+        self.cache.load_(other.cache)
+        for name in ("logits", "keys", "step", "tokens", "logprobs", "end_ids"):
+            getattr(self, name).copy_(getattr(other, name))
+
+
+def decode_step(model, st: DecodeState, temperature, top_p, top_k):
+    """Sample one token per row, record it, and run the model on it: the same function runs eagerly
+    (CPU) and is captured into a CUDA graph and replayed (GPU). No host sync: finished rows keep
+    decoding (their tokens are ignored) until the host looks, every few steps."""
+    tok, lp = sample_next(st.logits, temperature, top_p, top_k, st.keys, st.step)
+    st.tokens.index_copy_(1, st.step, tok[:, None])
+    st.logprobs.index_copy_(1, st.step, lp[:, None])
+    st.logits.copy_(model(tok[:, None], cache=st.cache, last_only=True)[:, -1])
+    st.step += 1
+
+
+class GraphedDecode:
+    """CUDA graphs of decode_step, one per (rows, cache length, sampling settings), replayed with
+    one launch instead of ~1,000 kernel dispatches from Python (>95% of an eager step on an H100).
+    The captured graph owns its DecodeState buffers; a chunk's state is copied in (`adopt`)."""
+
+    def __init__(self, keep: int = 16):
+        self.graphs, self.pool, self.keep = {}, None, keep     # the `keep` most recently used
+
+    def adopt(self, model, st: DecodeState, settings) -> tuple[DecodeState, "torch.cuda.CUDAGraph"]:
+        key = (st.tokens.shape, st.cache.k.shape, st.end_ids.shape, settings)
+        if key not in self.graphs:
+            static = st.rows(torch.arange(len(st.keys), device=st.keys.device))    # own buffers
+            self.pool = self.pool or torch.cuda.graph_pool_handle()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):                     # warm-up outside the graph (allocator, kernels)
+                for _ in range(2):
+                    decode_step(model, static, *settings)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                decode_step(model, static, *settings)
+            self.graphs[key] = (static, graph)
+            if len(self.graphs) > self.keep:
+                self.graphs.pop(next(iter(self.graphs)))
+        static, graph = self.graphs[key] = self.graphs.pop(key)       # most recent last
+        static.load_(st)
+        return static, graph
+
+
+def bucket(n: int, graphs) -> int:
+    """Rows a decode batch is padded to: exact on CPU; powers of two with graphs (few captures)."""
+    return n if not graphs else 1 << (n - 1).bit_length()
+
+
+def generate_chunk(model, prompts, seeds, n, max_new, temperature, top_p, top_k, stop, tokenizer, end_ids, graphs):
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-    lens = torch.tensor([len(p) for p in prompts], device=device)
-    P, B = int(lens.max()), len(prompts) * n
+    P = max(len(p) for p in prompts)
     tokens = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
     mask = torch.zeros(len(prompts), P, dtype=torch.bool, device=device)
     for i, p in enumerate(prompts):                       # left padding: all prompts end at slot P-1
         tokens[i, P - len(p):] = torch.tensor(p, device=device)
         mask[i, P - len(p):] = True
-    cache = KVCache(model.cfg, len(prompts), P + max_new, dtype, device)
+    L = -(-(P + max_new) // 64) * 64                      # cache length rounded: fewer graph shapes
+    cache = KVCache(model.cfg, len(prompts), L, dtype, device)
     logits = model(tokens, mask=mask, cache=cache, last_only=True)[:, -1]   # one prefill per prompt
-    if n > 1:                                             # the group shares it: copy rows n times
-        cache, logits, lens = cache.repeat_interleave(n), logits.repeat_interleave(n, 0), lens.repeat_interleave(n)
-    gens = [torch.Generator(device=device).manual_seed(row_seed(s, j)) for s in seeds for j in range(n)]
-    results = [Sample([], [], prompt_tokens=int(lens[r])) for r in range(B)]
-    rows, live = list(range(B)), [True] * B               # result index / still sampling, per cache row
-    stop_window = max((len(s) for s in stop), default=0) + 8
-    for step in range(max_new):
-        nxt, lp = sample_next(logits, temperature, top_p, top_k, [gens[r] for r in rows])
-        for j, (t, l) in enumerate(zip(nxt.tolist(), lp.tolist())):
-            if not live[j]:
-                continue
-            res = results[rows[j]]
-            res.tokens.append(t)
-            res.logprobs.append(l)
-            if t in end_ids:
-                res.finish = "eos"
-            elif stop and any(s in tokenizer.decode(res.tokens[-stop_window:]) for s in stop):
-                res.finish = "stop"                       # the string may end inside this token
+    B = len(prompts) * n
+    rows = list(range(B))                                 # result index per decode row (None: padding)
+    rows += [None] * (bucket(B, graphs) - B)
+    index = torch.tensor([min(r, B - 1) // n for r in range(len(rows))], device=device)   # the group shares
+    st = DecodeState(cache.rows(index), logits.float()[index],                             # its prefill
+                     row_keys([row_seed(seeds[r // n], r % n) for r in range(B)] + [0] * (len(rows) - B), device),
+                     torch.zeros(1, dtype=torch.long, device=device),
+                     torch.zeros(len(rows), max_new, dtype=torch.long, device=device),
+                     torch.zeros(len(rows), max_new, dtype=torch.float32, device=device),
+                     torch.tensor(sorted(end_ids), dtype=torch.long, device=device))
+    settings = (temperature, top_p, top_k)
+    graph = None
+    if graphs:
+        st, graph = graphs.adopt(model, st, settings)
+    results = [Sample([], [], prompt_tokens=len(prompts[r // n])) for r in range(B)]
+    window = max((len(s) for s in stop), default=0) + 8
+    every = 8 if graphs else 1                            # host looks at the tokens every `every` steps
+    step = seen = 0
+    end_set = set(end_ids)
+    while step < max_new:
+        for _ in range(min(every, max_new - step)):
+            if graph:
+                graph.replay()
             else:
-                continue
-            live[j] = False
-        n_live = sum(live)
-        if n_live == 0 or step == max_new - 1:
-            break                                         # every row is done: stop early
-        if n_live <= len(rows) // 2:                      # compact once half the rows are done:
-            keep = torch.tensor(live, device=device)      # copying the cache costs, so not every step
-            cache, nxt, lens = cache.select(keep), nxt[keep], lens[keep]
-            rows, live = [r for r, l in zip(rows, live) if l], [True] * n_live
-        logits = model(nxt[:, None], cache=cache, positions=(lens + step)[:, None], last_only=True)[:, -1]
+                decode_step(model, st, *settings)
+            step += 1
+        new_t, new_lp = st.tokens[:, seen:step].tolist(), st.logprobs[:, seen:step].tolist()   # one sync
+        seen = step
+        for j, r in enumerate(rows):
+            if r is not None and extend(results[r], new_t[j], new_lp[j], end_set, stop, tokenizer, window):
+                rows[j] = None                            # this row is done
+        live = [j for j, r in enumerate(rows) if r is not None]
+        if not live or step == max_new:
+            break
+        if bucket(len(live), graphs) <= len(rows) // 2:   # compact: copying the cache costs, so only
+            keep = live + [live[0]] * (bucket(len(live), graphs) - len(live))    # when it halves the batch
+            st = st.rows(torch.tensor(keep, device=device))
+            rows = [rows[j] for j in live] + [None] * (len(keep) - len(live))
+            if graphs:
+                st, graph = graphs.adopt(model, st, settings)
     return [[finalize(results[i * n + j], tokenizer, stop) for j in range(n)] for i in range(len(prompts))]
+
+
+def extend(res: Sample, toks, lps, end_ids, stop, tokenizer, window) -> bool:
+    """Append new tokens to a row's result up to its end (an end token, or the token that completes
+    a stop string). Returns True when the row has ended."""
+    cut = next((i + 1 for i, t in enumerate(toks) if t in end_ids), len(toks))
+    if stop and any(s in tokenizer.decode(res.tokens[-window:] + toks[:cut]) for s in stop):
+        for t, lp in zip(toks[:cut], lps):                # rare: find the token that completes it
+            res.tokens.append(t)
+            res.logprobs.append(lp)
+            if t in end_ids:
+                break
+            if any(s in tokenizer.decode(res.tokens[-window:]) for s in stop):   # may end inside a token
+                res.finish = "stop"
+                return True
+    else:
+        res.tokens += toks[:cut]
+        res.logprobs += lps[:cut]
+    if cut and toks[cut - 1] in end_ids:
+        res.finish = "eos"
+        return True
+    return False
 
 
 def finalize(res: Sample, tokenizer, stop) -> Sample:

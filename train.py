@@ -11,7 +11,6 @@ import json
 import os
 import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -44,14 +43,13 @@ class Dist:
 
 def setup_distributed() -> Dist:
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python x.py`: a 1-rank group on a free local port
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(s.getsockname()[1]), RANK="0", WORLD_SIZE="1")
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        dist.init_process_group("nccl" if cuda else "gloo")
+        if "RANK" in os.environ:                    # under torchrun
+            dist.init_process_group("nccl" if cuda else "gloo")
+        else:  # plain `python x.py`: a 1-rank group with an in-process store (no port to race for)
+            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     return Dist(dist.get_rank(), dist.get_world_size(), device)
 

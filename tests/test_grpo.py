@@ -95,7 +95,7 @@ def toy(setup, out, *extra, nproc=1):
 
 
 def test_it_learns(toy_setup, tmp_path):
-    toy(toy_setup, tmp_path, "--steps", "12", "--group-size", "8", "--mini-batches", "1", "--save-every", "100")
+    toy(toy_setup, tmp_path, "--steps", "16", "--group-size", "8", "--mini-batches", "1", "--save-every", "100")
     rewards = [json.loads(x)["reward_mean"] for x in open(tmp_path / "metrics.jsonl")]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.08, rewards
 

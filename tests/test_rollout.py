@@ -1,6 +1,7 @@
 """rollout.py: greedy parity with transformers, log-probs vs a no-cache forward, batch invariance,
 shared prefill, stops, bad input."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from lettingo import LettingoError, chat_prompt, load_model
-from rollout import generate
+from rollout import generate, mix32, row_keys, row_seed, sample_next, uniforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,6 +61,79 @@ def test_logprobs_equal_full_forward(tiny):
                 ref = torch.log_softmax(m(seq)[0, len(p) - 1:-1], -1)
             want = ref.gather(1, torch.tensor(s.tokens)[:, None]).squeeze(1)
             assert (torch.tensor(s.logprobs) - want).abs().max() < 1e-4
+
+
+def lowbias32(x: int) -> int:
+    """Wellons' lowbias32 in plain Python ints: the reference for rollout.mix32."""
+    x ^= x >> 16
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x ^= x >> 15
+    x = (x * 0x846CA68B) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def reference_uniform(seed: int, step: int) -> float:
+    key = lowbias32(lowbias32(seed >> 32) ^ (seed & 0xFFFFFFFF))
+    h = lowbias32(key ^ lowbias32((step * 0x9E3779B9) & 0xFFFFFFFF))
+    return ((h >> 9) + 0.5) / 2**23
+
+
+def test_hash_matches_python_reference():
+    xs = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 123456789, 0xDEADBEEF]
+    assert mix32(torch.tensor(xs)).tolist() == [lowbias32(x) for x in xs]
+    seeds = [row_seed(s, j) for s in (0, 7, 2**40 + 3) for j in range(3)]
+    for step in (0, 1, 95, 100_000):
+        u = uniforms(row_keys(seeds, "cpu"), torch.tensor([step]))
+        assert u.tolist() == [reference_uniform(sd, step) for sd in seeds]
+
+
+def test_sampled_tokens_equal_brute_force_decoding(tiny):
+    """Every sampled token equals inverse-CDF sampling, written here in plain Python, from a full
+    forward (no cache) over the prompt and the tokens so far -- with top-p, top-k and temperature."""
+    folder, _ = tiny
+    m, _ = load_model(folder, device="cpu")
+    prompts = [[5, 9, 33, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48]]
+    for kw in ({"temperature": 1.0}, {"temperature": 0.7, "top_p": 0.8}, {"temperature": 1.3, "top_k": 5}):
+        out = generate(m, prompts, n=2, max_new_tokens=12, seed=[11, 12], end_ids=set(), **kw)
+        for i, (p, samples) in enumerate(zip(prompts, out)):
+            for j, s in enumerate(samples):
+                seq = list(p)
+                for step in range(12):
+                    with torch.no_grad():
+                        logits = (m(torch.tensor([seq]))[0, -1].double() / kw["temperature"]).tolist()
+                    order = sorted(range(len(logits)), key=lambda v: -logits[v])
+                    keep = order[:kw.get("top_k") or len(order)]
+                    z = [math.exp(logits[v] - logits[order[0]]) for v in keep]
+                    if kw.get("top_p"):               # smallest prefix of the sorted tokens reaching top_p
+                        total, mass, k = sum(z), 0.0, 0
+                        while mass < kw["top_p"] * total:
+                            mass, k = mass + z[k], k + 1
+                        keep, z = keep[:k], z[:k]
+                    u = reference_uniform(row_seed(12 if i else 11, j), step) * sum(z[v] for v in range(len(keep)))
+                    by_id = sorted(zip(keep, z))        # the cdf runs in vocabulary order
+                    acc = 0.0
+                    for tok_id, w in by_id:
+                        acc += w
+                        if acc >= u:
+                            break
+                    assert s.tokens[step] == tok_id, (kw, i, j, step)
+                    seq.append(tok_id)
+
+
+def test_sampling_distribution_matches_probabilities():
+    """Counter-based inverse-CDF sampling over many rows hits each token at its probability."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 12) * 1.5
+    rows = 40_000
+    toks, _ = sample_next(logits.expand(rows, 12).contiguous(), 1.0, 1.0, 0,
+                          row_keys([row_seed(5, r) for r in range(rows)], "cpu"), torch.tensor([3]))
+    freq = torch.bincount(toks, minlength=12).double() / rows
+    p = torch.softmax(logits[0].double(), -1)
+    assert ((freq - p).abs() <= 4 * (p * (1 - p) / rows).sqrt() + 1e-4).all(), (freq, p)
+    toks, _ = sample_next(logits.expand(rows, 12).contiguous(), 1.0, 0.5, 0,
+                          row_keys([row_seed(6, r) for r in range(rows)], "cpu"), torch.tensor([0]))
+    allowed = set(torch.argsort(p, descending=True)[:int((p.sort(descending=True).values.cumsum(0) < 0.5).sum()) + 1].tolist())
+    assert set(toks.tolist()) <= allowed
 
 
 def test_batch_invariance_and_determinism(tiny):
@@ -139,3 +213,52 @@ def test_cli_skips_bad_lines(tiny, tmp_path):
                         "--out", str(out)], capture_output=True, text=True)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: model 'nope' not found")
+
+
+def test_graph_path_bookkeeping_changes_nothing(tiny):
+    """The CUDA-graph path's bookkeeping -- rows padded to power-of-two buckets, state copied into
+    the graph's buffers, tokens looked at every 8 steps, compaction -- run eagerly on the CPU,
+    samples exactly what the plain path samples."""
+    import rollout
+
+    class NoCapture:
+        adopted = 0
+
+        def adopt(self, model, st, settings):
+            self.adopted += 1
+            static = st.rows(torch.arange(len(st.keys)))
+            static.load_(st)
+            return static, None
+
+    folder, _ = tiny
+    m, tok = load_model(folder, device="cpu")
+    prompts = [[5, 9, 33, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8]]
+    ends = set(range(0, m.cfg.vocab_size, 7))
+    args = (m, prompts, [1, 2, 3], 3, 40, 0.9, 0.95, 0, ("</user_profile>",), tok, ends)
+    fake = NoCapture()
+    padded, plain = rollout.generate_chunk(*args, fake), rollout.generate_chunk(*args, None)
+    flat = lambda out: [(s.tokens, s.finish) for ss in out for s in ss]
+    assert flat(padded) == flat(plain)
+    lps = lambda out: torch.tensor([lp for ss in out for s in ss for lp in s.logprobs])
+    assert (lps(padded) - lps(plain)).abs().max() < 1e-5
+    assert fake.adopted >= 2 and len({len(s.tokens) for ss in plain for s in ss}) > 2
+
+
+@pytest.mark.cuda
+def test_cuda_graph_decode_equals_eager_and_cpu(tiny):
+    """Replayed CUDA graphs sample exactly what the eager step samples (same function), rows stop
+    and are compacted across buckets, and the CPU samples the same tokens (fp32)."""
+    folder, _ = tiny
+    m, _ = load_model(folder, dtype=torch.float32, device="cuda")
+    cpu, _ = load_model(folder, dtype=torch.float32, device="cpu")
+    prompts = [[5, 9, 33, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8]]
+    ends = set(range(0, m.cfg.vocab_size, 7))            # ~1 in 7 tokens ends a row: rows end at many steps
+    kw = dict(n=3, max_new_tokens=40, temperature=0.9, top_p=0.95, seed=[1, 2, 3], end_ids=ends)
+    graphed = generate(m, prompts, cuda_graphs=True, **kw)
+    eager = generate(m, prompts, cuda_graphs=False, **kw)
+    on_cpu = generate(cpu, prompts, **kw)
+    flat = lambda out: [(s.tokens, s.finish) for ss in out for s in ss]
+    assert flat(graphed) == flat(eager)
+    assert len({len(s.tokens) for ss in graphed for s in ss}) > 2
+    assert sum(a == b for a, b in zip(flat(graphed), flat(on_cpu))) >= 8       # 9 rows; fp32 GPU vs CPU
+    assert len(m.decode_graphs.graphs) >= 2                                      # compacted to a smaller bucket
