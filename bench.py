@@ -3,6 +3,7 @@ machine, plus the fraction of the hardware limit (measured copy bandwidth / matm
 
     python bench.py rollout --batch 32 --prompt-tokens 300 --new-tokens 128 [--dtype bfloat16]
     python bench.py grpo                 # one GRPO step vs TRL's GRPOTrainer (pip install trl)
+    python bench.py grpo --device cuda --shape smollm2-135m --prompts 16   # the update with each attention kernel
     python bench.py data                 # data/prepare.py on an ML-1M-sized ratings file
     python bench.py learning --raw ../shared/data/ml-100k   # the learning recipe end to end, judged on test users
     python bench.py                      # a short run of all three
@@ -154,6 +155,54 @@ def bench_data(args):
     print(json.dumps({"ratings": stats["ratings_read"], "users": stats["users_read"], "wall_s": round(t, 2),
                       "max_rss_MB": round(max(rss, before) / 1024), "train_samples": stats["train_samples"]}, indent=1))
     print(f"data seconds={t:.2f}")
+
+
+def bench_update_kernels(args):
+    """GPU: the update half of one GRPO step -- packed log-probs with grad + backward over every
+    (prompt, completion) of the step, micro-batched by the token budget, as train.py runs it --
+    with each attention kernel, prompts shared within a group where the kernel can (tree mask)."""
+    from lettingo import TREE_BACKENDS, attention_backend
+    from train import completion_logprobs, micro_batches
+    dtype = getattr(torch, args.dtype)
+    args.batch = args.prompts
+    ours, _, prompts = bench_models(args, dtype)
+    g = torch.Generator().manual_seed(1)
+    seqs = [(p, torch.randint(100, ours.cfg.vocab_size, (args.new_tokens,), generator=g).tolist())
+            for p in prompts for _ in range(args.group_size)]
+    groups = micro_batches([len(p) + len(c) for p, c in seqs], args.token_budget)
+    runs = []
+    for kernel in ("flash", "varlen", "flex", "sdpa"):
+        try:
+            attention_backend(kernel, args.device, dtype)
+        except LettingoError as e:
+            print(f"  {kernel}: skipped ({e})")
+            continue
+        runs += [(kernel, share) for share in ((True, False) if kernel in TREE_BACKENDS else (False,))]
+
+    def update(kernel, share):
+        ours.attention = kernel
+        for grp in groups:
+            lps = completion_logprobs(ours, [seqs[i] for i in grp], args.device, share_prompts=share)
+            sum(lp.float().sum() for lp in lps).backward()
+        ours.zero_grad(set_to_none=True)
+
+    seq_tokens = sum(len(p) + len(c) for p, c in seqs)
+    shared_tokens = len(prompts) * args.prompt_tokens + len(seqs) * args.new_tokens
+    out = {}
+    for kernel, share in runs:
+        times = [timed(lambda: update(kernel, share)) for _ in range(args.repeats + 1)]   # first: warm-up / compile
+        name = f"{kernel}_{'shared' if share else 'unshared'}"
+        out[name] = {"s": round(min(times[1:]), 3), "first_call_s": round(times[0], 1),
+                     "tokens_computed": shared_tokens if share else seq_tokens,
+                     "sequence_tokens_per_s": round(seq_tokens / min(times[1:]))}
+        print(f"  {name}: {out[name]}", flush=True)
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(json.dumps({"model": args.shape or args.model, "device": device, "dtype": args.dtype,
+                      "prompts": args.prompts, "group_size": args.group_size, "prompt_tokens": args.prompt_tokens,
+                      "new_tokens": args.new_tokens, "token_budget": args.token_budget, "micro_batches": len(groups),
+                      "update": out}, indent=1))
+    base = min(v["s"] for k, v in out.items() if k.endswith("unshared"))
+    print("grpo update " + " ".join(f"{k}={v['s'] / base:.2f}x" for k, v in out.items()) + " (of the fastest unshared)")
 
 
 def bench_grpo(args):
@@ -326,6 +375,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=2, help="grpo: prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="grpo: samples per prompt (public code: 8)")
+    p.add_argument("--token-budget", type=int, default=16384, help="grpo --device cuda: tokens per micro-batch")
     p.add_argument("--repeats", type=int, default=2)
     g = p.add_argument_group("learning (prepare -> explore -> warm start -> GRPO / DPO -> judged on test users)")
     g.add_argument("--dataset", default="movielens", choices=["movielens", "amazon", "yelp", "synthetic"])
@@ -356,6 +406,8 @@ def main():
         bench_rollout(args)
     if args.what in ("data", "all"):
         bench_data(args)
+    if args.what == "grpo" and args.device == "cuda":
+        return bench_update_kernels(args)
     if args.what in ("grpo", "all"):
         if args.what == "all":
             args.prompt_tokens, args.new_tokens, args.repeats = 100, 32, 1

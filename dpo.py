@@ -303,7 +303,8 @@ def fit(args, d, run_dir, examples, tokenize, step_fn, note):
     """The training loop both stages share: --pairs-per-step examples per optimizer step, data
     position = step (exact resume), validation every --eval-every steps, atomic checkpoints."""
     weights, ckpt = resolve_start(run_dir, args.model, args.resume)
-    policy, rollout, tok = load_policy(weights, d, args.activation_checkpointing, compute_dtype(args.dtype, d.device))
+    policy, rollout, tok = load_policy(weights, d, args.activation_checkpointing, compute_dtype(args.dtype, d.device),
+                                    args.attention)
     data = tokenize(tok, min(end_token_ids(tok)))
     optimizer, scheduler = make_optimizer(policy, args.lr, args.weight_decay, args.warmup_steps)
     start = load_trainer_state(ckpt, policy, optimizer, scheduler, d)["step"] if ckpt else 0

@@ -270,7 +270,7 @@ def run(args, demo=False, scorer=None):
     val = read_samples(os.path.join(args.data, "val.jsonl"))[:args.val_users or None]
     weights, ckpt = resolve_start(args.out, args.model, args.resume)
     dtype = compute_dtype(args.dtype, d.device)
-    policy, rollout, tok = load_policy(weights, d, args.activation_checkpointing, dtype)
+    policy, rollout, tok = load_policy(weights, d, args.activation_checkpointing, dtype, args.attention)
     ref = None
     if args.kl_coef > 0:  # the reference is the starting model, also when resuming
         ref = shard(load_model(args.model, dtype=torch.float32, device=d.device)[0], dtype).eval()

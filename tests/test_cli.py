@@ -51,6 +51,7 @@ def data(tmp_path_factory):
     (["grpo.py", "--eval-every", "0", "--model", NOMODEL], ["--eval-every"]),
     (["grpo.py", "--max-new-tokens", "0", "--model", NOMODEL], ["--max-new-tokens"]),
     (["grpo.py", "--steps", "-1", "--model", NOMODEL], ["--steps"]),
+    (["grpo.py", "--attention", "varlen", "--data", "D/data", "--model", NOMODEL], ["--attention varlen cannot run here"]),
     (["grpo.py", "--data", "D/data", "--out", "D/profiles.jsonl", "--model", NOMODEL], ["exists and is not a folder"]),
     (["dpo.py", "explore", "--data", "D/data/train.jsonl", "--out", "D/profiles.jsonl", "--model", NOMODEL], ["exists and is not a folder"]),
     (["dpo.py", "--n", "0"], ["--n"]),

@@ -200,3 +200,64 @@ def test_plot_curves_draws_every_panel(tmp_path):
                                                                       "logp_chosen": -30.0, "logp_rejected": -40.0,
                                                                       "grad_norm": 1.0}) + "\n" for s in range(3)))
     assert os.path.isfile(dpo.plot_run(str(tmp_path / "d")))
+
+
+def plain_logprobs(m, seqs):
+    """Each (prompt + completion) alone through a plain causal forward: the reference."""
+    out = []
+    for p, c in seqs:
+        logp = torch.log_softmax(m(torch.tensor([p + c], device=m.lm_head.weight.device))[0, len(p) - 1:-1].float(), -1)
+        out.append(logp.gather(1, torch.tensor(c, device=logp.device)[:, None]).squeeze(1))
+    return out
+
+
+def test_flex_attention_on_cpu_matches_separate_forwards(tiny):
+    """FlexAttention's block mask (documents + shared-prompt branches, padded to its block size)
+    gives the log-probs of separate plain forwards (CPU: forward only, as FlexAttention has no CPU
+    backward); the GPU-only kernels say clearly why they cannot run here."""
+    from lettingo import LettingoError, attention_backend, load_model
+    from train import completion_logprobs
+    folder, _ = tiny
+    m, _ = load_model(folder, device="cpu")
+    g = torch.Generator().manual_seed(1)
+    rnd = lambda n: torch.randint(3, m.cfg.vocab_size, (n,), generator=g).tolist()
+    P, Q = rnd(90), rnd(30)
+    seqs = [(P, rnd(7)), (Q, rnd(4)), (P, rnd(60)), (P, rnd(1))]          # 302 tokens packed: 3 flex blocks
+    m.attention = "flex"
+    with torch.no_grad():
+        lps = completion_logprobs(m, seqs, "cpu")
+        want = plain_logprobs(m, seqs)
+    assert max((a - b).abs().max().item() for a, b in zip(lps, want)) < 1e-5
+    assert attention_backend("auto", "cpu", torch.float32) == "sdpa"
+    for kind in ("varlen", "flash"):
+        with pytest.raises(LettingoError, match=f"--attention {kind} cannot run here"):
+            attention_backend(kind, "cpu", torch.float32)
+    with pytest.raises(LettingoError, match="no CPU backward"):
+        attention_backend("flex", "cpu", torch.float32)                  # grad enabled: training
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", ["varlen", "flex", "sdpa"])
+def test_cuda_attention_backends_match_sdpa(tiny, kernel):
+    """Each GPU kernel, bf16, on a GRPO-like micro-batch: log-probs and gradients vs separate plain
+    SDPA forwards (flex and sdpa share the prompt; varlen carries one copy per sequence)."""
+    from lettingo import load_model
+    from train import completion_logprobs
+    folder, _ = tiny
+    g = torch.Generator().manual_seed(2)
+    m, _ = load_model(folder, dtype=torch.bfloat16, device="cuda")
+    rnd = lambda n: torch.randint(3, m.cfg.vocab_size, (n,), generator=g).tolist()
+    P, Q = rnd(150), rnd(70)
+    seqs = [(P, rnd(40)), (P, rnd(33)), (Q, rnd(20)), (P, rnd(5)), (Q, rnd(64))]
+    weights = [1.0, -2.0, 0.5, 3.0, -1.0]
+    m.attention = kernel
+    lps = completion_logprobs(m, seqs, "cuda")
+    sum((lp.float() * w).sum() for lp, w in zip(lps, weights)).backward()
+    grads = {n: p.grad.float().clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    m.attention = "sdpa"
+    want = plain_logprobs(m, seqs)
+    sum((lp * w).sum() for lp, w in zip(want, weights)).backward()
+    assert max((a.float() - b).abs().max().item() for a, b in zip(lps, want)) < 0.1
+    rel = max(((grads[n] - p.grad.float()).norm() / (p.grad.float().norm() + 1e-6)).item() for n, p in m.named_parameters())
+    assert rel < 0.05, rel
