@@ -153,6 +153,7 @@ def attention_backend(requested: str, device, dtype) -> str:
 
 
 FLEX_BLOCK = 128
+_FLEX_COMPILED = None
 
 
 def flex_kernel(device):
@@ -163,9 +164,6 @@ def flex_kernel(device):
     if _FLEX_COMPILED is None:
         _FLEX_COMPILED = torch.compile(flex_attention, dynamic=True)
     return _FLEX_COMPILED
-
-
-_FLEX_COMPILED = None
 
 
 def flex_block_mask(valid, doc_ids, branch_ids, T_pad):

@@ -164,15 +164,14 @@ class DecodeState:
     step: torch.Tensor          # [1] int64: tokens sampled so far
     tokens: torch.Tensor        # [B, max_new] sampled ids (a row's tail after its end is ignored)
     logprobs: torch.Tensor      # [B, max_new] fp32
-    end_ids: torch.Tensor       # [E] ids that end a row
 
     def rows(self, index: torch.Tensor) -> "DecodeState":
         return DecodeState(self.cache.rows(index), self.logits[index], self.keys[index], self.step.clone(),
-                           self.tokens[index], self.logprobs[index], self.end_ids.clone())
+                           self.tokens[index], self.logprobs[index])
 
     def load_(self, other: "DecodeState"):
         self.cache.load_(other.cache)
-        for name in ("logits", "keys", "step", "tokens", "logprobs", "end_ids"):
+        for name in ("logits", "keys", "step", "tokens", "logprobs"):
             getattr(self, name).copy_(getattr(other, name))
 
 
@@ -196,7 +195,7 @@ class GraphedDecode:
         self.graphs, self.pool, self.keep = {}, None, keep     # the `keep` most recently used
 
     def adopt(self, model, st: DecodeState, settings) -> tuple[DecodeState, "torch.cuda.CUDAGraph"]:
-        key = (st.tokens.shape, st.cache.k.shape, st.end_ids.shape, settings)
+        key = (st.tokens.shape, st.cache.k.shape, settings)
         if key not in self.graphs:
             static = st.rows(torch.arange(len(st.keys), device=st.keys.device))    # own buffers
             self.pool = self.pool or torch.cuda.graph_pool_handle()
@@ -241,8 +240,7 @@ def generate_chunk(model, prompts, seeds, n, max_new, temperature, top_p, top_k,
                      row_keys([row_seed(seeds[r // n], r % n) for r in range(B)] + [0] * (len(rows) - B), device),
                      torch.zeros(1, dtype=torch.long, device=device),
                      torch.zeros(len(rows), max_new, dtype=torch.long, device=device),
-                     torch.zeros(len(rows), max_new, dtype=torch.float32, device=device),
-                     torch.tensor(sorted(end_ids), dtype=torch.long, device=device))
+                     torch.zeros(len(rows), max_new, dtype=torch.float32, device=device))
     settings = (temperature, top_p, top_k)
     graph = None
     if graphs:
