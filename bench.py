@@ -320,7 +320,8 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
 
 def bench_learning(args):
     """Prepare -> explore -> warm start -> GRPO and DPO -> judge every condition on the test users."""
-    from reward import judge_conditions, make_judge, print_summary, profile_texts, summarize
+    from reward import judge_conditions, make_judge, print_summary, profile_texts, summarize, template_profile
+    from lettingo import PROFILE_CLOSE, PROFILE_OPEN
     from lettingo import read_jsonl
     out = args.out
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
@@ -342,11 +343,16 @@ def bench_learning(args):
     names = {"base": "base writer (untrained)", "warm": "warm start (SFT on best explored)",
              "grpo": "GRPO (from the warm start)", **({} if args.no_dpo else {"dpo": "DPO (from the warm start)"})}
     profiles = {names[k]: profile_texts(os.path.join(out, f"test-{k}.jsonl"), test) for k in names}
+    for kinds, name in (("none", "template without genres"), ("swapped", "template, likes/dislikes swapped")):
+        profiles[name] = [[f"{PROFILE_OPEN}{template_profile(s, kinds)}{PROFILE_CLOSE}"] for s in test]   # what
+    #                                                                       the judge reads of the template
     judge = make_judge("smollm2-135m", mode="expect")
     rows = judge_conditions(test, judge, "rating", profiles)
     pairs = [("base", "warm"), ("warm", "grpo"), ("warm", "dpo"), ("base", "grpo"), ("base", "dpo")]
     summary = summarize("rating", test, rows, compare=[(names[a], names[b]) for a, b in pairs if b in names] +
-                        [("template profile (code, no LLM)", names["grpo"])])
+                        [("template profile (code, no LLM)", names["grpo"]),
+                         ("template profile (code, no LLM)", "template without genres"),
+                         ("template profile (code, no LLM)", "template, likes/dislikes swapped")])
     summary["stage_minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)

@@ -280,11 +280,12 @@ STOPWORDS = set("the a an of and in on to for with from by at is it its this tha
                 "book set pack series".split())
 
 
-def template_profile(sample) -> str:
+def template_profile(sample, kinds_shown="right") -> str:
     """The no-LLM bar a trained writer must reach: a profile written by code from exactly what the
     writer sees (the history it is shown and the average rating in its prompt). Generosity word +
     mean rating; liked / disliked kinds = genres (or categories) rated above / below the user's own
-    mean, else the most frequent title words of high / low rated items."""
+    mean, else the most frequent title words of high / low rated items. kinds_shown: "right",
+    "swapped" (likes and dislikes exchanged) or "none" -- ablations that show what the judge reads."""
     hist = sample["history"]
     mean = sample.get("user_mean")
     if mean is None:
@@ -305,6 +306,10 @@ def template_profile(sample) -> str:
     likes = [k for k in ranked if sum(kinds[k]) / len(kinds[k]) > mean][:2]
     dislikes = [k for k in reversed(ranked) if sum(kinds[k]) / len(kinds[k]) < mean][:2]
     text = f"{word} rater: average rating {mean:.1f} out of 5."
+    if kinds_shown == "none":
+        return text
+    if kinds_shown == "swapped":
+        likes, dislikes = dislikes, likes
     if likes:
         text += f" Likes {', '.join(likes)}."
     if dislikes:

@@ -224,6 +224,9 @@ def test_template_profile_by_hand():
     # Drama (5,4) mean 4.5, Comedy (5,4) 4.5, Horror (1,2) 1.5, Thriller (2) 2.0; user mean 3.5
     assert template_profile(s) == ("A moderate rater: average rating 3.5 out of 5. Likes Comedy, Drama. "
                                    "Dislikes Horror, Thriller.")
+    assert template_profile(s, "swapped") == ("A moderate rater: average rating 3.5 out of 5. Likes Horror, Thriller. "
+                                              "Dislikes Comedy, Drama.")
+    assert template_profile(s, "none") == "A moderate rater: average rating 3.5 out of 5."
     s = {"user_mean": 4.2, "history": [h("Blue Guitar Strings", "", 5), h("Guitar Picks", "", 5), h("Drum Sticks Set", "", 1),
                                        h("Drum Pedal", "", 2)]}
     assert template_profile(s) == "A generous rater: average rating 4.2 out of 5. Likes guitar. Dislikes drum."
