@@ -137,18 +137,19 @@ def attention_backend(requested: str, device, dtype) -> str:
     auto: flex on CUDA, else sdpa -- both keep one prompt copy per GRPO group / DPO pair."""
     device = torch.device(device)
     half = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-    why = {"flash": None if flash_attn_varlen_func is None else "needs CUDA and fp16/bf16",
-           "varlen": "needs torch >= 2.10" if varlen_attn is None else "needs CUDA and fp16/bf16",
-           "flex": "needs torch with FlexAttention" if flex_attention is None else "has no CPU backward: train with it on CUDA"}
-    ok = {"flash": flash_attn_varlen_func is not None and half, "varlen": varlen_attn is not None and half,
-          "flex": flex_attention is not None and (device.type == "cuda" or not torch.is_grad_enabled()), "sdpa": True}
+    cannot = {   # the reason each kernel cannot run here, or None
+        "flash": "the flash-attn package is not installed" if flash_attn_varlen_func is None
+                 else None if half else "needs CUDA and fp16/bf16",
+        "varlen": "needs torch >= 2.10" if varlen_attn is None else None if half else "needs CUDA and fp16/bf16",
+        "flex": "needs torch with FlexAttention" if flex_attention is None
+                else None if device.type == "cuda" or not torch.is_grad_enabled() else "has no CPU backward: train with it on CUDA",
+        "sdpa": None}
     if requested == "auto":
-        return "flex" if ok["flex"] and device.type == "cuda" else "sdpa"
-    if requested not in ok:
+        return "flex" if device.type == "cuda" and cannot["flex"] is None else "sdpa"
+    if requested not in cannot:
         raise LettingoError(f"unknown attention backend {requested!r} (choose from {', '.join(ATTENTION)})")
-    if not ok[requested]:
-        reason = why[requested] or "the flash-attn package is not installed (pip install flash-attn)"
-        raise LettingoError(f"--attention {requested} cannot run here ({device.type}, {str(dtype)[6:]}): {reason}")
+    if cannot[requested]:
+        raise LettingoError(f"--attention {requested} cannot run here ({device.type}, {str(dtype)[6:]}): {cannot[requested]}")
     return requested
 
 
