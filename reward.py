@@ -249,7 +249,11 @@ def metrics(task, preds, samples, boot=1000, seed=0) -> dict:
         return {"n": 0}
     if task == "rating":
         fns = {"MAE": lambda ps: sum(abs(p - s["rating"]) for p, s in ps) / len(ps),
-               "RMSE": lambda ps: math.sqrt(sum((p - s["rating"]) ** 2 for p, s in ps) / len(ps))}
+               "RMSE": lambda ps: math.sqrt(sum((p - s["rating"]) ** 2 for p, s in ps) / len(ps)),
+               # a judge can lower MAE by moving all its predictions towards the ratings' typical level
+               # (no user content needed); r, the correlation with the truth, is what content buys
+               "mean_pred": lambda ps: sum(p for p, _ in ps) / len(ps),
+               "r": lambda ps: pearson([p for p, _ in ps], [s["rating"] for _, s in ps])}
     else:
         fns = {"accuracy": lambda ps: sum(p == s["label"] for p, s in ps) / len(ps), "macro_F1": macro_f1}
     rng = random.Random(seed)
@@ -261,6 +265,14 @@ def metrics(task, preds, samples, boot=1000, seed=0) -> dict:
         draws = sorted(fn([pairs[rng.randrange(len(pairs))] for _ in pairs]) for _ in range(boot))
         out[name] = (fn(pairs), draws[int(0.025 * boot)], draws[int(0.975 * boot) - 1])
     return out
+
+
+def pearson(x, y) -> float:
+    """Correlation of two lists; 0.0 where either is constant (e.g. the global-mean baseline)."""
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
+    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
 
 
 def macro_f1(pairs):
@@ -413,6 +425,8 @@ def summarize(task, samples, rows: dict[str, Condition], compare: list[tuple[str
     err = {name: sample_errors(task, c.preds, [samples[i] for i in c.idx]) for name, c in rows.items()}
     base = err[NO_PROFILE]
     out = {"task": task, "n_samples": len(samples), "rows": {}, "paired": {}}
+    if task == "rating":
+        out["truth_mean"] = sum(s["rating"] for s in samples) / max(len(samples), 1)
     for name, c in rows.items():
         r = {"all": metrics(task, c.preds, [samples[i] for i in c.idx])}
         if c.status is not None:
@@ -435,16 +449,22 @@ def print_summary(summary):
     task = summary["task"]
     names = ("MAE", "RMSE") if task == "rating" else ("accuracy", "macro_F1")
     cell = lambda m, n: f"{m[n][0]:>7.3f} [{m[n][1]:.3f},{m[n][2]:.3f}]" if n in m else f"{'-':>21}"
-    print(f"\n{'condition':<44}" + "".join(f"{n:>22}" for n in names) + f"{'closed':>8}{'words':>6}"
-          + f"{'on closed: ' + names[0]:>24}{'no profile there':>22}")
+    level = task == "rating"                  # the judge's mean prediction and its correlation with the truth
+    print(f"\n{'condition':<44}" + "".join(f"{n:>22}" for n in names) + (f"{'pred':>6}{'r':>22}" if level else "")
+          + f"{'closed':>8}{'words':>6}" + f"{'on closed: ' + names[0]:>24}{'no profile there':>22}")
     for name, r in summary["rows"].items():
         m = r["all"]
         line = f"{name[:44]:<44}" + "".join(f" {cell(m, n)}" for n in names)
+        if level:        # r is undefined (shown as -) for a constant prediction such as the global mean
+            line += f"{m['mean_pred'][0]:>6.2f}" if "mean_pred" in m else f"{'-':>6}"
+            line += f" {cell(m, 'r')}" if m.get("r", (0,))[0] else f" {'-':>21}"
         if "format_rate" in r:
             line += f"{r['format_rate']:>8.0%}{r['words']:>6.0f} {cell(r['closed'], names[0]):>23} {cell(r['no_profile_on_closed'], names[0]):>21}"
         print(line)
     print(f"({summary['n_samples']} samples; [95% bootstrap interval]; closed = format rate (profile tag closed); "
-          f"an unclosed profile is judged as no profile)")
+          f"an unclosed profile is judged as no profile"
+          + (f"; pred = mean prediction (true ratings' mean {summary['truth_mean']:.2f}), r = its correlation "
+             f"with the true rating" if level else "") + ")")
     if summary["paired"]:
         what = "MAE" if task == "rating" else "error rate"
         print(f"\npaired differences of {what} (a -> b: a minus b, > 0 = b better) [95% paired bootstrap]")

@@ -77,6 +77,9 @@ def test_metrics_by_hand():
     ss = [dict(SAMPLE, rating=r, label=l) for r, l in ((1.0, "dislike"), (4.0, "like"), (3.0, "neutral"), (5.0, "like"))]
     m = metrics("rating", [2.0, 4.0, None, 3.0], ss, boot=200)
     assert m["n"] == 3 and m["MAE"][0] == pytest.approx(1.0) and m["RMSE"][0] == pytest.approx((5 / 3) ** 0.5)
+    # preds (2, 4, 3) vs truth (1, 4, 5): dx = (-1, 1, 0), dy = (-7, 2, 5) / 3 -> r = 3 / sqrt(2 * 26 / 3)
+    assert m["mean_pred"][0] == pytest.approx(3.0) and m["r"][0] == pytest.approx(3 / (2 * 26 / 3) ** 0.5)
+    assert metrics("rating", [3.0, 3.0, 3.0], ss[:3], boot=0)["r"][0] == 0.0     # constant prediction: no r
     m = metrics("sentiment", ["dislike", "like", "like", "neutral"], ss, boot=200)
     # like: tp1 fp1 fn1 -> .5; dislike: 1.0; neutral: tp0 -> 0
     assert m["accuracy"][0] == 0.5 and m["macro_F1"][0] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
