@@ -397,7 +397,7 @@ def main():
     g.add_argument("--explore-n", type=int, default=6)
     g.add_argument("--sft-steps", type=int, default=16)
     g.add_argument("--grpo-steps", type=int, default=30)
-    g.add_argument("--grpo-lr", type=float, default=5e-6)
+    g.add_argument("--grpo-lr", type=float, default=1e-5)
     g.add_argument("--dpo-users", type=int, default=96)
     g.add_argument("--dpo-steps", type=int, default=30)
     g.add_argument("--no-dpo", action="store_true", help="the GRPO branch only (about half the time)")

@@ -269,10 +269,12 @@ def metrics(task, preds, samples, boot=1000, seed=0) -> dict:
 
 def pearson(x, y) -> float:
     """Correlation of two lists; 0.0 where either is constant (e.g. the global-mean baseline)."""
+    if len(set(x)) < 2 or len(set(y)) < 2:
+        return 0.0
     mx, my = sum(x) / len(x), sum(y) / len(y)
     sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
     sxx, syy = sum((a - mx) ** 2 for a in x), sum((b - my) ** 2 for b in y)
-    return sxy / math.sqrt(sxx * syy) if sxx > 0 and syy > 0 else 0.0
+    return sxy / math.sqrt(sxx * syy)
 
 
 def macro_f1(pairs):
