@@ -98,9 +98,9 @@ def bench_rollout(args):
     ours, ref, prompts = bench_models(args, dtype)
     n_new, rows = args.new_tokens, args.batch * args.n
 
-    def run_ours(graphs):
+    def run_ours(graphs, compiled=None):
         out = generate(ours, prompts, n=args.n, max_new_tokens=n_new, temperature=1.0, seed=0, end_ids=set(),
-                       batch_size=rows, cuda_graphs=graphs)
+                       batch_size=rows, cuda_graphs=graphs, compiled=compiled)
         assert all(len(s.tokens) == n_new for ss in out for s in ss)
 
     def run_hf():
@@ -111,15 +111,19 @@ def bench_rollout(args):
         assert out.shape[1] == args.prompt_tokens + n_new
 
     runs = {"ours": lambda: run_ours(args.device == "cuda"), "transformers": run_hf}
-    if args.device == "cuda":                                 # what the graphs buy: the same step, eager
-        runs["ours_eager"] = lambda: run_ours(False)
+    if args.device == "cuda":              # what the compile and the graphs buy: the same step without
+        runs["ours_uncompiled"] = lambda: run_ours(True, False)
+        runs["ours_eager"] = lambda: run_ours(False, False)
+    else:                                  # the CPU's option: the step compiled, run without graphs
+        runs["ours_compiled"] = lambda: run_ours(False, True)
     times = {k: [] for k in runs}
-    for r in range(args.repeats + (args.device == "cuda")):  # alternate, same process (GPU: 1 warm-up)
+    for r in range(args.repeats + 1):      # alternate, same process; run 0 warms up (and compiles)
         for k, fn in runs.items():
             times[k].append(timed(fn))
         print(f"  run {r}: " + "  ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
     hw = hardware(dtype, args.device)
-    best = {k: min(v[1:] if args.device == "cuda" else v) for k, v in times.items()}
+    best = {k: min(v[1:]) for k, v in times.items()}
+    print("warm-up call (compiles): " + "  ".join(f"{k} {v[0]:.1f}s" for k, v in times.items()))
     tok_s = lambda t: rows * n_new / t
     cfg = ours.cfg
     n_params = sum(p.numel() for p in ours.parameters())
@@ -169,7 +173,6 @@ def bench_update_kernels(args):
     g = torch.Generator().manual_seed(1)
     seqs = [(p, torch.randint(100, ours.cfg.vocab_size, (args.new_tokens,), generator=g).tolist())
             for p in prompts for _ in range(args.group_size)]
-    groups = micro_batches([len(p) + len(c) for p, c in seqs], args.token_budget)
     runs = []
     for kernel in ("flash", "varlen", "flex", "sdpa"):
         try:
@@ -181,7 +184,7 @@ def bench_update_kernels(args):
 
     def update(kernel, share):
         ours.attention = kernel
-        for grp in groups:
+        for grp in micro_batches(seqs, args.token_budget, share):
             lps = completion_logprobs(ours, [seqs[i] for i in grp], args.device, share_prompts=share)
             sum(lp.float().sum() for lp in lps).backward()
         ours.zero_grad(set_to_none=True)
@@ -199,7 +202,8 @@ def bench_update_kernels(args):
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(json.dumps({"model": args.shape or args.model, "device": device, "dtype": args.dtype,
                       "prompts": args.prompts, "group_size": args.group_size, "prompt_tokens": args.prompt_tokens,
-                      "new_tokens": args.new_tokens, "token_budget": args.token_budget, "micro_batches": len(groups),
+                      "new_tokens": args.new_tokens, "token_budget": args.token_budget,
+                      "micro_batches": {k: len(micro_batches(seqs, args.token_budget, s)) for k, s in (("shared", True), ("unshared", False))},
                       "update": out}, indent=1))
     base = min(v["s"] for k, v in out.items() if k.endswith("unshared"))
     print("grpo update " + " ".join(f"{k}={v['s'] / base:.2f}x" for k, v in out.items()) + " (of the fastest unshared)")
@@ -304,7 +308,7 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
             "--eval-every", str(args.sft_steps), "--save-every", str(args.sft_steps)], warm),
         ("GRPO from the warm start", [py, f"{HERE}/grpo.py", "--model", warm, "--data", data, "--out", os.path.join(out, "grpo"),
                                       "--steps", str(args.grpo_steps), "--prompts-per-step", "8", "--group-size", "8",
-                                      "--mini-batches", "1", "--temperature", "0.8", "--lr", str(args.grpo_lr), "--kl-coef", "0",
+                                      "--mini-batches", "1", "--temperature", "0.8", "--lr", str(args.grpo_lr), "--kl-coef", str(args.grpo_kl),
                                       "--eval-every", str(args.grpo_steps // 3), "--save-every", str(args.grpo_steps)] + gen + val,
          grpo_model),
     ] + ([] if args.no_dpo else [
@@ -398,6 +402,7 @@ def main():
     g.add_argument("--sft-steps", type=int, default=16)
     g.add_argument("--grpo-steps", type=int, default=30)
     g.add_argument("--grpo-lr", type=float, default=1e-5)
+    g.add_argument("--grpo-kl", type=float, default=0.0, help="GRPO's k3 KL-to-the-warm-start weight (0: no reference model)")
     g.add_argument("--dpo-users", type=int, default=96)
     g.add_argument("--dpo-steps", type=int, default=30)
     g.add_argument("--no-dpo", action="store_true", help="the GRPO branch only (about half the time)")

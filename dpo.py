@@ -342,7 +342,7 @@ def sft_step(policy, optimizer, scheduler, batch, picks, args, d):
     """One optimizer step of token-mean negative log-likelihood over the global batch."""
     t0 = time.time()
     n_tok = all_sum(sum(len(c) for _, c in batch), d.device)
-    groups = synced_groups([len(p) + len(c) for p, c in batch], args.token_budget, d.device)
+    groups = synced_groups(policy, batch, args.token_budget, d.device)
     total = 0.0
     for gi, g in enumerate(groups):
         policy.set_requires_gradient_sync(gi == len(groups) - 1)
@@ -361,7 +361,7 @@ def dpo_step(policy, optimizer, scheduler, batch, pairs, args, d):
     t0 = time.time()
     n_global = all_sum(len(batch), d.device)
     seqs = [s for prompt, c, r in batch for s in ((prompt, c), (prompt, r))]          # [2 * pairs]
-    groups = synced_groups([len(p) + len(c) + len(p) + len(r) for p, c, r in batch], args.token_budget, d.device)
+    groups = synced_groups(policy, batch, args.token_budget, d.device)                 # (prompt, chosen, rejected)
     sums = torch.zeros(6, dtype=torch.float64)   # loss, accuracy, margin, chosen reward, logp chosen, logp rejected
     for gi, g in enumerate(groups):
         policy.set_requires_gradient_sync(gi == len(groups) - 1)

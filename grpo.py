@@ -112,7 +112,7 @@ def update(policy, ref, optimizer, scheduler, items, args, d):
             if n_seqs == 0:
                 continue
             w = token_weights(lens, args.loss_agg, n_seqs, max(n_tok, 1), args.max_new_tokens)
-            groups = synced_groups([len(seqs[i][0]) + lens[k] for k, i in enumerate(idx)], args.token_budget, d.device)
+            groups = synced_groups(policy, [seqs[i] for i in idx], args.token_budget, d.device)
             sums = torch.zeros(5, dtype=torch.float64)           # loss, pg, kl, clipped tokens, entropy sum
             for gi, g in enumerate(groups):
                 policy.set_requires_gradient_sync(gi == len(groups) - 1)   # reduce once per mini-batch

@@ -134,13 +134,24 @@ def sync_rollout_model(policy, rollout):
 
 # ----------------------------------------------------------------------------- packed log-probs
 
-def micro_batches(lengths: list[int], token_budget: int) -> list[list[int]]:
-    """Indices grouped greedily (in order) so each group's total length stays within the budget."""
+def shares_prompts(model) -> bool:
+    """Whether packed forwards keep one prompt copy per group: unless the model's attention is
+    forced to a kernel without a tree mask (flash, varlen)."""
+    return model.attention in TREE_BACKENDS + ("auto",)
+
+
+def micro_batches(seqs, token_budget: int, share_prompts: bool) -> list[list[int]]:
+    """Indices of `seqs` [(prompt, completion, ...)] grouped greedily (in order) so that each group's
+    packed row (completion_logprobs' layout) stays within the token budget. With share_prompts a
+    prompt is packed once for consecutive items that complete it (a GRPO group, a DPO pair), so a
+    micro-batch holds ~2.5x more sequences of a group of 8 with 300-token prompts."""
     groups, cur, size = [], [], 0
-    for i, n in enumerate(lengths):
+    for i, (prompt, *completions) in enumerate(seqs):
+        own = sum(len(c) for c in completions) + len(prompt) * (1 if share_prompts else len(completions))
+        n = own - len(prompt) if share_prompts and cur and seqs[i - 1][0] == prompt else own
         if cur and size + n > token_budget:
             groups.append(cur)
-            cur, size = [], 0
+            cur, size, n = [], 0, own
         cur.append(i)
         size += n
     if cur:
@@ -158,7 +169,7 @@ def completion_logprobs(model, seqs: list[tuple[list[int], list[int]]], device, 
     sequence carries its own prompt).
     Returns a list of [len(completion)] tensors (and entropies when asked)."""
     if share_prompts is None:
-        share_prompts = model.attention in TREE_BACKENDS + ("auto",)
+        share_prompts = shares_prompts(model)
     groups: dict = {}
     for i, (p, _) in enumerate(seqs):
         groups.setdefault(tuple(p) if share_prompts else i, []).append(i)
@@ -188,17 +199,17 @@ def completion_logprobs(model, seqs: list[tuple[list[int], list[int]]], device, 
     return (pieces, [ent[s:s + n] for s, n in spans]) if entropy else pieces
 
 
-def synced_groups(lengths, budget, device):
+def synced_groups(model, seqs, budget, device):
     """Micro-batches, padded with empty ones so every rank runs the same number of forwards (FSDP
     issues collectives per forward/backward: unequal counts would deadlock)."""
-    groups = micro_batches(lengths, budget)
+    groups = micro_batches(seqs, budget, shares_prompts(model))
     return groups + [[] for _ in range(int(all_max(len(groups), device)) - len(groups))]
 
 
 @torch.no_grad()
 def logprobs_no_grad(model, seqs, budget, device, temperature=1.0):
     out = []
-    for g in synced_groups([len(p) + len(c) for p, c in seqs], budget, device):
+    for g in synced_groups(model, seqs, budget, device):
         batch = [seqs[i] for i in g] or [([0], [0])]                  # an empty group still runs
         lps = completion_logprobs(model, batch, device, temperature)
         out += lps[:len(g)]

@@ -178,6 +178,38 @@ def test_shared_prompt_packing_matches_separate_forwards(tiny):
     assert max((shared[n] - p.grad).abs().max().item() for n, p in m.named_parameters()) < 1e-4
 
 
+def test_micro_batches_respect_the_packed_budget():
+    """Against a brute-force count of completion_logprobs' layout (each distinct prompt of a group
+    packed once when shared, once per completion when not): every micro-batch fits the budget (or
+    is a single item), groups are contiguous and cover all, and a group is only closed when the
+    next item would not fit."""
+    from train import micro_batches
+    g = torch.Generator().manual_seed(3)
+    rnd = lambda lo, hi: int(torch.randint(lo, hi, (), generator=g))
+    prompts = [[k] * rnd(20, 300) for k in range(6)]
+    seqs = []
+    for k in range(6):                                # groups of 1-8 completions; one pair item (DPO)
+        seqs += [(prompts[k], [1] * rnd(1, 130)) for _ in range(rnd(1, 9))]
+    seqs.append((prompts[0], [1] * 50, [1] * 60))
+
+    def packed(items, share):
+        if share:
+            distinct = {tuple(p): len(p) for p, *_ in items}
+            return sum(distinct.values()) + sum(len(c) for _, *cs in items for c in cs)
+        return sum(len(p) * len(cs) + sum(map(len, cs)) for p, *cs in items)
+
+    for share in (True, False):
+        for budget in (300, 700, 2000):
+            groups = micro_batches(seqs, budget, share)
+            assert [i for grp in groups for i in grp] == list(range(len(seqs)))
+            for a, b in zip(groups, groups[1:]):
+                items = [seqs[i] for i in a]
+                assert len(a) == 1 or packed(items, share) <= budget
+                assert packed(items + [seqs[b[0]]], share) > budget      # greedy: the next one did not fit
+        unshared, shared = len(micro_batches(seqs, 2000, False)), len(micro_batches(seqs, 2000, True))
+        assert shared < unshared
+
+
 def test_plot_curves_draws_every_panel(tmp_path):
     """A run folder written by hand -> curves.png whose panels carry the logged values."""
     pytest.importorskip("matplotlib")
