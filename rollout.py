@@ -67,6 +67,14 @@ def uniforms(keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     return ((h >> 9).float() + 0.5) / 2**23                     # 23 bits + 0.5: exact in fp32, in (0, 1)
 
 
+@torch.compiler.disable
+def running_sum(probs):
+    """cumsum, kept out of torch.compile: inductor (torch 2.11, H100) fails to generate its split
+    scan over [64, 49152] ("list indices must be integers or slices, not NoneType"); eager, it is
+    one kernel in the captured graph."""
+    return probs.cumsum(-1)
+
+
 def sample_next(logits, temperature, top_p, top_k, keys, step):
     """logits [B, V] fp32 -> (tokens [B], logprobs [B]). Inverse-CDF sampling with one counter-based
     uniform per row; log-probs are of softmax(logits / T) before top-k/top-p filtering (the
@@ -84,9 +92,10 @@ def sample_next(logits, temperature, top_p, top_k, keys, step):
         probs, order = torch.sort(torch.softmax(filtered, -1), dim=-1, descending=True)
         drop = probs.cumsum(-1) - probs > top_p          # keep the smallest set reaching top_p
         filtered = filtered.masked_fill(drop.scatter(1, order, drop), float("-inf"))
-    cdf = torch.softmax(filtered, -1).cumsum(-1)                                 # [B, V]
-    # the first token whose cdf reaches u * total: it has probability > 0 (cdf rises there)
-    tokens = torch.searchsorted(cdf, (uniforms(keys, step) * cdf[:, -1])[:, None]).squeeze(1)
+    cdf = running_sum(torch.softmax(filtered, -1))                               # [B, V]
+    # the first token whose cdf reaches u * total (it has probability > 0: cdf rises there), i.e. the
+    # number of tokens below it -- searchsorted's answer, as a sum that torch.compile fuses
+    tokens = (cdf < (uniforms(keys, step) * cdf[:, -1])[:, None]).sum(-1)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 
@@ -212,6 +221,19 @@ class GraphedDecode:
         self.graphs, self.pool, self.keep = {}, None, keep     # the `keep` most recently used
         self.step = compiled_decode_step() if compiled else decode_step
 
+    def first_call(self, model, st, settings):
+        """A compiler failure (an inductor bug on some shape) costs speed, not the run: the
+        uncompiled step is captured instead, and said so."""
+        try:
+            self.step(model, st, *settings)
+        except Exception as e:
+            if self.step is decode_step:
+                raise
+            print(f"rollout: torch.compile of the decode step failed ({type(e).__name__}: {str(e).strip()[-300:]}); "
+                  "capturing the uncompiled step", file=sys.stderr, flush=True)
+            self.step = decode_step
+            self.step(model, st, *settings)
+
     def adopt(self, model, st: DecodeState, settings) -> tuple[DecodeState, "torch.cuda.CUDAGraph"]:
         key = (st.tokens.shape, st.cache.k.shape, settings)
         if key not in self.graphs:
@@ -220,8 +242,8 @@ class GraphedDecode:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):                     # warm-up outside the graph (allocator, kernels)
-                for _ in range(2):                            # (the first call compiles)
-                    self.step(model, static, *settings)
+                self.first_call(model, static, settings)      # (compiles)
+                self.step(model, static, *settings)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):

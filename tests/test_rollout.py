@@ -281,3 +281,36 @@ def test_cuda_compiled_graph_decode_equals_eager(tiny):
     assert len(same) >= 8
     assert max(abs(p - q) for a, b in same for p, q in zip(a.logprobs, b.logprobs)) < 1e-4
     assert len(m.decode_graphs_compiled.graphs) >= 2
+
+
+def test_compiled_decode_step_equals_eager_on_cpu(tiny):
+    """torch.compile traces the same decode_step (model, sampling, cache writes; the cumsum left
+    out) and samples what the eager step samples -- the CPU half of the GPU's compiled graphs."""
+    folder, _ = tiny
+    m, _ = load_model(folder, dtype=torch.float32, device="cpu")
+    prompts = [[5, 9, 33, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8]]
+    kw = dict(n=3, max_new_tokens=24, temperature=0.9, top_p=0.95, seed=[1, 2, 3], end_ids=set(range(0, m.cfg.vocab_size, 7)))
+    compiled, eager = generate(m, prompts, compiled=True, **kw), generate(m, prompts, compiled=False, **kw)
+    pairs = [(a, b) for x, y in zip(compiled, eager) for a, b in zip(x, y)]
+    assert all((a.tokens, a.finish) == (b.tokens, b.finish) for a, b in pairs)
+    assert max(abs(p - q) for a, b in pairs for p, q in zip(a.logprobs, b.logprobs)) < 1e-5
+    assert len({len(a.tokens) for a, _ in pairs}) > 2                  # rows ended at different steps
+
+
+@pytest.mark.cuda
+def test_cuda_compile_failure_falls_back_to_the_uncompiled_graph(tiny, monkeypatch, capsys):
+    """A compiler failure on some shape costs speed, not the run: the uncompiled step is captured,
+    the samples are the eager step's, and stderr says what happened."""
+    import rollout
+    folder, _ = tiny
+    m, _ = load_model(folder, dtype=torch.float32, device="cuda")
+
+    def broken(*a):
+        raise RuntimeError("inductor bug")
+    monkeypatch.setattr(rollout, "compiled_decode_step", lambda: broken)
+    kw = dict(n=2, max_new_tokens=12, temperature=0.9, seed=[4, 5], end_ids=set())
+    prompts = [[5, 9, 33, 7], [7, 8]]
+    got = generate(m, prompts, cuda_graphs=True, compiled=True, **kw)
+    assert "torch.compile of the decode step failed (RuntimeError: inductor bug)" in capsys.readouterr().err
+    want = generate(m, prompts, cuda_graphs=False, compiled=False, **kw)
+    assert [s.tokens for ss in got for s in ss] == [s.tokens for ss in want for s in ss]
