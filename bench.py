@@ -308,7 +308,7 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
             "--eval-every", str(args.sft_steps), "--save-every", str(args.sft_steps)], warm),
         ("GRPO from the warm start", [py, f"{HERE}/grpo.py", "--model", warm, "--data", data, "--out", os.path.join(out, "grpo"),
                                       "--steps", str(args.grpo_steps), "--prompts-per-step", "8", "--group-size", "8",
-                                      "--mini-batches", "1", "--temperature", "0.8", "--lr", str(args.grpo_lr), "--kl-coef", str(args.grpo_kl),
+                                      "--mini-batches", "1", "--temperature", "0.8", "--lr", str(args.grpo_lr), "--kl-coef", str(args.grpo_kl), "--seed", str(args.grpo_seed),
                                       "--eval-every", str(args.grpo_steps // 3), "--save-every", str(args.grpo_steps)] + gen + val,
          grpo_model),
     ] + ([] if args.no_dpo else [
@@ -403,6 +403,7 @@ def main():
     g.add_argument("--grpo-steps", type=int, default=30)
     g.add_argument("--grpo-lr", type=float, default=1e-5)
     g.add_argument("--grpo-kl", type=float, default=0.0, help="GRPO's k3 KL-to-the-warm-start weight (0: no reference model)")
+    g.add_argument("--grpo-seed", type=int, default=0, help="GRPO's data order and sampling seed")
     g.add_argument("--dpo-users", type=int, default=96)
     g.add_argument("--dpo-steps", type=int, default=30)
     g.add_argument("--no-dpo", action="store_true", help="the GRPO branch only (about half the time)")
