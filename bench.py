@@ -173,6 +173,7 @@ def bench_update_kernels(args):
     g = torch.Generator().manual_seed(1)
     seqs = [(p, torch.randint(100, ours.cfg.vocab_size, (args.new_tokens,), generator=g).tolist())
             for p in prompts for _ in range(args.group_size)]
+    batches = {share: micro_batches(seqs, args.token_budget, share) for share in (True, False)}
     runs = []
     for kernel in ("flash", "varlen", "flex", "sdpa"):
         try:
@@ -184,7 +185,7 @@ def bench_update_kernels(args):
 
     def update(kernel, share):
         ours.attention = kernel
-        for grp in micro_batches(seqs, args.token_budget, share):
+        for grp in batches[share]:
             lps = completion_logprobs(ours, [seqs[i] for i in grp], args.device, share_prompts=share)
             sum(lp.float().sum() for lp in lps).backward()
         ours.zero_grad(set_to_none=True)
@@ -203,7 +204,7 @@ def bench_update_kernels(args):
     print(json.dumps({"model": args.shape or args.model, "device": device, "dtype": args.dtype,
                       "prompts": args.prompts, "group_size": args.group_size, "prompt_tokens": args.prompt_tokens,
                       "new_tokens": args.new_tokens, "token_budget": args.token_budget,
-                      "micro_batches": {k: len(micro_batches(seqs, args.token_budget, s)) for k, s in (("shared", True), ("unshared", False))},
+                      "micro_batches": {"shared": len(batches[True]), "unshared": len(batches[False])},
                       "update": out}, indent=1))
     base = min(v["s"] for k, v in out.items() if k.endswith("unshared"))
     print("grpo update " + " ".join(f"{k}={v['s'] / base:.2f}x" for k, v in out.items()) + " (of the fastest unshared)")
