@@ -12,6 +12,8 @@ import torch
 from lettingo import LettingoError, chat_prompt, load_model
 from rollout import generate, mix32, row_keys, row_seed, sample_next, uniforms
 
+THREE_PROMPTS = [[5, 9, 33, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8]]     # lengths 4, 9, 2: left padding
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -232,7 +234,7 @@ def test_graph_path_bookkeeping_changes_nothing(tiny):
 
     folder, _ = tiny
     m, tok = load_model(folder, device="cpu")
-    prompts = [[5, 9, 33, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8]]
+    prompts = THREE_PROMPTS
     ends = set(range(0, m.cfg.vocab_size, 7))
     args = (m, prompts, [1, 2, 3], 3, 40, 0.9, 0.95, 0, ("</user_profile>",), tok, ends)
     fake = NoCapture()
@@ -251,7 +253,7 @@ def test_cuda_graph_decode_equals_eager_and_cpu(tiny):
     folder, _ = tiny
     m, _ = load_model(folder, dtype=torch.float32, device="cuda")
     cpu, _ = load_model(folder, dtype=torch.float32, device="cpu")
-    prompts = [[5, 9, 33, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8]]
+    prompts = THREE_PROMPTS
     ends = set(range(0, m.cfg.vocab_size, 7))            # ~1 in 7 tokens ends a row: rows end at many steps
     kw = dict(n=3, max_new_tokens=40, temperature=0.9, top_p=0.95, seed=[1, 2, 3], end_ids=ends)
     graphed = generate(m, prompts, cuda_graphs=True, compiled=False, **kw)
@@ -271,7 +273,7 @@ def test_cuda_compiled_graph_decode_equals_eager(tiny):
     1e-4 and at most one of the 9 rows may take another path after a near-tie."""
     folder, _ = tiny
     m, _ = load_model(folder, dtype=torch.float32, device="cuda")
-    prompts = [[5, 9, 33, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8]]
+    prompts = THREE_PROMPTS
     ends = set(range(0, m.cfg.vocab_size, 7))
     kw = dict(n=3, max_new_tokens=40, temperature=0.9, top_p=0.95, seed=[1, 2, 3], end_ids=ends)
     compiled = generate(m, prompts, cuda_graphs=True, compiled=True, **kw)
@@ -288,7 +290,7 @@ def test_compiled_decode_step_equals_eager_on_cpu(tiny):
     out) and samples what the eager step samples -- the CPU half of the GPU's compiled graphs."""
     folder, _ = tiny
     m, _ = load_model(folder, dtype=torch.float32, device="cpu")
-    prompts = [[5, 9, 33, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8]]
+    prompts = THREE_PROMPTS
     kw = dict(n=3, max_new_tokens=24, temperature=0.9, top_p=0.95, seed=[1, 2, 3], end_ids=set(range(0, m.cfg.vocab_size, 7)))
     compiled, eager = generate(m, prompts, compiled=True, **kw), generate(m, prompts, compiled=False, **kw)
     pairs = [(a, b) for x, y in zip(compiled, eager) for a, b in zip(x, y)]
