@@ -292,8 +292,8 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
     val = ["--val-users", str(args.val_users)]
     prep = [py, f"{HERE}/data/prepare.py", args.dataset, "--out", data, "--test-users", str(args.test_users),
             "--val-users", str(args.val_users), "--reward-targets", str(args.reward_targets)] + (["--raw", args.raw] if args.raw else []) + (["--meta", args.meta] if args.meta else [])
-    explore = lambda model, folder, users, n, temp: [
-        py, f"{HERE}/dpo.py", "explore", "--model", model, "--data", tr, "--out", os.path.join(out, folder), "--users", str(users),
+    explore = lambda models, folder, users, n, temp: [
+        py, f"{HERE}/dpo.py", "explore", "--models", models, "--data", tr, "--out", os.path.join(out, folder), "--users", str(users),
         "--n", str(n), "--temperature", str(temp), "--top-p", "0.9", "--max-new-tokens", str(args.max_new_tokens)]
     stage = lambda name, folder: [py, f"{HERE}/dpo.py", name, "--data", tr, "--out", os.path.join(out, folder), "--task", "rating"]
     test = lambda model, name: (f"test profiles: {name}", [py, f"{HERE}/rollout.py", "--model", model, "--data", te, "--temperature", "0",
@@ -302,7 +302,7 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
     eb, ew = os.path.join(out, "explore-base"), os.path.join(out, "explore-warm")
     return [
         ("prepare data", prep, te),
-        ("explore: base writer", explore("smollm2-135m", "explore-base", args.explore_users, args.explore_n, 0.7), f"{eb}/profiles.jsonl"),
+        ("explore: base writer", explore("smollm2-135m" + (",template" if args.explore_template else ""), "explore-base", args.explore_users, args.explore_n, 0.7), f"{eb}/profiles.jsonl"),
         ("evaluate explored profiles", stage("evaluate", "explore-base"), f"{eb}/scores-rating.jsonl"),
         ("warm start: SFT on the best explored profiles", stage("sft", "explore-base") + gen + val + [
             "--val-data", va, "--lr", "2e-5", "--steps", str(args.sft_steps), "--pairs-per-step", "8",
@@ -400,6 +400,9 @@ def main():
                    help="training rewards average the judge over this many next items of the user")
     g.add_argument("--explore-users", type=int, default=128)
     g.add_argument("--explore-n", type=int, default=6)
+    g.add_argument("--explore-template", action="store_true",
+                   help="the template profile (code) joins the base writer's explored profiles: the warm start "
+                        "then fine-tunes on whichever scores best per user")
     g.add_argument("--sft-steps", type=int, default=16)
     g.add_argument("--grpo-steps", type=int, default=30)
     g.add_argument("--grpo-lr", type=float, default=1e-5)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from lettingo import (PROFILE_CLOSE, PROFILE_OPEN, ArgParser, LettingoError, at_least, cli, load_model, predictor_messages, profile_answer,
                       output_folder, profile_messages, profile_prompt, read_jsonl, read_samples)
-from reward import HTTPJudge, make_judge, score_profiles, target_rewards
+from reward import HTTPJudge, make_judge, score_profiles, target_rewards, template_profile
 from rollout import end_token_ids, generate
 from train import (Logger, add_training_args, all_sum, apply_update, completion_logprobs, demo_data, gather_objects, load_policy,
                    compute_dtype, load_trainer_state, logprobs_no_grad, make_optimizer, resolve_start, save_checkpoint, setup_distributed,
@@ -135,7 +135,9 @@ def explore(args, d):
     rows = []
     for m in args.models.split(","):
         t0 = time.time()
-        if m.startswith(("http://", "https://")):  # a remote model: n chat completions per user
+        if m == "template":  # code as one more explorer: reward.template_profile, one profile per user
+            texts = [[f"{PROFILE_OPEN}{template_profile(samples[i])}{PROFILE_CLOSE}"] for i in mine]
+        elif m.startswith(("http://", "https://")):  # a remote model: n chat completions per user
             texts = remote_profiles(m, [samples[i] for i in mine], args)
         else:
             model, tok = load_model(m, device=d.device)
@@ -148,7 +150,7 @@ def explore(args, d):
         for i, group in zip(mine, texts):
             rows += [{"user_id": samples[i]["user_id"], "item_id": samples[i]["item_id"], "model": m, "k": k, "text": t}
                      for k, t in enumerate(group)]
-        print(f"explore: rank {d.rank}: {m}: {len(mine)} users x {args.n} profiles in {time.time() - t0:.0f}s")
+        print(f"explore: rank {d.rank}: {m}: {sum(map(len, texts))} profiles for {len(mine)} users in {time.time() - t0:.0f}s")
     rows = gather_rows(rows)
     if d.main:
         finish_stage(out, rows, fp)
@@ -417,7 +419,8 @@ def parse_args(argv):
     a("--val-data", default=None, help="validation samples JSONL for the before/after metric")
     a("--out", default="runs/dpo", help="folder for profiles, scores, pairs and the training run")
     a("--model", default="smollm2-135m", help="the profile writer to align (and the DPO reference)")
-    a("--models", default=None, help="explore: comma-separated generators (paths, aliases or http:// URLs); default --model")
+    a("--models", default=None, help="explore: comma-separated generators (paths, aliases, http:// URLs, or 'template': the "
+      "code-written template profile, one per user); default --model")
     a("--remote-model", default="default", help="model name sent to http:// generators")
     a("--users", type=at_least(0), default=0, help="explore: first N training samples (0 = all)")
     a("--n", type=at_least(1), default=10, help="explore: profiles per user per generator (paper: 10)")
