@@ -10,6 +10,7 @@ import json
 import math
 import queue
 import random
+import statistics
 import sys
 import threading
 import time
@@ -351,11 +352,15 @@ def sample_errors(task, preds, samples):
 
 
 def baseline_predictions(task, samples):
-    """No LLM at all: the global mean (majority label) of all history ratings, and the user's own mean."""
+    """No LLM at all: the global mean and median (majority label) of all history ratings, and the
+    user's own mean. The median is the constant with the lowest MAE: on skewed ratings it shows how
+    much of an MAE is the level of the predictions rather than anything known about the user."""
     hist = [h for s in samples for h in s["history"] + s.get("recent", [])]
     if task == "rating":
         g = sum(h["rating"] for h in hist) / max(1, len(hist))
-        return {"global mean (no LLM)": [g] * len(samples), "user mean (no LLM)": [s["user_mean"] for s in samples]}
+        med = statistics.median(h["rating"] for h in hist) if hist else g
+        return {"global mean (no LLM)": [g] * len(samples), "global median (no LLM)": [med] * len(samples),
+                "user mean (no LLM)": [s["user_mean"] for s in samples]}
     lab = lambda r: "like" if r >= 4 else "dislike" if r <= 2 else "neutral"   # prepare.py's default thresholds
     glob = Counter(lab(h["rating"]) for h in hist).most_common(1)[0][0]
     user = [Counter(lab(h["rating"]) for h in s["history"] + s.get("recent", [])).most_common(1)[0][0]

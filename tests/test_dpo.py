@@ -163,3 +163,23 @@ def test_sft_stage_learns_the_kept_profiles(setup, tmp_path):
     nll = [json.loads(x)["nll"] for x in open(tmp_path / "sft" / "metrics.jsonl")]
     assert len(nll) == 6 and all(b < a for a, b in zip(nll, nll[1:])) and nll[-1] < nll[0] - 0.5
     assert (tmp_path / "sft" / "ckpt-000006" / "model" / "config.json").is_file()
+
+
+def test_template_explorer_writes_the_hand_derived_profile(tmp_path):
+    """--models <model>,template: the code-written profile joins the explored ones, one per user
+    (whatever --n), tags included; expected texts written out by hand from the two histories."""
+    h = lambda t, g, r: {"item_id": t, "title": t, "genres": g, "rating": r, "timestamp": 0}
+    rows = [{"user_id": "u1", "item_id": "x", "title": "X", "rating": 4.0, "user_mean": 4.25,
+             "history": [h("A", "Drama", 5), h("B", "Drama", 5), h("C", "Horror", 3), h("D", "Comedy", 4)]},
+            {"user_id": "u2", "item_id": "y", "title": "Y", "rating": 2.0, "user_mean": 2.0,
+             "history": [h("E", "Western", 1), h("F", "Comedy", 3)]}]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = subprocess.run([sys.executable, DPO, "explore", "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "ex"),
+                        "--models", "template", "--n", "4"], capture_output=True, text=True, timeout=300, env=clean_env())
+    assert r.returncode == 0, r.stderr[-2000:]
+    prof = [json.loads(x) for x in open(tmp_path / "ex" / "profiles.jsonl")]
+    assert [(p["user_id"], p["model"], p["k"], p["text"]) for p in prof] == [
+        ("u1", "template", 0, "<user_profile>A generous rater: average rating 4.2 out of 5. Likes Drama. "
+                              "Dislikes Horror, Comedy.</user_profile>"),
+        ("u2", "template", 0, "<user_profile>A harsh rater: average rating 2.0 out of 5. Likes Comedy. "
+                              "Dislikes Western.</user_profile>")]

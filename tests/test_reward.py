@@ -219,6 +219,16 @@ def test_eval_cli_on_synthetic(tiny, tmp_path):
     assert " 50% " in line                                                # one of two generations has no tag
 
 
+def test_baselines_by_hand():
+    from reward import baseline_predictions
+    h = lambda r: {"rating": r}
+    samples = [{"user_mean": 4.5, "history": [h(5), h(4)]}, {"user_mean": 2.0, "history": [h(4), h(1)], "recent": [h(4)]}]
+    # all history ratings: 5, 4, 4, 1, 4 -> mean 18 / 5 = 3.6, median 4
+    b = baseline_predictions("rating", samples)
+    assert b == {"global mean (no LLM)": [pytest.approx(3.6)] * 2, "global median (no LLM)": [4] * 2,
+                 "user mean (no LLM)": [4.5, 2.0]}
+
+
 def test_template_profile_by_hand():
     from reward import template_profile
     h = lambda t, g, r: {"title": t, "genres": g, "rating": r}
