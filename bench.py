@@ -368,6 +368,7 @@ def bench_learning(args):
     dpo_ci = "" if args.no_dpo else f" dpo_gain_ci={ci(names['warm'], names['dpo'])}"
     print(f"learning base={mae(names['base'])} grpo={mae(names['grpo'])}{dpo} "
           f"template={mae('template profile (code, no LLM)')} no_profile={mae('no profile')} user_mean={mae('user mean (no LLM)')} "
+          f"global_median={mae('global median (no LLM)')} "
           f"grpo_gain_ci={ci(names['warm'], names['grpo'])}{dpo_ci} "
           f"start={mae(names['warm'])} start_gain_ci={ci(names['base'], names['warm'])}")
 
