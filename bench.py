@@ -355,8 +355,8 @@ def bench_learning(args):
     rows = judge_conditions(test, judge, "rating", profiles)
     pairs = [("base", "warm"), ("warm", "grpo"), ("warm", "dpo"), ("base", "grpo"), ("base", "dpo")]
     summary = summarize("rating", test, rows, compare=[(names[a], names[b]) for a, b in pairs if b in names] +
-                        [("template profile (code, no LLM)", names["grpo"]),
-                         ("template profile (code, no LLM)", "template without genres"),
+                        [("template profile (code, no LLM)", names[k]) for k in ("grpo", "dpo") if k in names] +
+                        [("template profile (code, no LLM)", "template without genres"),
                          ("template profile (code, no LLM)", "template, likes/dislikes swapped")])
     summary["stage_minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
     with open(os.path.join(out, "results.json"), "w") as f:
