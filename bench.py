@@ -300,9 +300,10 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
                                 "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "64", "--dtype", "bfloat16",
                                 "--out", os.path.join(out, f"test-{name}.jsonl")], os.path.join(out, f"test-{name}.jsonl"))
     eb, ew = os.path.join(out, "explore-base"), os.path.join(out, "explore-warm")
+    explorers = "smollm2-135m" + (",template" if args.explore_template else "")   # code as a second explorer
     return [
         ("prepare data", prep, te),
-        ("explore: base writer", explore("smollm2-135m" + (",template" if args.explore_template else ""), "explore-base", args.explore_users, args.explore_n, 0.7), f"{eb}/profiles.jsonl"),
+        ("explore: base writer", explore(explorers, "explore-base", args.explore_users, args.explore_n, 0.7), f"{eb}/profiles.jsonl"),
         ("evaluate explored profiles", stage("evaluate", "explore-base"), f"{eb}/scores-rating.jsonl"),
         ("warm start: SFT on the best explored profiles", stage("sft", "explore-base") + gen + val + [
             "--val-data", va, "--lr", "2e-5", "--steps", str(args.sft_steps), "--pairs-per-step", "8",
