@@ -376,7 +376,7 @@ def bench_learning(args):
           f"start={mae(names['warm'])} start_gain_ci={ci(names['base'], names['warm'])}")
 
 
-def main():
+def parse_args(argv=None):
     p = ArgParser(description="Benchmarks against baselines run in the same process.")
     p.add_argument("what", nargs="?", default="all", choices=["all", "rollout", "grpo", "data", "learning"])
     p.add_argument("--model", default="smollm2-135m")
@@ -418,7 +418,11 @@ def main():
     g.add_argument("--dpo-temperature", type=float, default=0.8, help="DPO: the warm start's exploration temperature")
     g.add_argument("--dpo-steps", type=int, default=30)
     g.add_argument("--no-dpo", action="store_true", help="the GRPO branch only (about half the time)")
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def main():
+    args = parse_args()
     if args.what == "learning":
         if not args.raw and args.dataset != "synthetic":
             raise LettingoError("learning: --raw DATASET is required (or --dataset synthetic)")
