@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from lettingo import (ALIASES, ArgParser, LettingoError, ModelConfig, Transformer, alias_folder, cli, load_model, resolve,
+from lettingo import (ALIASES, ArgParser, LettingoError, ModelConfig, Transformer, alias_folder, at_least, cli, load_model, resolve,
                       rope_frequencies)
 from rollout import generate
 
@@ -398,7 +398,7 @@ def parse_args(argv=None):
     g.add_argument("--meta", help="amazon: metadata file")
     g.add_argument("--out", default="runs/learning", help="run folder (stages found done there are skipped)")
     g.add_argument("--test-users", type=int, default=100)
-    g.add_argument("--val-users", type=int, default=100,
+    g.add_argument("--val-users", type=at_least(1), default=100,
                    help="the only users settings are chosen on (32 were too few: their targets' mean was 0.65 off the test users')")
     g.add_argument("--max-new-tokens", type=int, default=96)
     g.add_argument("--reward-targets", type=int, default=4,
@@ -414,8 +414,8 @@ def parse_args(argv=None):
     g.add_argument("--grpo-kl", type=float, default=0.0, help="GRPO's k3 KL-to-the-warm-start weight (0: no reference model)")
     g.add_argument("--grpo-seed", type=int, default=0, help="GRPO's data order and sampling seed")
     g.add_argument("--dpo-users", type=int, default=96)
-    g.add_argument("--dpo-n", type=int, default=4, help="DPO: profiles explored per user with the warm start")
-    g.add_argument("--dpo-temperature", type=float, default=0.8, help="DPO: the warm start's exploration temperature")
+    g.add_argument("--dpo-n", type=at_least(1), default=4, help="DPO: profiles explored per user with the warm start")
+    g.add_argument("--dpo-temperature", type=at_least(0.0, float), default=0.8, help="DPO: the warm start's exploration temperature")
     g.add_argument("--dpo-steps", type=int, default=30)
     g.add_argument("--no-dpo", action="store_true", help="the GRPO branch only (about half the time)")
     return p.parse_args(argv)
