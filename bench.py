@@ -304,7 +304,7 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
     explorers = "smollm2-135m" + (",template" if args.explore_template else "")   # code as a second explorer
     return [
         ("prepare data", prep, te),
-        ("explore: base writer", explore(explorers, "explore-base", args.explore_users, args.explore_n, 0.7), f"{eb}/profiles.jsonl"),
+        ("explore: " + explorers.replace(",", " + "), explore(explorers, "explore-base", args.explore_users, args.explore_n, 0.7), f"{eb}/profiles.jsonl"),
         ("evaluate explored profiles", stage("evaluate", "explore-base"), f"{eb}/scores-rating.jsonl"),
         ("warm start: SFT on the best explored profiles", stage("sft", "explore-base") + gen + val + [
             "--val-data", va, "--lr", "2e-5", "--steps", str(args.sft_steps), "--pairs-per-step", "8",

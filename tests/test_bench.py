@@ -39,7 +39,7 @@ def test_every_stage_command_is_accepted_by_its_cli(tmp_path, flags):
 
 
 def test_template_explorer_is_the_default_and_can_be_left_out(tmp_path):
-    models = lambda stages: stages["explore: base writer"][stages["explore: base writer"].index("--models") + 1]
+    models = lambda stages: next(cmd[cmd.index("--models") + 1] for name, cmd in stages.items() if name.startswith("explore: "))
     assert models(recipe(tmp_path)) == "smollm2-135m,template"
     assert models(recipe(tmp_path, "--no-explore-template")) == "smollm2-135m"
     prep = recipe(tmp_path)["prepare data"]
