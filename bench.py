@@ -318,7 +318,7 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
         ("DPO: explore with the warm start", explore(warm, "explore-warm", args.dpo_users, args.dpo_n, args.dpo_temperature),
          f"{ew}/profiles.jsonl"),
         ("DPO: evaluate", stage("evaluate", "explore-warm"), f"{ew}/scores-rating.jsonl"),
-        ("DPO: pairs", stage("pairs", "explore-warm") + ["--min-margin", "0.05", "--max-pairs-per-user", "4"], f"{ew}/pairs-rating.jsonl"),
+        ("DPO: pairs", stage("pairs", "explore-warm") + ["--min-margin", str(args.dpo_min_margin), "--max-pairs-per-user", "4"], f"{ew}/pairs-rating.jsonl"),
         ("DPO from the warm start", stage("train", "explore-warm") + gen + val + [
             "--model", warm, "--val-data", va, "--lr", "5e-6", "--beta", "0.1", "--steps", str(args.dpo_steps), "--pairs-per-step", "8",
             "--eval-every", str(args.dpo_steps // 2), "--save-every", str(args.dpo_steps)], dpo_model),
@@ -416,6 +416,8 @@ def parse_args(argv=None):
     g.add_argument("--dpo-users", type=int, default=96)
     g.add_argument("--dpo-n", type=at_least(1), default=4, help="DPO: profiles explored per user with the warm start")
     g.add_argument("--dpo-temperature", type=at_least(0.0, float), default=0.8, help="DPO: the warm start's exploration temperature")
+    g.add_argument("--dpo-min-margin", type=at_least(0.0, float), default=0.02,
+                   help="DPO: a pair's least reward gap (1 star = 0.25; chosen on validation, see README run 9)")
     g.add_argument("--dpo-steps", type=int, default=30)
     g.add_argument("--no-dpo", action="store_true", help="the GRPO branch only (about half the time)")
     return p.parse_args(argv)

@@ -44,3 +44,8 @@ def test_template_explorer_is_the_default_and_can_be_left_out(tmp_path):
     assert models(recipe(tmp_path, "--no-explore-template")) == "smollm2-135m"
     prep = recipe(tmp_path)["prepare data"]
     assert prep[prep.index("--val-users") + 1] == "100"
+
+
+def test_dpo_pairs_stage_takes_the_margin_flag(tmp_path):
+    cmd = recipe(tmp_path, "--dpo-min-margin", "0.03")["DPO: pairs"]
+    assert cmd[cmd.index("--min-margin") + 1] == "0.03"
