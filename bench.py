@@ -318,7 +318,8 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
         ("DPO: explore with the warm start", explore(warm, "explore-warm", args.dpo_users, args.dpo_n, args.dpo_temperature),
          f"{ew}/profiles.jsonl"),
         ("DPO: evaluate", stage("evaluate", "explore-warm"), f"{ew}/scores-rating.jsonl"),
-        ("DPO: pairs", stage("pairs", "explore-warm") + ["--min-margin", str(args.dpo_min_margin), "--max-pairs-per-user", "4"], f"{ew}/pairs-rating.jsonl"),
+        ("DPO: pairs", stage("pairs", "explore-warm") + ["--min-margin", str(args.dpo_min_margin), "--max-pairs-per-user", "4"],
+         f"{ew}/pairs-rating.jsonl"),
         ("DPO from the warm start", stage("train", "explore-warm") + gen + val + [
             "--model", warm, "--val-data", va, "--lr", "5e-6", "--beta", "0.1", "--steps", str(args.dpo_steps), "--pairs-per-step", "8",
             "--eval-every", str(args.dpo_steps // 2), "--save-every", str(args.dpo_steps)], dpo_model),
