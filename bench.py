@@ -281,6 +281,9 @@ def bench_grpo(args):
 # ----------------------------------------------------------------------------- learning
 
 
+DPO_START = {"base": "base writer", "warm": "warm start"}
+
+
 def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
     """The recipe as (stage, command, the file that marks it done): each stage is a plain CLI call
     a user can rerun by hand, and is skipped when its output exists (rerun to continue)."""
@@ -288,7 +291,10 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
     tr, va, te = (os.path.join(data, f"{s}.jsonl") for s in ("train", "val", "test"))
     warm = os.path.join(out, "explore-base", "sft", f"ckpt-{args.sft_steps:06d}", "model")
     grpo_model = os.path.join(out, "grpo", f"ckpt-{args.grpo_steps:06d}", "model")
-    dpo_model = os.path.join(out, "explore-warm", "train", f"ckpt-{args.dpo_steps:06d}", "model")
+    # DPO from the base writer (the paper) trains on pairs of the first exploration; from the warm start it
+    # explores again with the warm start, since its pairs must be of what that writer writes
+    dpo_dir = "explore-base" if args.dpo_start == "base" else "explore-warm"
+    dpo_model = os.path.join(out, dpo_dir, "train", f"ckpt-{args.dpo_steps:06d}", "model")
     gen = ["--max-new-tokens", str(args.max_new_tokens), "--dtype", "bfloat16", "--token-budget", "4096", "--task", "rating"]
     val = ["--val-users", str(args.val_users)]
     prep = [py, f"{HERE}/data/prepare.py", args.dataset, "--out", data, "--test-users", str(args.test_users),
@@ -314,14 +320,16 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
                                       "--mini-batches", "1", "--temperature", "0.8", "--lr", str(args.grpo_lr), "--kl-coef", str(args.grpo_kl), "--seed", str(args.grpo_seed),
                                       "--eval-every", str(args.grpo_steps // 3), "--save-every", str(args.grpo_steps)] + gen + val,
          grpo_model),
-    ] + ([] if args.no_dpo else [
+    ] + ([] if args.no_dpo or args.dpo_start == "base" else [
         ("DPO: explore with the warm start", explore(warm, "explore-warm", args.dpo_users, args.dpo_n, args.dpo_temperature),
          f"{ew}/profiles.jsonl"),
         ("DPO: evaluate", stage("evaluate", "explore-warm"), f"{ew}/scores-rating.jsonl"),
-        ("DPO: pairs", stage("pairs", "explore-warm") + ["--min-margin", str(args.dpo_min_margin), "--max-pairs-per-user", "4"],
-         f"{ew}/pairs-rating.jsonl"),
-        ("DPO from the warm start", stage("train", "explore-warm") + gen + val + [
-            "--model", warm, "--val-data", va, "--lr", "5e-6", "--beta", "0.1", "--steps", str(args.dpo_steps), "--pairs-per-step", "8",
+    ]) + ([] if args.no_dpo else [
+        ("DPO: pairs", stage("pairs", dpo_dir) + ["--min-margin", str(args.dpo_min_margin), "--max-pairs-per-user", "4"],
+         os.path.join(out, dpo_dir, "pairs-rating.jsonl")),
+        (f"DPO from the {DPO_START[args.dpo_start]}", stage("train", dpo_dir) + gen + val + [
+            "--model", "smollm2-135m" if args.dpo_start == "base" else warm, "--val-data", va, "--lr", "5e-6", "--beta", "0.1",
+            "--steps", str(args.dpo_steps), "--pairs-per-step", "8",
             "--eval-every", str(args.dpo_steps // 2), "--save-every", str(args.dpo_steps)], dpo_model),
     ]) + [test("smollm2-135m", "base"), test(warm, "warm"), test(grpo_model, "grpo")] + (
         [] if args.no_dpo else [test(dpo_model, "dpo")])
@@ -350,7 +358,7 @@ def bench_learning(args):
             raise SystemExit(f"error: stage '{name}' failed (exit {rc}); see {log}")
     test = read_jsonl(os.path.join(out, "data", "test.jsonl"))
     names = {"base": "base writer (untrained)", "warm": "warm start (SFT on best explored)",
-             "grpo": "GRPO (from the warm start)", **({} if args.no_dpo else {"dpo": "DPO (from the warm start)"})}
+             "grpo": "GRPO (from the warm start)", **({} if args.no_dpo else {"dpo": f"DPO (from the {DPO_START[args.dpo_start]})"})}
     profiles = {names[k]: profile_texts(os.path.join(out, f"test-{k}.jsonl"), test) for k in names}
     for kinds, name in (("none", "template without genres"), ("swapped", "template, likes/dislikes swapped")):
         profiles[name] = [[f"{PROFILE_OPEN}{template_profile(s, kinds)}{PROFILE_CLOSE}"] for s in test]   # what
@@ -369,7 +377,7 @@ def bench_learning(args):
     mae = lambda n: f"{summary['rows'][n]['all']['MAE'][0]:.3f}"
     ci = lambda a, b: "[{1:+.3f},{2:+.3f}]".format(*summary["paired"][f"{a} -> {b}"])
     dpo = "" if args.no_dpo else f" dpo={mae(names['dpo'])}"
-    dpo_ci = "" if args.no_dpo else f" dpo_gain_ci={ci(names['warm'], names['dpo'])}"
+    dpo_ci = "" if args.no_dpo else f" dpo_gain_ci={ci(names[args.dpo_start], names['dpo'])}"   # over DPO's own start
     print(f"learning base={mae(names['base'])} grpo={mae(names['grpo'])}{dpo} "
           f"template={mae('template profile (code, no LLM)')} no_profile={mae('no profile')} user_mean={mae('user mean (no LLM)')} "
           f"global_median={mae('global median (no LLM)')} "
@@ -414,9 +422,12 @@ def parse_args(argv=None):
     g.add_argument("--grpo-lr", type=float, default=1e-5)
     g.add_argument("--grpo-kl", type=float, default=0.0, help="GRPO's k3 KL-to-the-warm-start weight (0: no reference model)")
     g.add_argument("--grpo-seed", type=int, default=0, help="GRPO's data order and sampling seed")
-    g.add_argument("--dpo-users", type=int, default=96)
-    g.add_argument("--dpo-n", type=at_least(1), default=4, help="DPO: profiles explored per user with the warm start")
-    g.add_argument("--dpo-temperature", type=at_least(0.0, float), default=0.8, help="DPO: the warm start's exploration temperature")
+    g.add_argument("--dpo-start", choices=sorted(DPO_START), default="base",
+                   help="DPO's start, and the start its gain is measured over: base = the paper (the base writer, on pairs "
+                        "of the first exploration); warm = the warm start, on pairs of a second exploration by it (runs 2-9)")
+    g.add_argument("--dpo-users", type=int, default=96, help="--dpo-start warm: users the warm start explores")
+    g.add_argument("--dpo-n", type=at_least(1), default=4, help="--dpo-start warm: profiles explored per user")
+    g.add_argument("--dpo-temperature", type=at_least(0.0, float), default=0.8, help="--dpo-start warm: exploration temperature")
     g.add_argument("--dpo-min-margin", type=at_least(0.0, float), default=0.02,
                    help="DPO: a pair's least reward gap (1 star = 0.25; chosen on validation, see README run 9)")
     g.add_argument("--dpo-steps", type=int, default=30)

@@ -19,10 +19,10 @@ def recipe(tmp_path, *flags):
     return {name: cmd for name, cmd, _ in bench.learning_recipe(args, args.out)}
 
 
-@pytest.mark.parametrize("flags", [[], ["--no-explore-template", "--no-dpo", "--grpo-kl", "0.1"]])
+@pytest.mark.parametrize("flags", [[], ["--dpo-start", "warm"], ["--no-explore-template", "--no-dpo", "--grpo-kl", "0.1"]])
 def test_every_stage_command_is_accepted_by_its_cli(tmp_path, flags):
     stages = recipe(tmp_path, *flags)
-    assert ("DPO from the warm start" in stages) == ("--no-dpo" not in flags)
+    assert ("DPO: pairs" in stages) == ("--no-dpo" not in flags)
     for name, cmd in stages.items():
         script, argv = os.path.relpath(cmd[1], ROOT), cmd[2:]
         if script == "grpo.py":
@@ -49,3 +49,15 @@ def test_template_explorer_is_the_default_and_can_be_left_out(tmp_path):
 def test_dpo_pairs_stage_takes_the_margin_flag(tmp_path):
     cmd = recipe(tmp_path, "--dpo-min-margin", "0.03")["DPO: pairs"]
     assert cmd[cmd.index("--min-margin") + 1] == "0.03"
+
+
+def test_dpo_start_picks_the_model_and_the_explored_profiles(tmp_path):
+    out = lambda cmd: os.path.basename(cmd[cmd.index("--out") + 1])
+    base = recipe(tmp_path)                                  # the paper: the base writer on the first exploration's pairs
+    assert "DPO: explore with the warm start" not in base
+    train = base["DPO from the base writer"]
+    assert train[train.index("--model") + 1] == "smollm2-135m" and out(train) == out(base["DPO: pairs"]) == "explore-base"
+    warm = recipe(tmp_path, "--dpo-start", "warm")           # runs 2-9: the warm start explores again
+    train = warm["DPO from the warm start"]
+    assert train[train.index("--model") + 1].endswith(os.path.join("explore-base", "sft", "ckpt-000016", "model"))
+    assert out(train) == out(warm["DPO: pairs"]) == out(warm["DPO: explore with the warm start"]) == "explore-warm"

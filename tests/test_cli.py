@@ -57,6 +57,7 @@ def data(tmp_path_factory):
     (["dpo.py", "--n", "0"], ["--n"]),
     (["bench.py", "learning", "--raw", "D/data", "--dpo-n", "0"], ["--dpo-n"]),
     (["bench.py", "learning", "--raw", "D/data", "--dpo-min-margin", "-0.1"], ["--dpo-min-margin"]),
+    (["bench.py", "learning", "--raw", "D/data", "--dpo-start", "sft"], ["--dpo-start"]),
     (["dpo.py", "train", "--data", "D/profiles.jsonl", "--out", "D/dpo", "--model", NOMODEL], ["profiles file"]),
     (["data/prepare.py", "synthetic", "--users", "-5", "--out", "D/s"], ["--users"]),
     (["data/prepare.py", "synthetic", "--test-users", "-1", "--out", "D/s"], ["--test-users"]),
