@@ -289,6 +289,7 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
     a user can rerun by hand, and is skipped when its output exists (rerun to continue)."""
     py, data = sys.executable, os.path.join(out, "data")
     tr, va, te = (os.path.join(data, f"{s}.jsonl") for s in ("train", "val", "test"))
+    base = "smollm2-135m"                                  # the untrained writer: explorer, DPO's start, a test row
     warm = os.path.join(out, "explore-base", "sft", f"ckpt-{args.sft_steps:06d}", "model")
     grpo_model = os.path.join(out, "grpo", f"ckpt-{args.grpo_steps:06d}", "model")
     # DPO from the base writer (the paper) trains on pairs of the first exploration; from the warm start it
@@ -307,7 +308,7 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
                                 "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "64", "--dtype", "bfloat16",
                                 "--out", os.path.join(out, f"test-{name}.jsonl")], os.path.join(out, f"test-{name}.jsonl"))
     eb, ew = os.path.join(out, "explore-base"), os.path.join(out, "explore-warm")
-    explorers = "smollm2-135m" + (",template" if args.explore_template else "")   # code as a second explorer
+    explorers = base + (",template" if args.explore_template else "")   # code as a second explorer
     return [
         ("prepare data", prep, te),
         ("explore: " + explorers.replace(",", " + "), explore(explorers, "explore-base", args.explore_users, args.explore_n, 0.7), f"{eb}/profiles.jsonl"),
@@ -328,10 +329,10 @@ def learning_recipe(args, out) -> list[tuple[str, list[str], str]]:
         ("DPO: pairs", stage("pairs", dpo_dir) + ["--min-margin", str(args.dpo_min_margin), "--max-pairs-per-user", "4"],
          os.path.join(out, dpo_dir, "pairs-rating.jsonl")),
         (f"DPO from the {DPO_START[args.dpo_start]}", stage("train", dpo_dir) + gen + val + [
-            "--model", "smollm2-135m" if args.dpo_start == "base" else warm, "--val-data", va, "--lr", "5e-6", "--beta", "0.1",
+            "--model", base if args.dpo_start == "base" else warm, "--val-data", va, "--lr", "5e-6", "--beta", "0.1",
             "--steps", str(args.dpo_steps), "--pairs-per-step", "8",
             "--eval-every", str(args.dpo_steps // 2), "--save-every", str(args.dpo_steps)], dpo_model),
-    ]) + [test("smollm2-135m", "base"), test(warm, "warm"), test(grpo_model, "grpo")] + (
+    ]) + [test(base, "base"), test(warm, "warm"), test(grpo_model, "grpo")] + (
         [] if args.no_dpo else [test(dpo_model, "dpo")])
 
 
@@ -429,7 +430,8 @@ def parse_args(argv=None):
     g.add_argument("--dpo-n", type=at_least(1), default=4, help="--dpo-start warm: profiles explored per user")
     g.add_argument("--dpo-temperature", type=at_least(0.0, float), default=0.8, help="--dpo-start warm: exploration temperature")
     g.add_argument("--dpo-min-margin", type=at_least(0.0, float), default=0.02,
-                   help="DPO: a pair's least reward gap (1 star = 0.25; chosen on validation, see README run 9)")
+                   help="DPO: a pair's least reward gap (1 star = 0.25; chosen on validation for --dpo-start warm, "
+                        "README run 9; from the base every pair is closed vs unclosed, gap ~1.8)")
     g.add_argument("--dpo-steps", type=int, default=30)
     g.add_argument("--no-dpo", action="store_true", help="the GRPO branch only (about half the time)")
     return p.parse_args(argv)
