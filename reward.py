@@ -2,13 +2,12 @@
 user's reaction to a new item from the profile; the reward is how right it was.
 
     python reward.py eval --data runs/synth/test.jsonl --profiles profiles.jsonl --judge smollm2-135m
-    python reward.py serve --model smollm2-135m --port 8008      # OpenAI-compatible judge server
+    python tools/serve.py --model smollm2-135m --port 8008      # the judge behind an OpenAI-compatible server
 """
 from __future__ import annotations
 
 import json
 import math
-import queue
 import random
 import statistics
 import sys
@@ -22,9 +21,16 @@ from dataclasses import dataclass
 
 import torch
 
-from lettingo import (ArgParser, LettingoError, at_least, output_file, read_samples, chat_prompt, cli, extract_tag, format_interactions, load_model,
-                      predictor_messages, read_jsonl)
-from rollout import generate
+from lettingo import (
+    LettingoError,
+    chat_prompt,
+    extract_tag,
+    format_interactions,
+    load_model,
+    predictor_messages,
+)
+from rollout import Sampler, SamplingParams, cpu_decode_layout, left_pad
+from tools.cli import ArgParser, at_least, cli, output_file, read_jsonl, read_samples
 
 LABELS = ("like", "neutral", "dislike")
 FORMAT_PENALTY = -1.0   # the public GRPO code's reward for a missing/unclosed profile tag
@@ -66,6 +72,7 @@ class LocalJudge:
         if mode not in ("expect", "decode"):
             raise LettingoError(f"unknown judge mode {mode!r} (expect | decode)")
         self.model, self.tok, self.mode, self.batch_size = model, tokenizer, mode, batch_size
+        self.sampler = Sampler(model) if mode == "decode" else None
         self.failures, self.bad_answers = 0, 0
 
     def answer_tokens(self, prefix: str, answers) -> list[int]:
@@ -84,7 +91,8 @@ class LocalJudge:
     @torch.no_grad()
     def probabilities(self, messages, task):
         """[N, len(answers)] probabilities of the answers, renormalised over them."""
-        prefix, answers = ("<rating>", [str(k) for k in range(1, 6)]) if task == "rating" else ("<sentiment>", LABELS)
+        prefix, answers = (("<rating>", [str(k) for k in range(1, 6)]) if task == "rating"
+                           else ("<sentiment>", LABELS))
         prompts = [chat_prompt(self.tok, m, answer_prefix=prefix) for m in messages]
         cand = torch.tensor(self.answer_tokens(prefix, answers))
         device = self.model.lm_head.weight.device
@@ -92,13 +100,8 @@ class LocalJudge:
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         for c in range(0, len(order), self.batch_size):
             idx = order[c:c + self.batch_size]
-            P = max(len(prompts[i]) for i in idx)
-            tokens = torch.zeros(len(idx), P, dtype=torch.long)
-            mask = torch.zeros(len(idx), P, dtype=torch.bool)
-            for r, i in enumerate(idx):                      # left padding: last position = answer slot
-                tokens[r, P - len(prompts[i]):] = torch.tensor(prompts[i])
-                mask[r, P - len(prompts[i]):] = True
-            logits = self.model(tokens.to(device), mask=mask.to(device), last_only=True)[:, -1].float().cpu()
+            tokens, mask = left_pad([prompts[i] for i in idx], device)   # the last position: the answer's
+            logits = self.model(tokens, mask=mask, last_only=True)[:, -1].float().cpu()
             out[idx] = torch.softmax(logits[:, cand], dim=-1)
         return out
 
@@ -110,8 +113,8 @@ class LocalJudge:
             return [LABELS[i] for i in p.argmax(-1).tolist()]
         prompts = [chat_prompt(self.tok, m) for m in messages]
         stop = ("</rating>",) if task == "rating" else ("</sentiment>",)
-        outs = generate(self.model, prompts, max_new_tokens=20, temperature=0, stop=stop, tokenizer=self.tok,
-                        batch_size=self.batch_size)
+        outs = self.sampler.generate(prompts, SamplingParams(max_new_tokens=20, temperature=0, stop=stop),
+                                     tokenizer=self.tok, batch_size=self.batch_size)
         parse = parse_rating if task == "rating" else parse_sentiment
         preds = [parse(o[0].text) for o in outs]
         self.bad_answers += sum(p is None for p in preds)   # no valid tag: no prediction, never a score
@@ -128,8 +131,10 @@ class HTTPJudge:
     None (counted in `failures`), never a made-up score."""
 
     def __init__(self, url, model="judge", timeout=30.0, retries=3, concurrency=8, backoff=0.5):
-        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/v1/chat/completions")
-        self.model, self.timeout, self.retries, self.concurrency, self.backoff = model, timeout, retries, concurrency, backoff
+        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions")
+                                      else "/v1/chat/completions")
+        self.model, self.timeout, self.retries, self.concurrency, self.backoff = (model, timeout, retries,
+                                                                                  concurrency, backoff)
         self.failures, self.retried, self.bad_answers = 0, 0, 0
         self.lock = threading.Lock()
 
@@ -143,10 +148,12 @@ class HTTPJudge:
                     self.retried += 1
                 time.sleep(self.backoff * 2 ** (attempt - 1))
             try:
-                req = urllib.request.Request(self.url, data=body, headers={"Content-Type": "application/json"})
+                req = urllib.request.Request(self.url, data=body,
+                                             headers={"Content-Type": "application/json"})
                 with urllib.request.urlopen(req, timeout=self.timeout) as r:
                     return json.loads(r.read())["choices"][0]["message"]["content"]
-            except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, IndexError, TypeError) as e:
+            except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, IndexError,
+                    TypeError) as e:
                 last = e
         raise JudgeFailure(f"{self.url}: {type(last).__name__}: {last} (after {self.retries} retries)")
 
@@ -171,8 +178,8 @@ class HTTPJudge:
             return list(pool.map(one, messages))
 
 
-def make_judge(judge: str | None = None, judge_url: str | None = None, mode="expect", batch_size=16, device=None,
-               timeout=30.0, retries=3):
+def make_judge(judge: str | None = None, judge_url: str | None = None, mode="expect", batch_size=16,
+               device=None, timeout=30.0, retries=3):
     if judge_url:
         http = HTTPJudge(judge_url, model=judge or "judge", timeout=timeout, retries=retries)
         try:      # one request now: an unreachable judge is an error before any work, not a table of dashes
@@ -182,7 +189,7 @@ def make_judge(judge: str | None = None, judge_url: str | None = None, mode="exp
         http.retried = 0
         return http
     model, tok = load_model(judge or "smollm2-135m", device=device)
-    return LocalJudge(model, tok, mode, batch_size)
+    return LocalJudge(cpu_decode_layout(model) if mode == "decode" else model, tok, mode, batch_size)
 
 
 # ----------------------------------------------------------------------------- scoring profiles
@@ -236,7 +243,8 @@ def profile_predictions(samples, texts, judge, task):
     -> (predictions, scored) where a prediction is None only when the judge failed."""
     scored = score_profiles(samples, texts, judge, task)
     failed = [i for i, sc in enumerate(scored) if sc.status == "format"]
-    fallback = judge.predict([predictor_messages(samples[i], None, task) for i in failed], task) if failed else []
+    fallback = (judge.predict([predictor_messages(samples[i], None, task) for i in failed], task)
+                if failed else [])
     preds = [sc.prediction for sc in scored]
     for i, p in zip(failed, fallback):
         preds[i] = p
@@ -290,8 +298,9 @@ def macro_f1(pairs):
 
 # ----------------------------------------------------------------------------- eval CLI
 
-STOPWORDS = set("the a an of and in on to for with from by at is it its this that my your our his her their you "
-                "i we they he she be are was were as or not no vs new all one two three part edition volume vol "
+STOPWORDS = set("the a an of and in on to for with from by at is it its this that my your our his her their "
+                "you i we they he she be are was were as or not no vs new all one two three part edition "
+                "volume vol "
                 "book set pack series".split())
 
 
@@ -317,7 +326,8 @@ def template_profile(sample, kinds_shown="right") -> str:
                 if len(w) > 2 and w not in STOPWORDS and not w.isdigit():
                     kinds[w].append(h["rating"])
         kinds = {k: v for k, v in kinds.items() if len(v) >= 2} or kinds
-    ranked = sorted(kinds, key=lambda k: (-(sum(kinds[k]) / len(kinds[k]) - mean) * len(kinds[k]) ** 0.5, k))
+    ranked = sorted(kinds, key=lambda k: (-(sum(kinds[k]) / len(kinds[k]) - mean) * len(kinds[k]) ** 0.5,
+                                          k))
     likes = [k for k in ranked if sum(kinds[k]) / len(kinds[k]) > mean][:2]
     dislikes = [k for k in reversed(ranked) if sum(kinds[k]) / len(kinds[k]) < mean][:2]
     text = f"{word} rater: average rating {mean:.1f} out of 5."
@@ -361,7 +371,8 @@ def baseline_predictions(task, samples):
         med = statistics.median(h["rating"] for h in hist) if hist else g
         return {"global mean (no LLM)": [g] * len(samples), "global median (no LLM)": [med] * len(samples),
                 "user mean (no LLM)": [s["user_mean"] for s in samples]}
-    lab = lambda r: "like" if r >= 4 else "dislike" if r <= 2 else "neutral"   # prepare.py's default thresholds
+    # prepare.py's default thresholds
+    lab = lambda r: "like" if r >= 4 else "dislike" if r <= 2 else "neutral"
     glob = Counter(lab(h["rating"]) for h in hist).most_common(1)[0][0]
     user = [Counter(lab(h["rating"]) for h in s["history"] + s.get("recent", [])).most_common(1)[0][0]
             if s["history"] else glob for s in samples]
@@ -398,13 +409,17 @@ def judge_conditions(samples, judge, task, profiles: dict | None = None) -> dict
     profiles ({name: [[text, ...] per sample]}; an unclosed profile is judged as no profile)."""
     from tqdm import tqdm
     n = len(samples)
-    rows = {name: Condition(preds, list(range(n))) for name, preds in baseline_predictions(task, samples).items()}
+    rows = {name: Condition(preds, list(range(n)))
+            for name, preds in baseline_predictions(task, samples).items()}
     conditions = {NO_PROFILE: [predictor_messages(s, None, task) for s in samples],
-                  "raw history": [predictor_messages(s, None, task, format_interactions(s["history"])) for s in samples],
-                  "template profile (code, no LLM)": [predictor_messages(s, template_profile(s), task) for s in samples]}
+                  "raw history": [predictor_messages(s, None, task, format_interactions(s["history"]))
+                                  for s in samples],
+                  "template profile (code, no LLM)": [predictor_messages(s, template_profile(s), task)
+                                                      for s in samples]}
     if all(s.get("oracle_profile") for s in samples):
         conditions["oracle profile"] = [predictor_messages(s, s["oracle_profile"], task) for s in samples]
-    flats = {name: [(i, t) for i, ts in enumerate(texts) for t in ts] for name, texts in (profiles or {}).items()}
+    flats = {name: [(i, t) for i, ts in enumerate(texts) for t in ts]
+             for name, texts in (profiles or {}).items()}
     total = n * len(conditions) + sum(len(sample_targets(samples[i])) for f in flats.values() for i, _ in f)
     bar = tqdm(total=total, desc="judge", unit="sample", file=sys.stderr)
     judge = Counted(judge, bar)
@@ -412,7 +427,8 @@ def judge_conditions(samples, judge, task, profiles: dict | None = None) -> dict
         rows[name] = Condition(judge.predict(msgs, task), list(range(n)))
         bar.write(f"judged: {name} ({n} samples)", file=sys.stderr)
     for name, flat in flats.items():
-        preds, scored = profile_predictions([samples[i] for i, _ in flat], [t for _, t in flat], judge, task)
+        preds, scored = profile_predictions([samples[i] for i, _ in flat], [t for _, t in flat], judge,
+                                            task)
         ok = [extract_tag(t, "user_profile") for (_, t), sc in zip(flat, scored) if sc.status != "format"]
         rows[name] = Condition(preds, [i for i, _ in flat], [sc.status for sc in scored],
                                sum(len(p.split()) for p in ok) / max(len(ok), 1))
@@ -444,7 +460,8 @@ def summarize(task, samples, rows: dict[str, Condition], compare: list[tuple[str
             r["no_profile_on_closed"] = metrics(task, [rows[NO_PROFILE].preds[c.idx[k]] for k in closed],
                                                 [samples[c.idx[k]] for k in closed])
         out["rows"][name] = r
-        if name != NO_PROFILE and len(c.idx) == len(samples):      # one prediction per sample: paired with no profile
+        # one prediction per sample: paired with no profile
+        if name != NO_PROFILE and len(c.idx) == len(samples):
             out["paired"][f"{NO_PROFILE} -> {name}"] = paired_difference(base, err[name])
     for a, b in compare:
         if a in rows and b in rows and len(rows[a].idx) == len(rows[b].idx) == len(samples):
@@ -456,8 +473,9 @@ def print_summary(summary):
     task = summary["task"]
     names = ("MAE", "RMSE") if task == "rating" else ("accuracy", "macro_F1")
     cell = lambda m, n: f"{m[n][0]:>7.3f} [{m[n][1]:.3f},{m[n][2]:.3f}]" if n in m else f"{'-':>21}"
-    level = task == "rating"                  # the judge's mean prediction and its correlation with the truth
-    print(f"\n{'condition':<44}" + "".join(f"{n:>22}" for n in names) + (f"{'pred':>6}{'r':>22}" if level else "")
+    level = task == "rating"        # the judge's mean prediction and its correlation with the truth
+    print(f"\n{'condition':<44}" + "".join(f"{n:>22}" for n in names)
+          + (f"{'pred':>6}{'r':>22}" if level else "")
           + f"{'closed':>8}{'words':>6}" + f"{'on closed: ' + names[0]:>24}{'no profile there':>22}")
     for name, r in summary["rows"].items():
         m = r["all"]
@@ -466,12 +484,14 @@ def print_summary(summary):
             line += f"{m['mean_pred'][0]:>6.2f}" if "mean_pred" in m else f"{'-':>6}"
             line += f" {cell(m, 'r')}" if m.get("r", (0,))[0] else f" {'-':>21}"
         if "format_rate" in r:
-            line += f"{r['format_rate']:>8.0%}{r['words']:>6.0f} {cell(r['closed'], names[0]):>23} {cell(r['no_profile_on_closed'], names[0]):>21}"
+            line += (f"{r['format_rate']:>8.0%}{r['words']:>6.0f} {cell(r['closed'], names[0]):>23} "
+                     f"{cell(r['no_profile_on_closed'], names[0]):>21}")
         print(line)
-    print(f"({summary['n_samples']} samples; [95% bootstrap interval]; closed = format rate (profile tag closed); "
+    print(f"({summary['n_samples']} samples; [95% bootstrap interval]; "
+          f"closed = format rate (profile tag closed); "
           f"an unclosed profile is judged as no profile"
-          + (f"; pred = mean prediction (true ratings' mean {summary['truth_mean']:.2f}), r = its correlation "
-             f"with the true rating" if level else "") + ")")
+          + (f"; pred = mean prediction (true ratings' mean {summary['truth_mean']:.2f}), "
+             f"r = its correlation with the true rating" if level else "") + ")")
     if summary["paired"]:
         what = "MAE" if task == "rating" else "error rate"
         print(f"\npaired differences of {what} (a -> b: a minus b, > 0 = b better) [95% paired bootstrap]")
@@ -483,8 +503,10 @@ def run_eval(args):
     samples = read_samples(args.data)[:args.limit or None]
     if args.out:
         output_file(args.out)
-    profiles = {f"profiles: {path}": profile_texts(path, samples) for path in args.profiles or []}  # checked before judging
-    judge = make_judge(args.judge, args.judge_url, args.mode, args.batch_size, timeout=args.timeout, retries=args.retries)
+    # checked before judging
+    profiles = {f"profiles: {path}": profile_texts(path, samples) for path in args.profiles or []}
+    judge = make_judge(args.judge, args.judge_url, args.mode, args.batch_size, timeout=args.timeout,
+                       retries=args.retries)
     rows = judge_conditions(samples, judge, args.task, profiles)
     names = list(profiles)
     summary = summarize(args.task, samples, rows, compare=[(names[0], b) for b in names[1:]])
@@ -493,12 +515,14 @@ def run_eval(args):
         with open(args.out, "w") as f:
             for i, s in enumerate(samples):
                 preds = {k: [c.preds[j] for j, x in enumerate(c.idx) if x == i] for k, c in rows.items()}
-                f.write(json.dumps({"user_id": s["user_id"], "item_id": s["item_id"], "truth": s["rating"] if args.task == "rating"
-                                    else s["label"], **{k: v[0] if len(v) == 1 else v for k, v in preds.items()}}) + "\n")
+                f.write(json.dumps({"user_id": s["user_id"], "item_id": s["item_id"],
+                                    "truth": s["rating"] if args.task == "rating" else s["label"],
+                                    **{k: v[0] if len(v) == 1 else v for k, v in preds.items()}}) + "\n")
     print(f"judge failures: {judge.failures}, unparseable answers: {judge.bad_answers}"
           + (f", retries: {judge.retried}" if isinstance(judge, HTTPJudge) else ""))
     if judge.failures and judge.failures >= len(samples):
-        raise LettingoError(f"the judge failed on every request ({judge.failures}); is {args.judge_url} reachable?")
+        raise LettingoError(f"the judge failed on every request ({judge.failures}); "
+                            f"is {args.judge_url} reachable?")
     return summary
 
 
@@ -511,135 +535,34 @@ def profile_texts(path, samples):
         r = by_key.get((s["user_id"], s["item_id"]))
         if r is None:
             raise LettingoError(f"{path}: no profile for user {s['user_id']} item {s['item_id']} "
-                                f"(the file covers {len(by_key)} samples, --data has {len(samples)}; use --limit or matching files)")
+                                f"(the file covers {len(by_key)} samples, --data has {len(samples)}; "
+                                f"use --limit or matching files)")
         out.append([g["text"] for g in r["generations"]] if "generations" in r else [r["text"]])
     return out
-
-
-# ----------------------------------------------------------------------------- serve
-
-def check_request(req):
-    """A chat request this server can answer, with its defaults filled in; else ValueError (-> HTTP 400)."""
-    if not isinstance(req, dict) or not isinstance(req.get("messages"), list) or not req["messages"]:
-        raise ValueError("`messages` must be a non-empty list")
-    if req.get("stream"):
-        raise ValueError("streaming is not supported by this server; send \"stream\": false")
-    if req.get("n", 1) != 1:
-        raise ValueError("only n = 1 is supported")
-    mt = req.get("max_tokens", req.get("max_completion_tokens"))
-    mt = 256 if mt is None else mt
-    if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
-        raise ValueError(f"`max_tokens` must be an integer >= 1, got {mt!r}")
-    t = req.get("temperature")
-    t = 0.0 if t is None else t
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or t < 0:
-        raise ValueError(f"`temperature` must be a number >= 0, got {t!r}")
-    req["max_tokens"], req["temperature"] = mt, float(t)
-
-
-def serve(args):
-    """OpenAI-compatible chat completions for the local model; concurrent requests are batched."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-    try:          # bind first: a port in use is an error now, not after the model has loaded
-        server = ThreadingHTTPServer((args.host, args.port), None)
-    except OSError as e:
-        raise LettingoError(f"cannot listen on {args.host}:{args.port}: {e.strerror} (another server there? pick --port)")
-    model, tok = load_model(args.model, device=args.device)
-    pending: queue.Queue = queue.Queue()
-
-    def worker():  # drain whatever is waiting and decode it as one batch
-        while True:
-            batch = [pending.get()]
-            while len(batch) < args.batch_size:
-                try:
-                    batch.append(pending.get(timeout=0.005))
-                except queue.Empty:
-                    break
-            try:
-                groups: dict = {}
-                for job in batch:
-                    req = job["req"]
-                    key = (req["max_tokens"], req["temperature"],
-                           tuple(req.get("stop") or ()) if not isinstance(req.get("stop"), str) else (req["stop"],))
-                    groups.setdefault(key, []).append(job)
-                for (max_tokens, temp, stop), jobs in groups.items():
-                    outs = generate(model, [chat_prompt(tok, j["req"]["messages"]) for j in jobs], max_new_tokens=max_tokens,
-                                    temperature=temp, stop=stop, tokenizer=tok, batch_size=args.batch_size)
-                    for j, o in zip(jobs, outs):
-                        j["result"] = o[0]
-                        j["done"].set()
-            except Exception as e:  # a bad request must not kill the server
-                for job in batch:
-                    job["error"] = str(e)
-                    job["done"].set()
-
-    threading.Thread(target=worker, daemon=True).start()
-
-    class Handler(BaseHTTPRequestHandler):
-        def reply(self, code, obj):
-            data = json.dumps(obj).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def do_GET(self):
-            if self.path.rstrip("/") in ("/v1/models", "/health"):
-                return self.reply(200, {"object": "list", "data": [{"id": args.model, "object": "model"}]})
-            self.reply(404, {"error": {"message": "not found"}})
-
-        def do_POST(self):
-            if not self.path.rstrip("/").endswith("/chat/completions"):
-                return self.reply(404, {"error": {"message": "only /v1/chat/completions"}})
-            try:
-                req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                check_request(req)
-            except ValueError as e:
-                return self.reply(400, {"error": {"message": f"bad request: {e}"}})
-            job = {"req": req, "done": threading.Event()}
-            pending.put(job)
-            job["done"].wait()
-            if "error" in job:
-                return self.reply(500, {"error": {"message": job["error"]}})
-            s = job["result"]
-            self.reply(200, {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "created": int(time.time()),
-                             "model": args.model, "choices": [{"index": 0, "message": {"role": "assistant", "content": s.text},
-                                                               "finish_reason": "length" if s.finish == "length" else "stop"}],
-                             "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": len(s.tokens),
-                                       "total_tokens": s.prompt_tokens + len(s.tokens)}})
-
-        def log_message(self, *a):
-            pass
-
-    server.RequestHandlerClass = Handler
-    print(f"serving {args.model} on http://{args.host}:{server.server_address[1]}/v1/chat/completions", flush=True)
-    server.serve_forever()
 
 
 def main():
     p = ArgParser(description="Judge user profiles by how well a frozen recommender predicts with them.")
     sub = p.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("eval", help="metrics for baselines and given profiles, side by side")
-    e.add_argument("--data", required=True, help="samples JSONL from data/prepare.py (e.g. DIR/test.jsonl)")
-    e.add_argument("--profiles", nargs="+", help="profiles JSONL file(s) from rollout.py (matched by user_id, item_id)")
-    e.add_argument("--judge", default="smollm2-135m", help="local judge model (or the model name sent to --judge-url)")
+    e.add_argument("--data", required=True,
+                   help="samples JSONL from data/prepare.py (e.g. DIR/test.jsonl)")
+    e.add_argument("--profiles", nargs="+",
+                   help="profiles JSONL file(s) from rollout.py (matched by user_id, item_id)")
+    e.add_argument("--judge", default="smollm2-135m",
+                   help="local judge model (or the model name sent to --judge-url)")
     e.add_argument("--judge-url", help="OpenAI-compatible server instead of a local judge")
-    e.add_argument("--task", default="rating", choices=["rating", "sentiment"], help="rating: MAE/RMSE; sentiment: like/neutral/dislike accuracy")
-    e.add_argument("--mode", default="expect", choices=["expect", "decode"], help="local judge: expected value or greedy answer")
-    e.add_argument("--batch-size", type=at_least(1), default=16)
+    e.add_argument("--task", default="rating", choices=["rating", "sentiment"],
+                   help="rating: MAE/RMSE; sentiment: like/neutral/dislike accuracy")
+    e.add_argument("--mode", default="expect", choices=["expect", "decode"],
+                   help="local judge: expected value or greedy answer")
+    e.add_argument("--batch-size", type=at_least(1), default=16, help="local judge: prompts per forward")
     e.add_argument("--limit", type=at_least(0), default=0, help="only the first N samples")
-    e.add_argument("--timeout", type=at_least(0.001, float), default=30.0, help="HTTP judge: seconds per request")
+    e.add_argument("--timeout", type=at_least(0.001, float), default=30.0,
+                   help="HTTP judge: seconds per request")
     e.add_argument("--retries", type=at_least(0), default=3, help="HTTP judge: retries per request")
     e.add_argument("--out", help="per-sample predictions JSONL")
-    s = sub.add_parser("serve", help="OpenAI-compatible chat server for a local model")
-    s.add_argument("--model", default="smollm2-135m", help="model to serve: HF folder, .gguf or alias")
-    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = all)")
-    s.add_argument("--port", type=at_least(0), default=8008, help="TCP port (0 = any free one)")
-    s.add_argument("--batch-size", type=at_least(1), default=16, help="max concurrent requests decoded together")
-    s.add_argument("--device", default=None, help="cpu or cuda")
-    args = p.parse_args()
-    run_eval(args) if args.cmd == "eval" else serve(args)
+    run_eval(p.parse_args())
 
 
 if __name__ == "__main__":

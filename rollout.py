@@ -1,6 +1,6 @@
 """rollout.py -- KV-cached batched sampling: one prefill per prompt (shared by its n samples), then
 one fixed-shape decode step over a static cache, repeated -- replayed from a CUDA graph on GPU --
-with per-row stopping. Returns the log-prob of every sampled token, which GRPO needs.
+with per-row stopping. Each sampled token comes with its log-prob under the sampling distribution.
 
     python rollout.py --model smollm2-135m --data train.jsonl --n 4 --out profiles.jsonl
 """
@@ -13,9 +13,12 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
-from lettingo import (ArgParser, KVCache, LettingoError, at_least, output_file, check_samples, Transformer, chat_prompt, cli, extract_tag, load_model,
-                      profile_answer, profile_prompt, read_jsonl)
+from lettingo import (PROFILE_CLOSE, KVCache, LettingoError, Transformer, chat_prompt, extract_tag,
+                      load_model, profile_answer, profile_prompt)
+from tools.cli import (ArgParser, add_config, at_least, check_samples, cli, config_from, option, output_file,
+                       read_jsonl)
 
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>")
 
@@ -34,6 +37,12 @@ def end_token_ids(tokenizer) -> set[int]:
     ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
     vocab = tokenizer.get_vocab()
     return ids | {vocab[t] for t in END_TOKENS if t in vocab}
+
+
+def prompt_seed(seed: int, step: int, index: int) -> int:
+    """The sampling seed of example `index` at training step `step` (exploration: step 0):
+    independent of rank count and batch layout."""
+    return (seed * 1_000_003 + step * 100_003 + index) % (2**62)
 
 
 def row_seed(prompt_seed: int, sample: int) -> int:
@@ -69,9 +78,9 @@ def uniforms(keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 @torch.compiler.disable
 def running_sum(probs):
-    """cumsum, kept out of torch.compile: inductor (torch 2.11, H100) fails to generate its split
-    scan over [64, 49152] ("list indices must be integers or slices, not NoneType"); eager, it is
-    one kernel in the captured graph."""
+    """cumsum, kept out of torch.compile: inductor fails to generate its split scan over a wide
+    vocabulary ("list indices must be integers or slices, not NoneType"); eager, it is one kernel
+    in the captured graph."""
     return probs.cumsum(-1)
 
 
@@ -99,77 +108,164 @@ def sample_next(logits, temperature, top_p, top_k, keys, step):
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 
-def cpu_decode_layout(model: Transformer):
-    """Store every linear weight [out, in] with transposed strides (same values, same shape): on CPU,
-    MKL's matrix-vector product reads W in the nn.Linear layout at ~12 GB/s but the transposed one at
-    ~20 GB/s (bench.py rollout, batch 1 and 32 both gain). Done once; in-place weight copies
-    (train.sync_rollout_model) keep the layout; a tied head changes its embedding too (one tensor)."""
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.Linear) and mod.weight.is_contiguous():
-            mod.weight.data = mod.weight.data.t().contiguous().t()
+def cpu_decode_layout(model: Transformer) -> Transformer:
+    """For a model that samples on CPU: every linear weight [out, in] stored with transposed strides
+    (same values, same shape), the layout MKL's matrix-vector product reads fastest (bench.py
+    rollout). Applied once where a sampling model is made; in-place weight copies
+    (train.sync_rollout_model) keep it; a tied head changes its embedding too (one tensor)."""
+    if model.lm_head.weight.device.type == "cpu":
+        for mod in model.modules():
+            if isinstance(mod, torch.nn.Linear) and mod.weight.is_contiguous():
+                mod.weight.data = mod.weight.data.t().contiguous().t()
+    return model
 
 
-@torch.no_grad()
+@dataclass
+class SamplingParams:
+    n: int = option(1, "samples per prompt; they share one prefill", min=1)
+    max_new_tokens: int = option(256, "generation budget per sample", min=1)
+    temperature: float = option(1.0, "0 = greedy", min=0.0)
+    top_p: float = option(1.0, "nucleus sampling mass (1 = off)", min=0.0)
+    top_k: int = option(0, "keep the k most likely tokens (0 = off)", min=0)
+    stop: tuple[str, ...] = ()             # a row ends right after the first of these strings
+
+
+class Sampler:
+    """Samples from one model and owns what sampling keeps between calls: the CUDA graphs of the
+    decode step (on GPU), which stay valid while the model's weights are updated in place.
+    cuda_graphs (None: on when the model is on CUDA) replays captured decode steps; compiled (None:
+    with cuda_graphs) captures the torch.compile'd step (a compile per new shape, then automatic
+    dynamic shapes). bucketed: decode batches padded to powers of two and read every 8 steps, as
+    with graphs (on by itself only to test that path on CPU)."""
+
+    def __init__(self, model: Transformer, cuda_graphs: bool | None = None, compiled: bool | None = None,
+                 bucketed: bool = False):
+        self.model = model
+        cuda_graphs = model.lm_head.weight.is_cuda if cuda_graphs is None else cuda_graphs
+        if cuda_graphs and not model.lm_head.weight.is_cuda:
+            raise LettingoError("Sampler: cuda_graphs needs the model on CUDA")
+        self.compiled = cuda_graphs if compiled is None else compiled
+        self.graphs = GraphedDecode(compiled=self.compiled) if cuda_graphs else None
+        self.bucketed = bucketed or cuda_graphs
+        self.step = compiled_decode_step() if self.compiled else decode_step
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams, *,
+                 seed: int | list[int] | None = None, tokenizer=None, end_ids: set[int] | None = None,
+                 batch_size: int = 64, progress: bool = False) -> list[list[Sample]]:
+        """`params.n` continuations of every prompt (token id lists) -> [prompt][sample]. Prompts
+        are sorted by length and cut into chunks of at most `batch_size` rows (n rows per prompt),
+        so the cache is sized by each chunk's longest prompt + max_new_tokens. seed: one per prompt
+        (a list), or the first of consecutive ones; a prompt samples the same tokens in any batch."""
+        ctx = self.model.cfg.max_position_embeddings
+        check_prompts(prompts, ctx)
+        if params.stop and tokenizer is None:
+            raise LettingoError("generate: stop strings need the tokenizer")
+        if end_ids is None:
+            end_ids = end_token_ids(tokenizer) if tokenizer is not None else set()
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()))           # follows torch.manual_seed
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(len(prompts))]
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        per_chunk = max(1, batch_size // params.n)
+        out: list[list[Sample]] = [None] * len(prompts)
+        bar = tqdm(total=len(prompts), desc="rollout", unit="prompt", file=sys.stderr, disable=not progress)
+        for c in range(0, len(order), per_chunk):
+            idx = order[c:c + per_chunk]
+            max_new = min(params.max_new_tokens, ctx - max(len(prompts[i]) for i in idx))
+            done = self.chunk([prompts[i] for i in idx], [seeds[i] for i in idx], params, max_new, tokenizer,
+                              set(end_ids))
+            for i, samples in zip(idx, done):
+                out[i] = samples
+            bar.update(len(idx))
+        bar.close()
+        return out
+
+    def rows(self, n: int) -> int:
+        """Rows a decode batch is padded to: exact, or powers of two (few graph captures)."""
+        return 1 << (n - 1).bit_length() if self.bucketed else n
+
+    def chunk(self, prompts, seeds, params: SamplingParams,
+              max_new, tokenizer, end_ids) -> list[list[Sample]]:
+        """One batch: prefill each prompt once, copy its cache to its n rows, decode until every row
+        has ended, dropping finished rows from the batch whenever that halves it."""
+        model, n, stop = self.model, params.n, params.stop
+        device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
+        tokens, mask = left_pad(prompts, device)                               # [P, Tp]: all end at Tp-1
+        cache = KVCache(model.cfg, len(prompts), -(-(tokens.shape[1] + max_new) // 64) * 64, dtype, device)
+        logits = model(tokens, mask=mask, cache=cache, last_only=True)[:, -1]  # one prefill per prompt
+        B = len(prompts) * n
+        rows = list(range(B)) + [None] * (self.rows(B) - B)   # result index per decode row (None: padding)
+        index = torch.tensor([min(r, B - 1) // n for r in range(len(rows))], device=device)   # row -> prompt
+        st = DecodeState(cache.rows(index), logits.float()[index],
+                         row_keys([row_seed(seeds[r // n], r % n) for r in range(B)] + [0] * (len(rows) - B),
+                                  device),
+                         torch.zeros(1, dtype=torch.long, device=device),
+                         torch.zeros(len(rows), max_new, dtype=torch.long, device=device),
+                         torch.zeros(len(rows), max_new, dtype=torch.float32, device=device))
+        settings = (params.temperature, params.top_p, params.top_k)
+        graph = None
+        if self.graphs:
+            st, graph = self.graphs.adopt(model, st, settings)
+        results = [Sample([], [], prompt_tokens=len(prompts[r // n])) for r in range(B)]
+        window = max((len(s) for s in stop), default=0) + 8
+        every = 8 if self.bucketed else 1                 # the host reads the tokens every `every` steps
+        step = seen = 0
+        while step < max_new:
+            for _ in range(min(every, max_new - step)):
+                if graph:
+                    graph.replay()
+                else:
+                    self.step(model, st, *settings)
+                step += 1
+            new_t, new_lp = st.tokens[:, seen:step].tolist(), st.logprobs[:, seen:step].tolist()   # one sync
+            seen = step
+            for j, r in enumerate(rows):
+                if r is not None and extend(results[r], new_t[j], new_lp[j], end_ids, stop, tokenizer,
+                                            window):
+                    rows[j] = None                        # this row is done
+            live = [j for j, r in enumerate(rows) if r is not None]
+            if not live or step == max_new:
+                break
+            if self.rows(len(live)) <= len(rows) // 2:    # compact: copying the cache costs, so only
+                keep = live + [live[0]] * (self.rows(len(live)) - len(live))     # when it halves the batch
+                st = st.rows(torch.tensor(keep, device=device))
+                rows = [rows[j] for j in live] + [None] * (len(keep) - len(live))
+                if self.graphs:
+                    st, graph = self.graphs.adopt(model, st, settings)
+        return [[finalize(results[i * n + j], tokenizer, stop) for j in range(n)]
+                for i in range(len(prompts))]
+
+
 def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int = 256,
              temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop: tuple[str, ...] = (),
-             seed: int | list[int] | None = None, tokenizer=None, end_ids: set[int] | None = None,
-             batch_size: int = 64, progress: bool = False, cuda_graphs: bool | None = None,
-             compiled: bool | None = None) -> list[list[Sample]]:
-    """Sample `n` continuations of every prompt (token id lists). Returns [prompt][sample].
-    Prompts are sorted by length and cut into chunks of at most `batch_size` rows (n rows per prompt),
-    so the cache is sized by each chunk's longest prompt + max_new_tokens. cuda_graphs (None: on
-    when the model is on CUDA) replays captured decode steps; the graphs live on the model and
-    stay valid while its weights are updated in place. compiled (None: with cuda_graphs) captures
-    the torch.compile'd step (a compile per new shape, then automatic dynamic shapes)."""
+             cuda_graphs: bool | None = None, compiled: bool | None = None, **kw) -> list[list[Sample]]:
+    """One-off sampling: Sampler(model).generate (a caller that samples again keeps its Sampler)."""
+    params = SamplingParams(n, max_new_tokens, temperature, top_p, top_k, tuple(stop))
+    return Sampler(model, cuda_graphs, compiled).generate(prompts, params, **kw)
+
+
+def check_prompts(prompts: list[list[int]], ctx: int):
     if not prompts:
         raise LettingoError("generate: empty prompt list")
     if any(len(p) == 0 for p in prompts):
         raise LettingoError("generate: a prompt has no tokens")
-    ctx = model.cfg.max_position_embeddings
     too_long = [i for i, p in enumerate(prompts) if len(p) >= ctx]
     if too_long:
         raise LettingoError(f"generate: prompt {too_long[0]} has {len(prompts[too_long[0]])} tokens, "
                             f"the model's context is {ctx} ({len(too_long)} prompts too long)")
-    if stop and tokenizer is None:
-        raise LettingoError("generate: stop strings need the tokenizer")
-    if end_ids is None:
-        end_ids = end_token_ids(tokenizer) if tokenizer is not None else set()
-    if seed is None:
-        seed = int(torch.randint(0, 2**62, ()))           # follows torch.manual_seed
-    seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(len(prompts))]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    per_chunk = max(1, batch_size // n)
-    if model.lm_head.weight.device.type == "cpu":
-        cpu_decode_layout(model)
-    if cuda_graphs is None:
-        cuda_graphs = model.lm_head.weight.is_cuda
-    if compiled is None:
-        compiled = cuda_graphs
-    graphs = None
-    if cuda_graphs:
-        if not model.lm_head.weight.is_cuda:
-            raise LettingoError("generate: cuda_graphs needs the model on CUDA")
-        name = "decode_graphs_compiled" if compiled else "decode_graphs"
-        if name not in model.__dict__:
-            model.__dict__[name] = GraphedDecode(compiled=compiled)
-        graphs = model.__dict__[name]
-    out: list[list[Sample]] = [None] * len(prompts)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(prompts), desc="rollout", unit="prompt", file=sys.stderr)
-    for c in range(0, len(order), per_chunk):
-        idx = order[c:c + per_chunk]
-        done = generate_chunk(model, [prompts[i] for i in idx], [seeds[i] for i in idx], n,
-                              min(max_new_tokens, ctx - max(len(prompts[i]) for i in idx)),
-                              temperature, top_p, top_k, stop, tokenizer, end_ids, graphs, compiled)
-        for i, samples in zip(idx, done):
-            out[i] = samples
-        if bar:
-            bar.update(len(idx))
-    if bar:
-        bar.close()
-    return out
+
+
+def left_pad(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> (tokens [B, T], mask [B, T] of real tokens), left padded: every prompt ends
+    at the last position, where the next token is predicted."""
+    T = max(len(p) for p in prompts)
+    tokens = torch.zeros(len(prompts), T, dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), T, dtype=torch.bool, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, T - len(p):] = torch.tensor(p, device=device)
+        mask[i, T - len(p):] = True
+    return tokens, mask
 
 
 @dataclass
@@ -206,15 +302,15 @@ def decode_step(model, st: DecodeState, temperature, top_p, top_k):
 @functools.cache
 def compiled_decode_step():
     """torch.compile(decode_step): the same function with its norms, rotary and sampling fused into
-    fewer kernels. Captured in a CUDA graph it halved a 1-row SmolLM2-shaped step on an H100 (3.3 ->
-    1.8 ms); on CPU it was slower than eager (bench.py rollout), so CPU decodes uncompiled unless
-    asked. Compiled on first use for each new shape (~45 s there), then with automatic dynamic shapes."""
+    fewer kernels, which a CUDA graph replays with fewer launches (README: bench.py rollout on GPU);
+    on CPU it is slower than eager, so CPU decodes uncompiled unless asked. Compiled on first use
+    for each new shape, then with automatic dynamic shapes."""
     return torch.compile(decode_step)
 
 
 class GraphedDecode:
     """CUDA graphs of decode_step, one per (rows, cache length, sampling settings), replayed with
-    one launch instead of ~1,000 kernel dispatches from Python (>95% of an eager step on an H100).
+    one launch instead of a kernel dispatch from Python per operation (most of an eager step's time).
     The captured graph owns its DecodeState buffers; a chunk's state is copied in (`adopt`).
     compiled: capture compiled_decode_step() -- inside a graph each kernel still costs a few µs."""
 
@@ -230,7 +326,8 @@ class GraphedDecode:
         except Exception as e:
             if self.step is decode_step:
                 raise
-            print(f"rollout: torch.compile of the decode step failed ({type(e).__name__}: {str(e).strip()[-300:]}); "
+            print("rollout: torch.compile of the decode step failed "
+                  f"({type(e).__name__}: {str(e).strip()[-300:]}); "
                   "capturing the uncompiled step", file=sys.stderr, flush=True)
             self.step = decode_step
             self.step(model, st, *settings)
@@ -255,65 +352,6 @@ class GraphedDecode:
         static, graph = self.graphs[key] = self.graphs.pop(key)       # most recent last
         static.load_(st)
         return static, graph
-
-
-def bucket(n: int, graphs) -> int:
-    """Rows a decode batch is padded to: exact on CPU; powers of two with graphs (few captures)."""
-    return n if not graphs else 1 << (n - 1).bit_length()
-
-
-def generate_chunk(model, prompts, seeds, n, max_new, temperature, top_p, top_k, stop, tokenizer, end_ids, graphs,
-                   compiled=False):
-    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-    P = max(len(p) for p in prompts)
-    tokens = torch.zeros(len(prompts), P, dtype=torch.long, device=device)
-    mask = torch.zeros(len(prompts), P, dtype=torch.bool, device=device)
-    for i, p in enumerate(prompts):                       # left padding: all prompts end at slot P-1
-        tokens[i, P - len(p):] = torch.tensor(p, device=device)
-        mask[i, P - len(p):] = True
-    L = -(-(P + max_new) // 64) * 64                      # cache length rounded: fewer graph shapes
-    cache = KVCache(model.cfg, len(prompts), L, dtype, device)
-    logits = model(tokens, mask=mask, cache=cache, last_only=True)[:, -1]   # one prefill per prompt
-    B = len(prompts) * n
-    rows = list(range(B))                                 # result index per decode row (None: padding)
-    rows += [None] * (bucket(B, graphs) - B)
-    index = torch.tensor([min(r, B - 1) // n for r in range(len(rows))], device=device)   # the group shares
-    st = DecodeState(cache.rows(index), logits.float()[index],                             # its prefill
-                     row_keys([row_seed(seeds[r // n], r % n) for r in range(B)] + [0] * (len(rows) - B), device),
-                     torch.zeros(1, dtype=torch.long, device=device),
-                     torch.zeros(len(rows), max_new, dtype=torch.long, device=device),
-                     torch.zeros(len(rows), max_new, dtype=torch.float32, device=device))
-    settings = (temperature, top_p, top_k)
-    graph, step_fn = None, compiled_decode_step() if compiled else decode_step
-    if graphs:
-        st, graph = graphs.adopt(model, st, settings)
-    results = [Sample([], [], prompt_tokens=len(prompts[r // n])) for r in range(B)]
-    window = max((len(s) for s in stop), default=0) + 8
-    every = 8 if graphs else 1                            # host looks at the tokens every `every` steps
-    step = seen = 0
-    end_set = set(end_ids)
-    while step < max_new:
-        for _ in range(min(every, max_new - step)):
-            if graph:
-                graph.replay()
-            else:
-                step_fn(model, st, *settings)
-            step += 1
-        new_t, new_lp = st.tokens[:, seen:step].tolist(), st.logprobs[:, seen:step].tolist()   # one sync
-        seen = step
-        for j, r in enumerate(rows):
-            if r is not None and extend(results[r], new_t[j], new_lp[j], end_set, stop, tokenizer, window):
-                rows[j] = None                            # this row is done
-        live = [j for j, r in enumerate(rows) if r is not None]
-        if not live or step == max_new:
-            break
-        if bucket(len(live), graphs) <= len(rows) // 2:   # compact: copying the cache costs, so only
-            keep = live + [live[0]] * (bucket(len(live), graphs) - len(live))    # when it halves the batch
-            st = st.rows(torch.tensor(keep, device=device))
-            rows = [rows[j] for j in live] + [None] * (len(keep) - len(live))
-            if graphs:
-                st, graph = graphs.adopt(model, st, settings)
-    return [[finalize(results[i * n + j], tokenizer, stop) for j in range(n)] for i in range(len(prompts))]
 
 
 def extend(res: Sample, toks, lps, end_ids, stop, tokenizer, window) -> bool:
@@ -359,50 +397,48 @@ def prompt_of(row: dict, tokenizer) -> list[int]:
 
 def main():
     p = ArgParser(description="Sample user profiles (or any chat completions) with a KV-cached "
-                                "batched sampler and write them as JSONL.")
+                              "batched sampler and write them as JSONL.")
     p.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file or alias")
-    p.add_argument("--data", required=True, help="JSONL of LettinGo samples (data/prepare.py) or rows with `messages`")
+    p.add_argument("--data", required=True,
+                   help="JSONL of LettinGo samples (data/prepare.py) or rows with `messages`")
     p.add_argument("--out", required=True, help="output JSONL, one line per input row")
-    p.add_argument("--n", type=at_least(1), default=1, help="samples per prompt; they share one prefill")
-    p.add_argument("--max-new-tokens", type=at_least(1), default=256, help="generation budget per sample")
-    p.add_argument("--temperature", type=at_least(0.0, float), default=1.0, help="0 = greedy")
-    p.add_argument("--top-p", type=at_least(0.0, float), default=1.0, help="nucleus sampling mass (1.0 = off)")
-    p.add_argument("--top-k", type=at_least(0), default=0, help="keep the k most likely tokens (0 = off)")
+    add_config(p, SamplingParams, skip=("stop",))
     p.add_argument("--stop", action="append", default=None,
                    help="stop string, repeatable (none given: </user_profile>)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same output")
-    p.add_argument("--batch-size", type=at_least(1), default=32, help="max rows decoded together (prompts x n)")
+    p.add_argument("--batch-size", type=at_least(1), default=32,
+                   help="max rows decoded together (prompts x n)")
     p.add_argument("--limit", type=at_least(0), default=0, help="only the first N rows (0 = all)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (none: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (none: cuda when available)")
     args = p.parse_args()
+    params = config_from(SamplingParams, args, stop=tuple(args.stop or [PROFILE_CLOSE]))
     output_file(args.out)
     rows = read_jsonl(args.data)[:args.limit or None]
     for i, r in enumerate(rows, 1):
-        if "history" in r:
-            check_samples(rows, args.data)   # LettinGo samples: all of them complete
-            break
-        if not isinstance(r.get("messages"), list):
-            raise LettingoError(f"{args.data}: row {i} has neither `history` (a LettinGo sample) nor `messages` (a chat)")
-    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None, device=args.device)
-    stop = tuple(args.stop or ["</user_profile>"])
+        if "history" not in r and not isinstance(r.get("messages"), list):
+            raise LettingoError(f"{args.data}: row {i} has neither `history` (a LettinGo sample) "
+                                "nor `messages` (a chat)")
+    if any("history" in r for r in rows):
+        check_samples(rows, args.data)                   # LettinGo samples: all of them complete
+    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None,
+                            device=args.device)
     prompts = [prompt_of(r, tok) for r in rows]
     t0 = time.time()
-    outs = generate(model, prompts, n=args.n, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                    top_p=args.top_p, top_k=args.top_k, stop=stop, seed=args.seed, tokenizer=tok,
-                    batch_size=args.batch_size, progress=True)
+    outs = Sampler(cpu_decode_layout(model)).generate(prompts, params, seed=args.seed, tokenizer=tok,
+                                                       batch_size=args.batch_size, progress=True)
     dt = time.time() - t0
     with open(args.out, "w") as f:
         for row, prompt, samples in zip(rows, prompts, outs):
-            f.write(json.dumps({
-                "user_id": row.get("user_id"), "item_id": row.get("item_id"),
-                "prompt": tok.decode(prompt), "prompt_tokens": len(prompt),
-                "generations": [{"text": text, "profile": extract_tag(text, "user_profile"), "tokens": len(s.tokens),
-                                 "finish": s.finish} for s in samples
-                                for text in [profile_answer(s.text, s.finish) if "history" in row else s.text]]}) + "\n")
+            texts = [profile_answer(s.text, s.finish) if "history" in row else s.text for s in samples]
+            f.write(json.dumps({"user_id": row.get("user_id"), "item_id": row.get("item_id"),
+                                "prompt": tok.decode(prompt), "prompt_tokens": len(prompt),
+                                "generations": [{"text": t, "profile": extract_tag(t, "user_profile"),
+                                                 "tokens": len(s.tokens), "finish": s.finish}
+                                                for t, s in zip(texts, samples)]}) + "\n")
     gen = sum(len(s.tokens) for ss in outs for s in ss)
-    print(f"{len(rows)} prompts x {args.n} samples -> {args.out}: {dt:.1f}s, "
+    print(f"{len(rows)} prompts x {params.n} samples -> {args.out}: {dt:.1f}s, "
           f"{len(rows) / dt:.2f} prompts/s, {gen / dt:.1f} generated tokens/s")
 
 

@@ -1,11 +1,15 @@
-"""train.py -- the training machinery grpo.py and dpo.py share: distributed set-up, FSDP2 wrapping,
-packed log-prob forwards, the guarded optimizer step, atomic checkpoints with exact resume, logging.
+"""train.py -- the machinery GRPO, DPO and SFT share: the training config, distributed set-up,
+FSDP2 wrapping, packed log-prob forwards, micro-batches in FSDP lockstep, the guarded optimizer
+step, the one training loop (`fit`), validation, atomic checkpoints with exact resume, logging.
 
 Runs alike as `python x.py` (one process) and `torchrun --nproc_per_node=N x.py`: a single process
 still forms a 1-rank process group, so both go through the same FSDP code path.
+
+    python train.py RUN_DIR        # the complete checkpoints of a run folder
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -18,14 +22,51 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from lettingo import (ATTENTION, PROFILE_CLOSE, TREE_BACKENDS, ArgParser, LettingoError, Transformer, at_least, attention_backend, cli, load_model, predictor_messages,
-                      profile_answer, profile_prompt, read_jsonl, save_model)
+from lettingo import (ATTENTION, PROFILE_CLOSE, TREE_BACKENDS, LettingoError, TokenLogprobs, Transformer,
+                      attention_backend, load_model, predictor_messages, profile_answer, profile_prompt,
+                      save_model)
 from reward import metrics, profile_predictions, template_profile
-from rollout import generate
+from rollout import Sampler, SamplingParams, cpu_decode_layout
+from tools.cli import ArgParser, cli, option
+
+
+@dataclass
+class TrainConfig:
+    """What every training run here takes: the model, the run folder, the loop, the optimizer,
+    memory and kernels, and the judge validation asks."""
+    model: str = option("smollm2-135m", "the model to train: HF folder, .gguf or alias")
+    out: str = option("runs/train", "run folder: checkpoints, metrics.jsonl, validation.jsonl")
+    steps: int = option(100, "optimizer steps", min=1)
+    eval_every: int = option(10, "validate every N steps (and at the end)", min=1)
+    val_users: int = option(64, "validation users evaluated (0 = all)", min=0)
+    save_every: int = option(50, "checkpoint every N steps (and at the end)", min=1)
+    seed: int = option(0, "data order and sampling seed")
+    resume: bool = option(False, "continue from the latest complete checkpoint")
+    lr: float = option(1e-6, "AdamW learning rate (constant after warm-up)", min=0.0)
+    weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
+    warmup_steps: int = option(0, "linear lr warm-up, then constant", min=0)
+    grad_clip: float = option(1.0, "global grad-norm clip", min=0.0)
+    token_budget: int = option(8192, "max tokens per packed training micro-batch", min=16)
+    activation_checkpointing: bool = option(False, "recompute each block in backward (less memory)")
+    attention: str = option("auto", "packed training attention kernel (auto: FlexAttention on CUDA, SDPA on "
+                            "CPU; flash/varlen have no tree mask, so each sequence keeps its own "
+                            "prompt copy)",
+                            choices=ATTENTION)
+    dtype: str = option("auto", "compute dtype of training and rollouts (fp32 master weights); "
+                        "auto = bf16 on GPU, fp32 on CPU", choices=("auto", "float32", "bfloat16"))
+    wandb: str | None = option(None, "also log to this Weights & Biases project (when installed)", kind=str)
+    task: str = option("rating", "rating: 1 - |err|/4 (the public code); sentiment: correct = 1 (the paper)",
+                       choices=("rating", "sentiment"))
+    judge: str = option("smollm2-135m", "local judge model (or the model name sent to --judge-url)")
+    judge_url: str | None = option(None, "OpenAI-compatible judge server (recommended for big judges)",
+                                   kind=str)
+    judge_mode: str = option("expect", "local judge: expected rating or greedy answer",
+                             choices=("expect", "decode"))
+    max_new_tokens: int = option(256, "profile budget (sampling and validation)", min=1)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -67,10 +108,11 @@ def close_distributed():
     gc.collect()
 
 
-def all_sum(x: float | int, device) -> float:
-    t = torch.tensor(float(x), dtype=torch.float64, device=device)
+def all_sum(values: dict[str, float], device) -> dict[str, float]:
+    """Sum a dict of numbers over all ranks, in one all-reduce."""
+    t = torch.tensor([float(v) for v in values.values()], dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return t.item()
+    return dict(zip(values, t.tolist()))
 
 
 def all_max(x: float | int, device) -> float:
@@ -86,8 +128,10 @@ def gather_objects(obj):
     return out
 
 
+# ----------------------------------------------------------------------------- the policy
+
 def compute_dtype(name: str, device) -> torch.dtype:
-    """--dtype auto: bf16 on GPU, fp32 on CPU (where bf16 is ~2x faster but optional)."""
+    """--dtype auto: bf16 on GPU, fp32 on CPU (where bf16 is optional)."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
@@ -101,6 +145,7 @@ def shard(model: Transformer, dtype: torch.dtype) -> Transformer:
     for block in model.model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
+    register_fsdp_forward_method(model, "logprobs")   # the root's weights are gathered for it too
     for m in model.modules():
         if hasattr(m, "set_gradient_divide_factor"):
             m.set_gradient_divide_factor(1.0)
@@ -108,28 +153,52 @@ def shard(model: Transformer, dtype: torch.dtype) -> Transformer:
     return model
 
 
-def load_policy(path, d: Dist, checkpointing=False, dtype=torch.float32, attention="auto"):
-    """The trainable policy (fp32 master weights, sharded) and a plain `dtype` copy for rollouts.
-    `attention` (see lettingo.attention_backend) is checked before anything loads and logged."""
-    kernel = attention_backend(attention, d.device, dtype)
+@dataclass
+class Policy:
+    """The model being trained (fp32 master weights, sharded), its plain `dtype` copy that samples,
+    the sampler over that copy, the tokenizer, the optimizer and its schedule."""
+    model: Transformer
+    rollout: Transformer
+    sampler: Sampler
+    tok: object
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @torch.no_grad()
+    def sync(self):
+        """Copy the sharded policy into the rollout copy: one all-gather per tensor per step, so
+        sampling runs with no FSDP hooks and no collective per decoded token (at the cost of one
+        full copy of the weights per rank, as verl's colocated inference engine)."""
+        dst = dict(self.rollout.named_parameters())
+        for name, p in self.model.named_parameters():
+            dst[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+
+
+def load_policy(path: str, cfg: TrainConfig, d: Dist) -> Policy:
+    """The policy from `path`, set up as `cfg` says. `cfg.attention` (see lettingo.attention_backend)
+    is checked before anything loads, and logged."""
+    dtype = compute_dtype(cfg.dtype, d.device)
+    kernel = attention_backend(cfg.attention, d.device, dtype)
     if d.main:
-        print(f"attention: {kernel} (--attention {attention}; prompts shared within groups: "
+        print(f"attention: {kernel} (--attention {cfg.attention}; prompts shared within groups: "
               f"{'yes' if kernel in TREE_BACKENDS else 'no'})", flush=True)
     model, tok = load_model(path, dtype=torch.float32, device=d.device)
-    model.checkpointing, model.attention = checkpointing, attention
-    rollout, _ = load_model(path, dtype=dtype, device=d.device)
-    return shard(model, dtype).train(), rollout, tok
+    model.checkpointing, model.attention = cfg.activation_checkpointing, cfg.attention
+    rollout = cpu_decode_layout(load_model(path, dtype=dtype, device=d.device)[0])
+    model = shard(model, dtype).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  betas=(0.9, 0.999), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                  lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    return Policy(model, rollout, Sampler(rollout), tok, optimizer, scheduler)
 
 
-@torch.no_grad()
-def sync_rollout_model(policy, rollout):
-    """Copy the sharded policy into the plain rollout model: one all-gather per tensor per step, so
-    sampling runs with no FSDP hooks and no collective per decoded token (at the cost of one full
-    copy of the weights per rank, as verl's colocated inference engine)."""
-    dst = dict(rollout.named_parameters())
-    for name, p in policy.named_parameters():
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p
-        dst[name].copy_(full)
+def load_reference(path: str, cfg: TrainConfig, d: Dist) -> Transformer:
+    """A frozen copy of the starting model (KL reference), sharded like the policy."""
+    ref = shard(load_model(path, dtype=torch.float32, device=d.device)[0], compute_dtype(cfg.dtype, d.device))
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
 
 
 # ----------------------------------------------------------------------------- packed log-probs
@@ -144,7 +213,7 @@ def micro_batches(seqs, token_budget: int, share_prompts: bool) -> list[list[int
     """Indices of `seqs` [(prompt, completion, ...)] grouped greedily (in order) so that each group's
     packed row (completion_logprobs' layout) stays within the token budget. With share_prompts a
     prompt is packed once for consecutive items that complete it (a GRPO group, a DPO pair), so a
-    micro-batch holds ~2.5x more sequences of a group of 8 with 300-token prompts."""
+    micro-batch holds several times more sequences of a group with long prompts."""
     groups, cur, size = [], [], 0
     for i, (prompt, *completions) in enumerate(seqs):
         own = sum(len(c) for c in completions) + len(prompt) * (1 if share_prompts else len(completions))
@@ -159,20 +228,20 @@ def micro_batches(seqs, token_budget: int, share_prompts: bool) -> list[list[int
     return groups
 
 
-def completion_logprobs(model, seqs: list[tuple[list[int], list[int]]], device, temperature=1.0, entropy=False,
-                        share_prompts: bool | None = None):
+def completion_logprobs(model, seqs: list[tuple[list[int], list[int]]], device, temperature=1.0,
+                        with_entropy=False, share_prompts: bool | None = None) -> list[TokenLogprobs]:
     """The one log-prob function: log p(completion token | prompt, earlier completion tokens) for
     each (prompt, completion) pair, all packed into one row without padding. Completions of the
     same prompt (a GRPO group, a DPO pair) share one copy of it (`share_prompts`): the prompt is
     computed once and each completion attends to it and to itself only. Default: share unless the
     model's attention is forced to a kernel without a tree mask (flash, varlen: then every
-    sequence carries its own prompt).
-    Returns a list of [len(completion)] tensors (and entropies when asked)."""
+    sequence carries its own prompt). -> per sequence, [len(completion)] log-probs (and entropies)."""
     if share_prompts is None:
         share_prompts = shares_prompts(model)
     groups: dict = {}
     for i, (p, _) in enumerate(seqs):
         groups.setdefault(tuple(p) if share_prompts else i, []).append(i)
+    # one row [1, N]: per group its prompt (branch 0), then each completion (branch 1, 2, ...)
     tokens, doc, branch, pos, index, ids, spans = [], [], [], [], [], [], [None] * len(seqs)
     for d, members in enumerate(groups.values()):
         prompt = seqs[members[0]][0]
@@ -191,103 +260,199 @@ def completion_logprobs(model, seqs: list[tuple[list[int], list[int]]], device, 
             index += [last] + list(range(start, start + len(comp) - 1))   # token j is predicted at j-1
             ids += comp
     t = lambda x: torch.tensor([x], device=device)
-    out = model(t(tokens), doc_ids=t(doc), branch_ids=t(branch) if share_prompts else None, positions=t(pos),
-                targets=(torch.tensor(index, device=device), torch.tensor(ids, device=device)),
-                temperature=temperature, entropy=entropy)
-    lp, ent = out if entropy else (out, None)
-    pieces = [lp[s:s + n] for s, n in spans]                 # [M] -> per sequence
-    return (pieces, [ent[s:s + n] for s, n in spans]) if entropy else pieces
+    out = model.logprobs(t(tokens), torch.tensor(index, device=device), torch.tensor(ids, device=device),
+                         doc_ids=t(doc), branch_ids=t(branch) if share_prompts else None, positions=t(pos),
+                         temperature=temperature, with_entropy=with_entropy)
+    return [TokenLogprobs(out.logprobs[s:s + n], out.entropy[s:s + n] if with_entropy else None)
+            for s, n in spans]                               # [M] -> per sequence
 
 
-def synced_groups(model, seqs, budget, device):
+def synced_groups(model, seqs, budget, device) -> list[list[int]]:
     """Micro-batches, padded with empty ones so every rank runs the same number of forwards (FSDP
     issues collectives per forward/backward: unequal counts would deadlock)."""
     groups = micro_batches(seqs, budget, shares_prompts(model))
     return groups + [[] for _ in range(int(all_max(len(groups), device)) - len(groups))]
 
 
+def backward_micro_batches(model, seqs, budget: int, device, loss_of, names=()) -> dict[str, float]:
+    """For each micro-batch g (indices into `seqs`, packed within the token budget): loss, metrics =
+    loss_of(g); loss.backward(). Gradients are reduced once, on the last micro-batch; a rank with
+    fewer micro-batches runs empty ones (a forward with zero loss) so all ranks stay in lockstep.
+    -> this rank's sums of "loss" and of the metrics `names` (every rank: the same keys)."""
+    sums = dict.fromkeys(("loss", *names), 0.0)
+    groups = synced_groups(model, seqs, budget, device)
+    for k, g in enumerate(groups):
+        model.set_requires_gradient_sync(k == len(groups) - 1)
+        if not g:
+            (completion_logprobs(model, [([0], [0])], device)[0].logprobs.sum() * 0.0).backward()
+            continue
+        loss, metrics_ = loss_of(g)
+        loss.backward()
+        sums["loss"] += loss.item()
+        for name, v in metrics_.items():
+            sums[name] += v
+    return sums
+
+
 @torch.no_grad()
-def logprobs_no_grad(model, seqs, budget, device, temperature=1.0):
+def logprobs_no_grad(model, seqs, budget, device, temperature=1.0) -> list[torch.Tensor]:
+    """Per (prompt, completion), the completion's log-probs under `model` (old policy, reference)."""
     out = []
     for g in synced_groups(model, seqs, budget, device):
-        batch = [seqs[i] for i in g] or [([0], [0])]                  # an empty group still runs
-        lps = completion_logprobs(model, batch, device, temperature)
-        out += lps[:len(g)]
+        # empty: lockstep
+        lps = completion_logprobs(model, [seqs[i] for i in g] or [([0], [0])], device, temperature)
+        out += [x.logprobs for x in lps[:len(g)]]
     return out
-
-
-def validate(rollout, tok, judge, val, args, d):
-    """Greedy profiles for the validation users, judged: the task metric on all users, on the users
-    whose profile closed, and -- to separate content from format -- no profile on those same users."""
-    mine = val[d.rank::d.world]
-    texts, preds, bare, templ, status = [], [], [], [], []
-    if mine:
-        outs = generate(rollout, [profile_prompt(tok, s) for s in mine], max_new_tokens=args.max_new_tokens,
-                        temperature=0, stop=(PROFILE_CLOSE,), tokenizer=tok, batch_size=args.rollout_batch_size,
-                        progress=d.main)
-        texts = [profile_answer(o[0].text, o[0].finish) for o in outs]
-        preds, scored = profile_predictions(mine, texts, judge, args.task)
-        status = [sc.status for sc in scored]
-        bare = judge.predict([predictor_messages(s, None, args.task) for s in mine], args.task)
-        templ = judge.predict([predictor_messages(s, template_profile(s), args.task) for s in mine], args.task)
-    rows = [r for part in gather_objects(list(zip(mine, preds, bare, templ, status))) for r in part]  # (sample, ours, none, template, status)
-    closed = [r for r in rows if r[4] == "ok"]
-    key = "MAE" if args.task == "rating" else "accuracy"
-    value = lambda rs, k: metrics(args.task, [r[k] for r in rs], [r[0] for r in rs], boot=0).get(key, (None,))[0]
-    return {"val_" + key: value(rows, 1), "val_format_rate": len(closed) / max(len(rows), 1),
-            f"val_{key}_closed": value(closed, 1), f"val_no_profile_{key}_closed": value(closed, 2),
-            f"val_no_profile_{key}": value(rows, 2), f"val_template_{key}": value(rows, 3),
-            "val_judge_failures": sum(r[4] == "judge_failed" for r in rows)}, texts[:2]
 
 
 # ----------------------------------------------------------------------------- the guarded step
 
-def apply_update(model, optimizer, scheduler, max_norm: float, loss_sum: float) -> tuple[float, bool]:
+def apply_update(policy: Policy, loss_sum: float, max_norm: float, d: Dist) -> tuple[float, bool]:
     """Clip and step -- unless the loss or the global gradient norm is not finite: then the
     gradients are dropped and nothing is applied (returns applied=False)."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), max_norm)
     norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
     ok = bool(torch.isfinite(torch.tensor([norm, loss_sum])).all())
     if ok:
-        optimizer.step()
-        scheduler.step()
-    optimizer.zero_grad(set_to_none=True)
+        policy.optimizer.step()
+        policy.scheduler.step()
+    else:
+        print(f"warning: rank {d.rank}: non-finite loss or gradient (loss {loss_sum}, grad norm {norm}): "
+              "update skipped", file=sys.stderr)
+    policy.optimizer.zero_grad(set_to_none=True)
     return norm, ok
 
 
-def make_optimizer(model, lr, weight_decay, warmup_steps=0):
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)))
-    return opt, sched
+# ----------------------------------------------------------------------------- the training loop
+
+def rank_positions(per_step: int, mini_batches: int, d: Dist) -> list[tuple[int, int]]:
+    """This rank's share of a step's `per_step` examples: (position in the step, mini-batch). Global
+    mini-batch m = positions [m*P/M, (m+1)*P/M); each rank takes an equal slice of every mini-batch,
+    so the updates are the same whatever the number of ranks."""
+    P, M = per_step, mini_batches
+    if P % (M * d.world):
+        raise LettingoError(f"{P} examples per step must split evenly into "
+                            f"{M} mini-batch(es) x {d.world} ranks")
+    return [(k, k // (P // M)) for k in range(P) if (k % (P // M)) // (P // (M * d.world)) == d.rank]
+
+
+def step_examples(seed: int, step: int, per_step: int, n: int, positions) -> list[tuple[int, int]]:
+    """The data position is the step: step s takes positions [s*P, (s+1)*P) of a seeded permutation
+    per epoch, so a resumed run sees exactly the examples it would have seen.
+    -> (example index, mini-batch) for this rank's positions."""
+    pos = step * per_step
+    perm = random.Random(seed * 7_919 + pos // n).sample(range(n), n)
+    return [(perm[(pos + k) % n], mb) for k, mb in positions]
+
+
+def fit(cfg: TrainConfig, d: Dist, policy: Policy, run_dir: str, steps: int, n_examples: int, per_step: int,
+        step_fn, validate_fn=None, describe=None, ckpt: str | None = None, mini_batches: int = 1):
+    """The one training loop (GRPO, DPO, SFT): validate every cfg.eval_every steps and at the end,
+    step_fn(step, [(example index, mini-batch)]) -> (metrics, samples or None) on this rank's share
+    of the step's examples, log, checkpoint every cfg.save_every steps and at the end; `ckpt` resumes
+    (weights already loaded from it) with the optimizer, schedule and RNG states."""
+    start = 0
+    if ckpt:
+        start = load_trainer_state(ckpt, policy, d)["step"]
+        if d.main:
+            print(f"resumed from {ckpt} at step {start}")
+    log = Logger(run_dir, d, cfg.wandb, dataclasses.asdict(cfg))
+    if d.main:
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+    positions = rank_positions(per_step, mini_batches, d)
+    describe = describe or (lambda row: " | ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                                   if k not in ("step", "skipped", "lr")))
+    first = last = None
+    for step in range(start, steps + 1):
+        if validate_fn and (step % cfg.eval_every == 0 or step == steps):
+            policy.sync()
+            last = validate_fn()
+            first = first or last
+            log.log({"step": step, **last}, f"step {step:>4} | validation {json.dumps(last)}",
+                    file="validation.jsonl")
+        if step == steps:
+            break
+        row, samples = step_fn(step, step_examples(cfg.seed, step, per_step, n_examples, positions))
+        row = {"step": step, **row}
+        log.log(row, f"step {step:>4} | {describe(row)}" + (" | SKIPPED" if row["skipped"] else ""))
+        if samples is not None:
+            log.log({"step": step, "samples": samples}, file="samples.jsonl")
+        if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
+            save_checkpoint(run_dir, step + 1, policy, {"config": dataclasses.asdict(cfg)}, d)
+    if d.main and first:
+        print(f"validation before: {json.dumps(first)}\nvalidation after:  {json.dumps(last)}")
+
+
+@dataclass
+class Judged:
+    """One validation user: the judge's prediction with the written profile, with no profile and
+    with the template profile, and the written profile's status (ok | format | judge_failed)."""
+    sample: dict
+    profile: object
+    no_profile: object
+    template: object
+    status: str
+
+
+def validate(sampler: Sampler, tok, judge, val: list[dict], task: str, max_new_tokens: int, batch_size: int,
+             d: Dist) -> dict:
+    """Greedy profiles for the validation users, judged: the task metric on all users, on the users
+    whose profile closed, and -- to separate content from format -- no profile on those same users."""
+    mine, rows = val[d.rank::d.world], []
+    if mine:
+        outs = sampler.generate([profile_prompt(tok, s) for s in mine],
+                                SamplingParams(max_new_tokens=max_new_tokens, temperature=0,
+                                               stop=(PROFILE_CLOSE,)),
+                                tokenizer=tok, batch_size=batch_size, progress=d.main)
+        preds, scored = profile_predictions(mine, [profile_answer(o[0].text, o[0].finish) for o in outs],
+                                            judge, task)
+        bare = judge.predict([predictor_messages(s, None, task) for s in mine], task)
+        templ = judge.predict([predictor_messages(s, template_profile(s), task) for s in mine], task)
+        rows = [Judged(*r) for r in zip(mine, preds, bare, templ, [sc.status for sc in scored])]
+    rows = [r for part in gather_objects(rows) for r in part]
+    closed = [r for r in rows if r.status == "ok"]
+    key = "MAE" if task == "rating" else "accuracy"
+    value = lambda rs, pred: (metrics(task, [pred(r) for r in rs], [r.sample for r in rs], boot=0)
+                              .get(key, (None,))[0])
+    return {"val_" + key: value(rows, lambda r: r.profile),
+            "val_format_rate": len(closed) / max(len(rows), 1),
+            f"val_{key}_closed": value(closed, lambda r: r.profile),
+            f"val_no_profile_{key}_closed": value(closed, lambda r: r.no_profile),
+            f"val_no_profile_{key}": value(rows, lambda r: r.no_profile),
+            f"val_template_{key}": value(rows, lambda r: r.template),
+            "val_judge_failures": sum(r.status == "judge_failed" for r in rows)}
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(run_dir, step, model, tokenizer, optimizer, scheduler, state: dict, d: Dist, keep=2):
+def save_checkpoint(run_dir, step, policy: Policy, state: dict, d: Dist, keep=2):
     """run_dir/ckpt-STEP/{model (HF folder), trainer.pt}. Written under a temp name and renamed, so a
     run killed mid-write leaves the previous checkpoint as the latest complete one."""
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    osd = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(policy.model, options=options)
+    osd = get_optimizer_state_dict(policy.model, policy.optimizer, options=options)
     rng = gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),
                           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
     if d.main:
         final = os.path.join(run_dir, f"ckpt-{step:06d}")
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(model, tokenizer, os.path.join(tmp, "model"), state_dict=full)
-        torch.save({"step": step, "optimizer": osd, "scheduler": scheduler.state_dict(), "rng": rng, "state": state},
-                   os.path.join(tmp, "trainer.pt"))
+        save_model(policy.model, policy.tok, os.path.join(tmp, "model"), state_dict=full)
+        torch.save({"step": step, "optimizer": osd, "scheduler": policy.scheduler.state_dict(), "rng": rng,
+                    "state": state}, os.path.join(tmp, "trainer.pt"))
         os.replace(tmp, final)
         for old in sorted(checkpoints(run_dir))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
 
-def checkpoints(run_dir):
+def checkpoints(run_dir) -> list[str]:
     if not os.path.isdir(run_dir):
         return []
     return [os.path.join(run_dir, n) for n in os.listdir(run_dir)
-            if n.startswith("ckpt-") and not n.endswith(".tmp") and os.path.isfile(os.path.join(run_dir, n, "trainer.pt"))]
+            if n.startswith("ckpt-") and not n.endswith(".tmp")
+               and os.path.isfile(os.path.join(run_dir, n, "trainer.pt"))]
 
 
 def latest_checkpoint(run_dir) -> str | None:
@@ -295,12 +460,12 @@ def latest_checkpoint(run_dir) -> str | None:
     return found[-1] if found else None
 
 
-def load_trainer_state(ckpt, model, optimizer, scheduler, d: Dist) -> dict:
+def load_trainer_state(ckpt, policy: Policy, d: Dist) -> dict:
     """Optimizer, scheduler and RNG states of a checkpoint (the weights come from ckpt/model)."""
     blob = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=blob["optimizer"],
+    set_optimizer_state_dict(policy.model, policy.optimizer, optim_state_dict=blob["optimizer"],
                              options=StateDictOptions(full_state_dict=True))
-    scheduler.load_state_dict(blob["scheduler"])
+    policy.scheduler.load_state_dict(blob["scheduler"])
     rng = blob["rng"][d.rank] if d.rank < len(blob["rng"]) else blob["rng"][0]
     torch.set_rng_state(rng["torch"])
     random.setstate(rng["python"])
@@ -323,27 +488,9 @@ def demo_data(folder):
     """Synthetic users for the no-argument demos (made once)."""
     if not os.path.isfile(os.path.join(folder, "train.jsonl")):
         here = os.path.dirname(os.path.abspath(__file__))
-        subprocess.run([sys.executable, os.path.join(here, "data", "prepare.py"), "synthetic", "--users", "300",
-                        "--out", folder, "--test-users", "60", "--val-users", "30", "--profile-history", "6"], check=True)
-
-
-def add_training_args(parser, lr, weight_decay, save_every):
-    """The flags every training loop here takes (optimizer, memory, dtype, checkpoints, logging)."""
-    a = parser.add_argument
-    a("--lr", type=at_least(0.0, float), default=lr, help="AdamW learning rate (constant after warm-up)")
-    a("--weight-decay", type=at_least(0.0, float), default=weight_decay, help="AdamW weight decay")
-    a("--warmup-steps", type=at_least(0), default=0, help="linear lr warm-up, then constant")
-    a("--grad-clip", type=at_least(0.0, float), default=1.0, help="global grad-norm clip")
-    a("--token-budget", type=at_least(16), default=8192, help="max tokens per packed training micro-batch")
-    a("--activation-checkpointing", action="store_true")
-    a("--attention", default="auto", choices=ATTENTION, help="packed training attention kernel (auto: FlexAttention "
-      "on CUDA, SDPA on CPU; flash/varlen have no tree mask, so each sequence then keeps its own prompt copy)")
-    a("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
-      help="compute dtype of training and rollouts (fp32 master weights); auto = bf16 on GPU, fp32 on CPU")
-    a("--save-every", type=at_least(1), default=save_every, help="checkpoint every N steps (and at the end)")
-    a("--seed", type=int, default=0, help="data order and sampling seed")
-    a("--resume", action="store_true", help="continue from the latest complete checkpoint")
-    a("--wandb", default=None, metavar="PROJECT", help="also log to Weights & Biases (when installed)")
+        subprocess.run([sys.executable, os.path.join(here, "data", "prepare.py"), "synthetic",
+                        "--users", "300", "--out", folder, "--test-users", "60", "--val-users", "30",
+                        "--profile-history", "6"], check=True)
 
 
 # ----------------------------------------------------------------------------- logging
@@ -361,7 +508,8 @@ class Logger:
                     import wandb
                     self.wandb = wandb.init(project=wandb_project, config=config, dir=run_dir)
                 except ImportError:
-                    print("warning: --wandb given but wandb is not installed; logging to metrics.jsonl only", file=sys.stderr)
+                    print("warning: --wandb given but wandb is not installed; logging to metrics.jsonl only",
+                          file=sys.stderr)
 
     def log(self, row: dict, line: str | None = None, file="metrics.jsonl"):
         if not self.main:
@@ -370,91 +518,18 @@ class Logger:
         with open(os.path.join(self.run_dir, file), "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.wandb and file == "metrics.jsonl":
-            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row.get("step"))
+            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))},
+                           step=row.get("step"))
         if line:
             print(line, flush=True)
-
-
-# ----------------------------------------------------------------------------- curves
-
-
-def plot_curves(run_dir, panels, title):
-    """One figure per run from metrics.jsonl / validation.jsonl. panels: [(panel title, [(file, key,
-    label, style)])]; style "band:KEY" draws KEY as a +- band; "stack" stacks the series as areas.
-    matplotlib is optional: a clear error says how to get it."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise LettingoError("plotting needs matplotlib: pip install matplotlib")
-    files = {}
-    for f in ("metrics.jsonl", "validation.jsonl"):
-        path = os.path.join(run_dir, f)
-        files[f] = read_jsonl(path) if os.path.isfile(path) else []
-    if not files["metrics.jsonl"]:
-        raise LettingoError(f"{run_dir}: no metrics.jsonl to plot")
-    cols = 3
-    fig, axes = plt.subplots((len(panels) + cols - 1) // cols, cols, figsize=(5 * cols, 3.2 * ((len(panels) + cols - 1) // cols)),
-                             squeeze=False)
-    for ax, (name, series) in zip(axes.flat, panels):
-        stack = []
-        for f, key, label, style in series:
-            pts = [(r["step"], r[key], r) for r in files[f] if r.get(key) is not None]
-            if not pts:
-                continue
-            x, y = [p[0] for p in pts], [p[1] for p in pts]
-            if style == "stack":
-                stack.append((x, y, label))
-                continue
-            ax.plot(x, y, style if style and not style.startswith("band:") else "-", label=label, marker="o" if len(x) < 12 else None)
-            if style and style.startswith("band:"):
-                sd = [p[2].get(style[5:], 0.0) for p in pts]
-                ax.fill_between(x, [a - b for a, b in zip(y, sd)], [a + b for a, b in zip(y, sd)], alpha=0.2)
-        if stack:
-            ax.stackplot(stack[0][0], *[s[1] for s in stack], labels=[s[2] for s in stack], alpha=0.7)
-        ax.set_title(name, fontsize=10)
-        ax.set_xlabel("step", fontsize=8)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.suptitle(f"{title}: {run_dir}", fontsize=11)
-    fig.tight_layout()
-    path = os.path.join(run_dir, "curves.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    print(f"wrote {path}")
-    return path
-
-
-def validation_panel(run_dir):
-    """The plot panel of what validate() logs: the metric on all users, on closed-profile users,
-    and the no-profile / template lines."""
-    path = os.path.join(run_dir, "validation.jsonl")
-    rows = read_jsonl(path) if os.path.isfile(path) else []
-    key, v = ("accuracy" if rows and "val_accuracy" in rows[0] else "MAE"), "validation.jsonl"
-    return (f"validation {key}", [(v, f"val_{key}", "all users", "-"), (v, f"val_{key}_closed", "users whose profile closed", "-"),
-                                  (v, f"val_no_profile_{key}_closed", "no profile, same users", "--"),
-                                  (v, f"val_no_profile_{key}", "no profile, all users", ":"),
-                                  (v, f"val_template_{key}", "template profile (code)", ":")])
-
-
-def plot_command(argv, plot_run, what):
-    """`python x.py plot RUN_DIR` for grpo.py and dpo.py."""
-    p = ArgParser(prog=f"{os.path.basename(sys.argv[0])} plot", description="Draw RUN_DIR/curves.png (needs matplotlib).")
-    p.add_argument("run_dir", metavar="RUN_DIR", help=what)
-    return plot_run(p.parse_args(argv).run_dir)
 
 
 def main():
     p = ArgParser(description="List the complete checkpoints of a run folder (grpo.py / dpo.py).")
     p.add_argument("run_dir", help="e.g. runs/grpo or runs/dpo/train")
-    args = p.parse_args()
-    found = sorted(checkpoints(args.run_dir))
+    found = sorted(checkpoints(p.parse_args().run_dir))
     if not found:
-        raise LettingoError(f"{args.run_dir}: no complete checkpoint")
+        raise LettingoError(f"{p.parse_args().run_dir}: no complete checkpoint")
     for c in found:
         step = torch.load(os.path.join(c, "trainer.pt"), map_location="cpu", weights_only=False)["step"]
         print(f"{c}  step {step}  model: {os.path.join(c, 'model')}")

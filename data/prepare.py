@@ -8,6 +8,7 @@ the paper's (profile from older history, 10 recent kept raw): --profile-history 
 """
 from __future__ import annotations
 
+import argparse
 import ast
 import bisect
 import csv
@@ -22,7 +23,8 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lettingo import ArgParser, LettingoError, at_least, cli  # noqa: E402
+from lettingo import LettingoError  # noqa: E402
+from tools.cli import ArgParser, at_least, cli  # noqa: E402
 
 
 class Drops:
@@ -60,13 +62,15 @@ def lines(path, drops: Drops, encoding="utf-8", skip_header=False):
                 try:
                     text = b.decode(enc).rstrip("\r\n")
                 except UnicodeDecodeError as e:
-                    drops.add("malformed line", f"{os.path.basename(path)}:{n}: not {enc} ({e.reason} at byte {e.start})")
+                    drops.add("malformed line",
+                              f"{os.path.basename(path)}:{n}: not {enc} ({e.reason} at byte {e.start})")
                     continue
                 if text.strip():
                     yield n, text
     except (EOFError, OSError, gzip.BadGzipFile) as e:
         drops.add("truncated file", f"{os.path.basename(path)}: stream ends after line {n} ({e})")
-        print(f"warning: {path}: truncated or corrupt after line {n} ({e}); using what was read", file=sys.stderr)
+        print(f"warning: {path}: truncated or corrupt after line {n} ({e}); using what was read",
+              file=sys.stderr)
     if n == 0:
         raise LettingoError(f"{path}: file is empty")
 
@@ -82,7 +86,8 @@ def read_movielens(folder, drops):
     p = lambda f: os.path.join(folder, f)
     items, ratings = {}, []
     if os.path.isfile(p("u.data")):                                         # ML-100K
-        genres = [g.split("|")[0] for _, g in lines(p("u.genre"), drops, "latin-1")] if os.path.isfile(p("u.genre")) else []
+        genres = ([g.split("|")[0] for _, g in lines(p("u.genre"), drops, "latin-1")]
+                  if os.path.isfile(p("u.genre")) else [])
         for n, line in lines(p("u.item"), drops, "latin-1"):
             f = line.split("|")
             if len(f) < 5:
@@ -124,7 +129,8 @@ def read_movielens(folder, drops):
 def describe_movie(title, genres):
     year = title[-5:-1] if title.endswith(")") and title[-5:-1].isdigit() else None
     genres = [g for g in genres if g and g not in ("unknown", "(no genres listed)")]
-    return ". ".join(x for x in [f"Released {year}" if year else "", "Genres: " + ", ".join(genres) if genres else ""] if x)
+    return ". ".join(x for x in [f"Released {year}" if year else "",
+                                 "Genres: " + ", ".join(genres) if genres else ""] if x)
 
 
 def parse_json_or_literal(text):
@@ -149,13 +155,14 @@ def amazon_files(raw, meta=None):
         path = raw
     else:
         raise LettingoError(f"--raw {raw}: no such file or folder")
-    if meta is None:                               # the category's metadata beside the reviews, if published there
+    if meta is None:                     # the category's metadata beside the reviews, if published there
         name = os.path.basename(path)
         for suffix in (".gz", ".jsonl", ".json", "_5"):
             name = name[:-len(suffix)] if name.endswith(suffix) else name
         name = name[len("reviews_"):] if name.startswith("reviews_") else name
         folder = os.path.dirname(path)
-        cands = [os.path.join(folder, f"meta_{name}{ext}") for ext in (".jsonl.gz", ".jsonl", ".json.gz", ".json")]
+        cands = [os.path.join(folder, f"meta_{name}{ext}")
+                 for ext in (".jsonl.gz", ".jsonl", ".json.gz", ".json")]
         meta = next((c for c in cands if os.path.isfile(c)), None)
         if meta:
             print(f"metadata: {meta}")
@@ -182,8 +189,10 @@ def read_amazon(path, drops, meta=None, review_chars=200):
         try:
             r = json.loads(line)
             if "reviewerID" in r:
-                user, item, rating, ts = r["reviewerID"], r["asin"], float(r["overall"]), int(r["unixReviewTime"])
-                text = ": ".join(x.strip() for x in (r.get("summary"), r.get("reviewText")) if x and x.strip())
+                user, item, rating, ts = (r["reviewerID"], r["asin"], float(r["overall"]),
+                                          int(r["unixReviewTime"]))
+                text = ": ".join(x.strip() for x in (r.get("summary"), r.get("reviewText"))
+                                 if x and x.strip())
             else:
                 user, item, rating = r["user_id"], r.get("parent_asin") or r["asin"], float(r["rating"])
                 ts = int(r["timestamp"]) // 1000
@@ -196,8 +205,10 @@ def read_amazon(path, drops, meta=None, review_chars=200):
 
 def read_yelp(folder, drops, review_chars=200):
     if not os.path.isdir(folder):
-        raise LettingoError(f"--raw {folder}: no such folder (expected the Yelp review.json and business.json)")
-    find = lambda name: (glob.glob(os.path.join(folder, f"*{name}.json")) + glob.glob(os.path.join(folder, f"*{name}.json.gz")) or [None])[0]
+        raise LettingoError(f"--raw {folder}: no such folder "
+                            "(expected the Yelp review.json and business.json)")
+    find = lambda name: (glob.glob(os.path.join(folder, f"*{name}.json"))
+                         + glob.glob(os.path.join(folder, f"*{name}.json.gz")) or [None])[0]
     review, business = find("review"), find("business")
     if not review or not business:
         raise LettingoError(f"--raw {folder}: needs *review.json and *business.json")
@@ -205,16 +216,19 @@ def read_yelp(folder, drops, review_chars=200):
     for n, line in lines(business, drops):
         try:
             b = json.loads(line)
-            items[b["business_id"]] = (b["name"], ". ".join(x for x in (b.get("categories") and f"Categories: {b['categories']}",
-                                                                        b.get("city") and f"City: {b['city']}") if x))
+            items[b["business_id"]] = (b["name"], ". ".join(
+                x for x in (b.get("categories") and f"Categories: {b['categories']}",
+                            b.get("city") and f"City: {b['city']}") if x))
         except (ValueError, KeyError) as e:
             drops.add("malformed item line", f"{os.path.basename(business)}:{n}: {e}")
     ratings = []
     for n, line in lines(review, drops):
         try:
             r = json.loads(line)
-            ts = int(datetime.strptime(r["date"], "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc).timestamp())
-            ratings.append((r["user_id"], r["business_id"], float(r["stars"]), ts, (r.get("text") or "")[:review_chars]))
+            ts = int(datetime.strptime(r["date"], "%Y-%m-%d %H:%M:%S")
+                     .replace(tzinfo=timezone.utc).timestamp())
+            ratings.append((r["user_id"], r["business_id"], float(r["stars"]), ts,
+                            (r.get("text") or "")[:review_chars]))
         except (ValueError, KeyError, TypeError) as e:
             drops.add("malformed line", f"{os.path.basename(review)}:{n}: {type(e).__name__} {e}")
     return ratings, items
@@ -222,9 +236,12 @@ def read_yelp(folder, drops, review_chars=200):
 
 # ----------------------------------------------------------------------------- synthetic users
 
-GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Animation", "Documentary", "Fantasy"]
-ADJ = ["Silent", "Last", "Golden", "Broken", "Hidden", "Crimson", "Endless", "Little", "Wild", "Frozen", "Secret", "Lost"]
-NOUN = ["River", "Kingdom", "Summer", "Machine", "Garden", "Storm", "Letter", "Island", "Road", "Planet", "Heart", "City"]
+GENRES = ["Action", "Comedy", "Drama", "Horror", "Romance", "Sci-Fi", "Thriller", "Animation", "Documentary",
+          "Fantasy"]
+ADJ = ["Silent", "Last", "Golden", "Broken", "Hidden", "Crimson", "Endless", "Little", "Wild", "Frozen",
+       "Secret", "Lost"]
+NOUN = ["River", "Kingdom", "Summer", "Machine", "Garden", "Storm", "Letter", "Island", "Road", "Planet",
+        "Heart", "City"]
 
 
 def synthetic(n_users, seed=0, n_items=400, min_ratings=20, max_ratings=60, total_ratings=None):
@@ -239,7 +256,8 @@ def synthetic(n_users, seed=0, n_items=400, min_ratings=20, max_ratings=60, tota
     for i in range(n_items):
         g = list(rng.choice(len(GENRES), size=int(rng.integers(1, 3)), replace=False))
         item_genres.append(set(g))
-        title = f"The {ADJ[rng.integers(len(ADJ))]} {NOUN[rng.integers(len(NOUN))]} {i} ({1970 + int(rng.integers(50))})"
+        title = (f"The {ADJ[rng.integers(len(ADJ))]} {NOUN[rng.integers(len(NOUN))]} {i} "
+                 f"({1970 + int(rng.integers(50))})")
         desc = f"Genres: {', '.join(GENRES[k] for k in g)}. A {GENRES[g[0]].lower()} story."
         items[str(i)] = (title, desc)
     quality = rng.normal(0, 0.3, n_items)
@@ -248,7 +266,8 @@ def synthetic(n_users, seed=0, n_items=400, min_ratings=20, max_ratings=60, tota
         counts = np.full(n_users, total_ratings // n_users)
         counts[: total_ratings % n_users] += 1
         if counts.max() > n_items:
-            raise LettingoError(f"--total-ratings needs at least {counts.max()} items per user; raise --items")
+            raise LettingoError(f"--total-ratings needs at least {counts.max()} items per user; "
+                                "raise --items")
     ratings, oracle = [], {}
     for u in range(n_users):
         gen, noise = rng.uniform(-1, 1), rng.uniform(0.2, 1.0)
@@ -263,10 +282,11 @@ def synthetic(n_users, seed=0, n_items=400, min_ratings=20, max_ratings=60, tota
         uid = str(u + 1)
         ratings += [(uid, str(i), float(r), int(t), "") for i, r, t in zip(chosen, stars, times)]
         tone = "generously" if gen > 0.33 else "harshly" if gen < -0.33 else "about average"
-        oracle[uid] = (f"This user rates {tone} (typical rating about {3.0 + gen:.1f}). They love "
-                       f"{' and '.join(GENRES[k] for k in sorted(liked))} and dislike "
-                       f"{' and '.join(GENRES[k] for k in sorted(disliked))}. Their ratings are "
-                       f"{'very consistent' if noise < 0.45 else 'fairly consistent' if noise < 0.75 else 'noisy'}.")
+        oracle[uid] = (
+            f"This user rates {tone} (typical rating about {3.0 + gen:.1f}). They love "
+            f"{' and '.join(GENRES[k] for k in sorted(liked))} and dislike "
+            f"{' and '.join(GENRES[k] for k in sorted(disliked))}. Their ratings are "
+            f"{'very consistent' if noise < 0.45 else 'fairly consistent' if noise < 0.75 else 'noisy'}.")
     return ratings, items, oracle
 
 
@@ -316,16 +336,15 @@ def build_samples(ratings, items, args, drops, oracle=None):
         else:
             eligible.append(u)
     random.Random(args.seed).shuffle(eligible)
-    if args.test_users is None:                     # split sizes that fit the data: fractions with caps
-        args.test_users = min(200, max(1, round(0.10 * len(eligible))))
-    if args.val_users is None:
-        args.val_users = min(50, max(1, round(0.05 * len(eligible))))
-    need = args.test_users + args.val_users
+    # split sizes that fit the data when not given: fractions with caps
+    n_test = args.test_users if args.test_users is not None else min(200, max(1, round(0.10 * len(eligible))))
+    n_val = args.val_users if args.val_users is not None else min(50, max(1, round(0.05 * len(eligible))))
+    need = n_test + n_val
     if len(eligible) <= need:
-        raise LettingoError(f"only {len(eligible)} users have >= {args.min_interactions} interactions; --test-users "
-                            f"{args.test_users} + --val-users {args.val_users} leaves none for training (lower those, "
-                            f"or --min-interactions)")
-    split_users = {"test": eligible[:args.test_users], "val": eligible[args.test_users:need],
+        raise LettingoError(f"only {len(eligible)} users have >= {args.min_interactions} interactions; "
+                            f"--test-users {n_test} + --val-users {n_val} leaves none for training "
+                            f"(lower those, or --min-interactions)")
+    split_users = {"test": eligible[:n_test], "val": eligible[n_test:need],
                    "train": eligible[need:need + args.train_users] if args.train_users else eligible[need:]}
     out = {}
     for split, users in split_users.items():
@@ -336,7 +355,8 @@ def build_samples(ratings, items, args, drops, oracle=None):
             for j in range(len(rows) - k - more, len(rows) - more):
                 s = make_sample(u, rows, j, items, item_index, args, drops, oracle)
                 if s and more:            # the next interactions after the target, also after the history
-                    s["more_targets"] = [target_fields(rows[x], items, args) for x in range(j + 1, j + 1 + more)]
+                    s["more_targets"] = [target_fields(rows[x], items, args)
+                                         for x in range(j + 1, j + 1 + more)]
                 if s:
                     samples.append(s)
         out[split] = samples
@@ -357,7 +377,8 @@ def target_fields(row, items, args) -> dict:
     t, i, r, _ = row
     title, desc = items[i] if items else (i, "")
     return {"item_id": i, "title": title, "description": desc, "rating": r,
-            "label": "like" if r >= args.like_min else "dislike" if r <= args.dislike_max else "neutral", "timestamp": t}
+            "label": "like" if r >= args.like_min else "dislike" if r <= args.dislike_max else "neutral",
+            "timestamp": t}
 
 
 def make_sample(u, rows, j, items, item_index, args, drops, oracle):
@@ -368,7 +389,8 @@ def make_sample(u, rows, j, items, item_index, args, drops, oracle):
         drops.add("too little history", f"user {u} target {i}: {len(earlier)} earlier interactions")
         return None
     as_dict = lambda row: {"item_id": row[1], "title": items[row[1]][0] if items else row[1],
-                           **({"genres": genres_of(items[row[1]][1])} if items and genres_of(items[row[1]][1]) else {}),
+                           **({"genres": genres_of(items[row[1]][1])}
+                              if items and genres_of(items[row[1]][1]) else {}),
                            "rating": row[2], "timestamp": row[0], **({"review": row[3]} if row[3] else {})}
     recent = earlier[len(earlier) - args.recent:] if args.recent else []
     older = earlier[:len(earlier) - args.recent] if args.recent else earlier
@@ -387,39 +409,52 @@ def make_sample(u, rows, j, items, item_index, args, drops, oracle):
 def main():
     p = ArgParser(description="Turn a ratings dataset into leak-free LettinGo samples.")
     p.add_argument("source", choices=["movielens", "amazon", "yelp", "synthetic"])
-    p.add_argument("--raw", help="movielens/yelp: the dataset folder; amazon: the reviews file (.json/.jsonl[.gz])")
+    p.add_argument("--raw",
+                   help="movielens/yelp: the dataset folder; amazon: the reviews file (.json/.jsonl[.gz])")
     p.add_argument("--meta", help="amazon: optional metadata file (titles, descriptions)")
     p.add_argument("--out", required=True, help="output folder for train/val/test.jsonl and stats.json")
-    p.add_argument("--profile-history", type=at_least(1), default=10, help="interactions the profile is written from")
-    p.add_argument("--recent", type=at_least(0), default=0, help="most recent interactions kept raw for the recommender (paper: 10)")
+    p.add_argument("--profile-history", type=at_least(1), default=10,
+                   help="interactions the profile is written from")
+    p.add_argument("--recent", type=at_least(0), default=0,
+                   help="most recent interactions kept raw for the recommender (paper: 10)")
     p.add_argument("--min-interactions", type=at_least(2), default=None,
-                   help="users with fewer are dropped (none: 20 for movielens/synthetic, 5 for amazon/yelp 5-core data)")
+                   help="users with fewer are dropped "
+                        "(none: 20 for movielens/synthetic, 5 for amazon/yelp 5-core data)")
     p.add_argument("--min-history", type=at_least(1), default=None,
                    help="targets with fewer earlier interactions are dropped (none: 5, or 3 for amazon/yelp)")
-    p.add_argument("--test-users", type=at_least(0), default=None, help="none: 10%% of eligible users, at most 200")
-    p.add_argument("--val-users", type=at_least(0), default=None, help="none: 5%% of eligible users, at most 50")
-    p.add_argument("--train-users", type=at_least(0), default=0, help="cap on training users (0 = all the rest)")
-    p.add_argument("--targets-per-user", type=at_least(1), default=1, help="train users: last N interactions as targets")
+    p.add_argument("--test-users", type=at_least(0), default=None,
+                   help="none: 10%% of eligible users, at most 200")
+    p.add_argument("--val-users", type=at_least(0), default=None,
+                   help="none: 5%% of eligible users, at most 50")
+    p.add_argument("--train-users", type=at_least(0), default=0,
+                   help="cap on training users (0 = all the rest)")
+    p.add_argument("--targets-per-user", type=at_least(1), default=1,
+                   help="train users: last N interactions as targets")
     p.add_argument("--reward-targets", type=at_least(1), default=1,
-                   help="train users: each sample also carries the next N-1 interactions as `more_targets`; a "
-                        "profile's reward is its mean over all N (less noisy than one item)")
+                   help="train users: each sample also carries the next N-1 interactions as "
+                        "`more_targets`; a profile's reward is its mean over all N "
+                        "(less noisy than one item)")
     p.add_argument("--like-min", type=float, default=4.0, help="rating >= this is 'like'")
     p.add_argument("--dislike-max", type=float, default=2.0, help="rating <= this is 'dislike'")
     p.add_argument("--review-chars", type=at_least(0), default=200, help="review text kept per interaction")
     p.add_argument("--seed", type=int, default=0, help="user split and synthetic data seed")
     p.add_argument("--users", type=at_least(2), default=300, help="synthetic: number of users")
     p.add_argument("--items", type=at_least(2), default=400, help="synthetic: catalog size")
-    p.add_argument("--total-ratings", type=at_least(0), default=0, help="synthetic: exact number of ratings (0 = 20-60 per user)")
-    p.add_argument("--export-movielens", metavar="DIR", help="synthetic: also write ratings.dat/movies.dat (ML-1M layout)")
-    args = p.parse_args()
-    sparse = args.source in ("amazon", "yelp")
-    args.min_interactions = args.min_interactions or (5 if sparse else 20)
-    args.min_history = args.min_history or (3 if sparse else 5)
+    p.add_argument("--total-ratings", type=at_least(0), default=0,
+                   help="synthetic: exact number of ratings (0 = 20-60 per user)")
+    p.add_argument("--export-movielens", metavar="DIR",
+                   help="synthetic: also write ratings.dat/movies.dat (ML-1M layout)")
+    given = p.parse_args()
+    sparse = given.source in ("amazon", "yelp")            # the source's thresholds where none is given
+    args = argparse.Namespace(**{**vars(given),
+                                 "min_interactions": given.min_interactions or (5 if sparse else 20),
+                                 "min_history": given.min_history or (3 if sparse else 5)})
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise LettingoError(f"--out {args.out}: exists and is not a folder")
     t0, drops, oracle = time.time(), Drops(), None
     if args.source == "synthetic":
-        ratings, items, oracle = synthetic(args.users, args.seed, args.items, total_ratings=args.total_ratings)
+        ratings, items, oracle = synthetic(args.users, args.seed, args.items,
+                                           total_ratings=args.total_ratings)
         if args.export_movielens:
             export_movielens(args.export_movielens, ratings, items)
     elif not args.raw:
@@ -430,8 +465,9 @@ def main():
         reviews, meta = amazon_files(args.raw, args.meta)
         ratings, items = read_amazon(reviews, drops, meta, args.review_chars)
         if items is None:
-            print("warning: no item metadata (no --meta and no meta_<Category> file beside the reviews): items are "
-                  "shown by their ids, with the review text that exists; stats.json says items_without_metadata",
+            print("warning: no item metadata (no --meta and no meta_<Category> file beside the reviews): "
+                  "items are shown by their ids, with the review text that exists; "
+                  "stats.json says items_without_metadata",
                   file=sys.stderr)
     else:
         ratings, items = read_yelp(args.raw, drops, args.review_chars)
@@ -444,7 +480,8 @@ def main():
             f.writelines(json.dumps(s) + "\n" for s in samples)
     stats = {"source": args.source, "raw": args.raw, "options": vars(args),
              "ratings_read": len(ratings), "users_read": len({r[0] for r in ratings}),
-             "items_rated": len({r[1] for r in ratings}), "items_in_catalog": len(items) if items is not None else None,
+             "items_rated": len({r[1] for r in ratings}),
+             "items_in_catalog": len(items) if items is not None else None,
              "ratings_kept": sum(len(v) for v in by_user.values()), "items_without_metadata": items is None,
              "rating_counts": dict(sorted(Counter(r[2] for r in ratings).items())),
              "dropped": drops.report(), "seconds": round(time.time() - t0, 2),
@@ -452,8 +489,9 @@ def main():
              **{f"{s}_users": len({x['user_id'] for x in v}) for s, v in splits.items()}}
     with open(os.path.join(args.out, "stats.json"), "w") as f:
         json.dump(stats, f, indent=2)
-    print(f"{stats['ratings_read']:,} ratings, {stats['users_read']:,} users, {stats['items_rated']:,} items rated "
-          f"-> train {len(splits['train'])} / val {len(splits['val'])} / test {len(splits['test'])} samples "
+    print(f"{stats['ratings_read']:,} ratings, {stats['users_read']:,} users, "
+          f"{stats['items_rated']:,} items rated -> train {len(splits['train'])} / "
+          f"val {len(splits['val'])} / test {len(splits['test'])} samples "
           f"in {args.out} ({stats['seconds']} s)")
     for reason, d in drops.report().items():
         print(f"dropped {d['count']:,} ({reason}), e.g. {'; '.join(map(str, d['examples'][:3]))}")

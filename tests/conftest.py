@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Llama / Qwen2 / Qwen3 checkpoints built with transformers (the
 independent reference), with a small byte-level BPE tokenizer and a ChatML template."""
 import os
+import subprocess
 import sys
 
 # The references (transformers models, brute-force loops) are built on the CPU, and the 2-rank tests
@@ -18,9 +19,11 @@ sys.path.insert(0, ROOT)
 
 CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-CORPUS = ["The user likes drama and comedy films, rates generously around 4.", "<user_profile>", "</user_profile>",
-          "<rating>3.50</rating> 1 2 3 4 5 1.00 2.00 4.50 5.00", "<sentiment>like neutral dislike</sentiment>",
-          "Toy Story (1995): rated 5/5. Heat (1995) rated 2/5. Action, Thriller, Romance, Sci-Fi, Horror."] * 20
+CORPUS = ["The user likes drama and comedy films, rates generously around 4.", "<user_profile>",
+          "</user_profile>", "<rating>3.50</rating> 1 2 3 4 5 1.00 2.00 4.50 5.00",
+          "<sentiment>like neutral dislike</sentiment>",
+          "Toy Story (1995): rated 5/5. Heat (1995) rated 2/5. Action, Thriller, Romance, Sci-Fi, Horror."
+          ] * 20
 
 
 def make_tokenizer(folder):
@@ -75,27 +78,30 @@ def smol():
 
 def tiny_run_folder(d, users):
     """A tiny model and a small synthetic dataset (short histories) for the training-loop tests."""
-    import subprocess
     make_model(str(d / "model"), "llama", tie_word_embeddings=True)
-    subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), "synthetic", "--users", str(users),
-                    "--out", str(d / "data"), "--test-users", "4" if users > 30 else "2",
-                    "--val-users", "4" if users > 30 else "2", "--profile-history", "3"], check=True, capture_output=True)
+    run("data/prepare.py", "synthetic", "--users", users, "--out", d / "data",
+        "--test-users", 4 if users > 30 else 2, "--val-users", 4 if users > 30 else 2, "--profile-history", 3,
+        check=True)
     return d
 
 
-def launch(script, args, nproc=1, timeout=300):
-    """Run a training script in 1 process or under torchrun; fail with its output tail."""
-    import subprocess
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    r = subprocess.run(cmd + [script] + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                       env=clean_env())
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+def run(script, *args, nproc=1, timeout=300, check=False):
+    """The one launcher: a script of the repository (a path relative to it, or absolute) in a child
+    process -- under torchrun when nproc > 1 -- from the repository root, without a process group's
+    variables. check: fail with the output's tail unless it exits 0."""
+    cmd = ([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1
+           else [sys.executable])
+    r = subprocess.run(cmd + [os.path.join(ROOT, script), *map(str, args)], capture_output=True, text=True,
+                       timeout=timeout, cwd=ROOT, env=clean_env())
+    if check:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
 
 def clean_env():
     """The environment without a process group's variables: a child never joins a test's own group."""
-    return {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {k: v for k, v in os.environ.items()
+            if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
 
 
 def checkpoint_weights(folder):
@@ -109,7 +115,8 @@ def max_diff(a, b):
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "cuda: needs a CUDA GPU (run with LETTINGO_TEST_CUDA=1 pytest -m cuda tests)")
+    config.addinivalue_line("markers",
+                            "cuda: needs a CUDA GPU (run with LETTINGO_TEST_CUDA=1 pytest -m cuda tests)")
 
 
 def pytest_collection_modifyitems(config, items):

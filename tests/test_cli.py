@@ -1,19 +1,12 @@
 """Every CLI on bad input: a non-zero exit with one `error:` line, no traceback, and -- for argument
 errors -- before any model loads (the model named here does not exist, so loading it would say so)."""
 import json
-import os
 import socket
-import subprocess
-import sys
 
 import pytest
+from conftest import run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOMODEL = "/nonexistent/model"
-
-
-def run(*args, timeout=120):
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
 def assert_clear_error(r, *words):
@@ -28,37 +21,52 @@ def assert_clear_error(r, *words):
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    r = run("data/prepare.py", "synthetic", "--users", "30", "--out", d / "data", "--test-users", "4", "--val-users", "2")
+    r = run("data/prepare.py", "synthetic", "--users", "30", "--out", d / "data", "--test-users", "4",
+            "--val-users", "2")
     assert r.returncode == 0, r.stderr
-    (d / "profiles.jsonl").write_text(json.dumps({"user_id": "u", "item_id": "i", "generations": [{"text": "x"}]}) + "\n")
-    (d / "nohistory.jsonl").write_text(json.dumps({"user_id": "u", "item_id": "i", "title": "t", "rating": 3}) + "\n")
+    (d / "profiles.jsonl").write_text(json.dumps({"user_id": "u", "item_id": "i",
+                                                  "generations": [{"text": "x"}]}) + "\n")
+    (d / "nohistory.jsonl").write_text(json.dumps({"user_id": "u", "item_id": "i", "title": "t",
+                                                   "rating": 3}) + "\n")
     return d
 
 
 @pytest.mark.parametrize("argv,words", [
-    (["rollout.py", "--data", "D/data/test.jsonl", "--out", "D/o.jsonl", "--limit", "-1", "--model", NOMODEL], ["--limit"]),
-    (["rollout.py", "--data", "D/data/test.jsonl", "--out", "D/o.jsonl", "--temperature", "-1", "--model", NOMODEL], ["--temperature"]),
-    (["rollout.py", "--data", "D/data/test.jsonl", "--out", "D/o.jsonl", "--n", "0", "--model", NOMODEL], ["--n"]),
+    (["rollout.py", "--data", "D/data/test.jsonl", "--out", "D/o.jsonl", "--limit", "-1", "--model", NOMODEL],
+     ["--limit"]),
+    (["rollout.py", "--data", "D/data/test.jsonl", "--out", "D/o.jsonl", "--temperature", "-1",
+      "--model", NOMODEL], ["--temperature"]),
+    (["rollout.py", "--data", "D/data/test.jsonl", "--out", "D/o.jsonl", "--n", "0", "--model", NOMODEL],
+     ["--n"]),
     (["rollout.py", "--data", "D/data/test.jsonl", "--out", "D/data", "--model", NOMODEL], ["is a folder"]),
     (["rollout.py", "--data", "D/profiles.jsonl", "--out", "D/o.jsonl", "--model", NOMODEL], ["neither"]),
     (["reward.py", "eval", "--data", "D/profiles.jsonl", "--judge", NOMODEL], ["profiles file"]),
     (["reward.py", "eval", "--data", "D/nohistory.jsonl", "--judge", NOMODEL], ["lacks", "history"]),
-    (["reward.py", "eval", "--data", "D/data/test.jsonl", "--batch-size", "0", "--judge", NOMODEL], ["--batch-size"]),
-    (["reward.py", "eval", "--data", "D/data/test.jsonl", "--profiles", "D/profiles.jsonl", "--judge", NOMODEL], ["no profile for user"]),
-    (["reward.py", "eval", "--data", "D/data/test.jsonl", "--judge-url", "http://127.0.0.1:9", "--retries", "0"], ["does not answer"]),
-    (["reward.py", "serve", "--port", "-1", "--model", NOMODEL], ["--port"]),
+    (["reward.py", "eval", "--data", "D/data/test.jsonl", "--batch-size", "0", "--judge", NOMODEL],
+     ["--batch-size"]),
+    (["reward.py", "eval", "--data", "D/data/test.jsonl", "--profiles", "D/profiles.jsonl",
+      "--judge", NOMODEL],
+     ["no profile for user"]),
+    (["reward.py", "eval", "--data", "D/data/test.jsonl", "--judge-url", "http://127.0.0.1:9",
+      "--retries", "0"],
+     ["does not answer"]),
+    (["tools/serve.py", "--port", "-1", "--model", NOMODEL], ["--port"]),
     (["grpo.py", "--group-size", "0", "--model", NOMODEL], ["--group-size"]),
     (["grpo.py", "--eval-every", "0", "--model", NOMODEL], ["--eval-every"]),
     (["grpo.py", "--max-new-tokens", "0", "--model", NOMODEL], ["--max-new-tokens"]),
     (["grpo.py", "--steps", "-1", "--model", NOMODEL], ["--steps"]),
-    (["grpo.py", "--attention", "varlen", "--data", "D/data", "--model", NOMODEL], ["--attention varlen cannot run here"]),
-    (["grpo.py", "--data", "D/data", "--out", "D/profiles.jsonl", "--model", NOMODEL], ["exists and is not a folder"]),
-    (["dpo.py", "explore", "--data", "D/data/train.jsonl", "--out", "D/profiles.jsonl", "--model", NOMODEL], ["exists and is not a folder"]),
+    (["grpo.py", "--attention", "varlen", "--data", "D/data", "--model", NOMODEL],
+     ["--attention varlen cannot run here"]),
+    (["grpo.py", "--data", "D/data", "--out", "D/profiles.jsonl", "--model", NOMODEL],
+     ["exists and is not a folder"]),
+    (["dpo.py", "explore", "--data", "D/data/train.jsonl", "--out", "D/profiles.jsonl", "--model", NOMODEL],
+     ["exists and is not a folder"]),
     (["dpo.py", "--n", "0"], ["--n"]),
-    (["bench.py", "learning", "--raw", "D/data", "--dpo-n", "0"], ["--dpo-n"]),
-    (["bench.py", "learning", "--raw", "D/data", "--dpo-min-margin", "-0.1"], ["--dpo-min-margin"]),
-    (["bench.py", "learning", "--raw", "D/data", "--dpo-start", "sft"], ["--dpo-start"]),
-    (["dpo.py", "train", "--data", "D/profiles.jsonl", "--out", "D/dpo", "--model", NOMODEL], ["profiles file"]),
+    (["tools/learning.py", "--raw", "D/data", "--dpo-n", "0"], ["--dpo-n"]),
+    (["tools/learning.py", "--raw", "D/data", "--dpo-min-margin", "-0.1"], ["--dpo-min-margin"]),
+    (["tools/learning.py", "--raw", "D/data", "--dpo-start", "sft"], ["--dpo-start"]),
+    (["dpo.py", "train", "--data", "D/profiles.jsonl", "--out", "D/dpo", "--model", NOMODEL],
+     ["profiles file"]),
     (["data/prepare.py", "synthetic", "--users", "-5", "--out", "D/s"], ["--users"]),
     (["data/prepare.py", "synthetic", "--test-users", "-1", "--out", "D/s"], ["--test-users"]),
     (["data/prepare.py", "synthetic", "--out", "D/profiles.jsonl"], ["exists and is not a folder"]),
@@ -82,12 +90,11 @@ def test_serve_port_in_use_fails_before_loading():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
-        r = run("reward.py", "serve", "--port", s.getsockname()[1], "--model", NOMODEL)
+        r = run("tools/serve.py", "--port", s.getsockname()[1], "--model", NOMODEL)
     assert_clear_error(r, "cannot listen")                 # the port, not the missing model: checked first
 
 
-@pytest.mark.parametrize("script", ["grpo.py", "dpo.py"])
-def test_plot_usage(script):
-    r = run(script, "plot", "--help")
+def test_plot_usage():
+    r = run("tools/plot.py", "--help")
     assert r.returncode == 0 and "RUN_DIR" in r.stdout and "curves.png" in r.stdout, r.stderr
-    assert_clear_error(run(script, "plot", "/nonexistent/run"), "no metrics.jsonl")
+    assert_clear_error(run("tools/plot.py", "/nonexistent/run"), "no metrics.jsonl")

@@ -2,31 +2,30 @@
 import gzip
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+from conftest import ROOT, run
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")
 SMALL = ["--min-interactions", "3", "--min-history", "1", "--test-users", "1", "--val-users", "1"]
 
 
 def prepare(*args):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), *map(str, args)],
-                       capture_output=True, text=True)
-    return r
+    return run("data/prepare.py", *args)
 
 
 def load(out):
-    return {s: [json.loads(x) for x in open(os.path.join(out, f"{s}.jsonl"))] for s in ("train", "val", "test")}, \
+    return {s: [json.loads(x) for x in open(os.path.join(out, f"{s}.jsonl"))]
+            for s in ("train", "val", "test")}, \
         json.load(open(os.path.join(out, "stats.json")))
 
 
 def check_leakage(splits):
-    """Every history item strictly earlier than its target; means from earlier ratings only; users disjoint."""
+    """Every history item strictly earlier than its target; means from earlier ratings only; users
+    disjoint."""
     users = {s: {x["user_id"] for x in v} for s, v in splits.items()}
-    assert not (users["train"] & users["test"]) and not (users["train"] & users["val"]) and not (users["val"] & users["test"])
+    assert (not (users["train"] & users["test"]) and not (users["train"] & users["val"])
+            and not (users["val"] & users["test"]))
     for v in splits.values():
         for s in v:
             hist = s["history"] + s["recent"]
@@ -42,7 +41,8 @@ def write_ml100k(d, rows):
     open(f"{d}/u.genre", "w").write("Action|0\nComedy|1\nDrama|2\n")
     with open(f"{d}/u.item", "wb") as f:
         f.write("1|Caf\xe9 Movie (1995)|01-Jan-1995||url|1|0|0\n".encode("latin-1"))
-        f.write(b"2|Funny (1990)|01-Jan-1990||url|0|1|0\n3|Sad (1980)|||url|0|0|1\n4|Both (1999)|||url|1|1|0\n")
+        f.write(b"2|Funny (1990)|01-Jan-1990||url|0|1|0\n3|Sad (1980)|||url|0|0|1\n"
+                b"4|Both (1999)|||url|1|1|0\n")
     open(f"{d}/u.data", "w").write("".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows))
 
 
@@ -52,7 +52,8 @@ ROWS = [(u, i, r, 100 * u + t) for u in (1, 2, 3) for i, r, t in ((1, 5, 1), (2,
 def test_movielens_100k_fields(tmp_path):
     raw = tmp_path / "raw"
     write_ml100k(raw, ROWS + [(1, 4, 3, 104)])          # a duplicate (user 1, item 4)
-    r = prepare("movielens", "--raw", raw, "--out", tmp_path / "o", *SMALL, "--profile-history", "2", "--recent", "1")
+    r = prepare("movielens", "--raw", raw, "--out", tmp_path / "o", *SMALL, "--profile-history", "2",
+                "--recent", "1")
     assert r.returncode == 0, r.stderr
     splits, stats = load(tmp_path / "o")
     assert stats["ratings_read"] == 13 and stats["dropped"]["duplicate"]["count"] == 1
@@ -70,11 +71,13 @@ def test_movielens_100k_fields(tmp_path):
 def test_movielens_1m_and_latest_formats(tmp_path):
     d = tmp_path / "ml1m"
     d.mkdir()
-    (d / "movies.dat").write_bytes("1::Am\xe9lie (2001)::Comedy|Romance\n2::Heat (1995)::Action\n".encode("latin-1"))
-    (d / "ratings.dat").write_text("".join(f"{u}::{1 + k % 2}::{3 + k % 2}::{10 * u + k}\n" for u in (1, 2, 3) for k in range(2))
-                                   + "4::1::5::1\n4::2::4::2\n4::9::4::3\n")                   # item 9 unknown
-    r = prepare("movielens", "--raw", d, "--out", tmp_path / "o1", "--min-interactions", "2", "--min-history", "1",
-                "--test-users", "1", "--val-users", "1")
+    (d / "movies.dat").write_bytes("1::Am\xe9lie (2001)::Comedy|Romance\n2::Heat (1995)::Action\n"
+                                   .encode("latin-1"))
+    (d / "ratings.dat").write_text("".join(f"{u}::{1 + k % 2}::{3 + k % 2}::{10 * u + k}\n"
+                                           for u in (1, 2, 3) for k in range(2))
+                                   + "4::1::5::1\n4::2::4::2\n4::9::4::3\n")             # item 9 unknown
+    r = prepare("movielens", "--raw", d, "--out", tmp_path / "o1", "--min-interactions", "2",
+                "--min-history", "1", "--test-users", "1", "--val-users", "1")
     assert r.returncode == 0, r.stderr
     splits, stats = load(tmp_path / "o1")
     assert stats["dropped"]["unknown item"]["count"] == 1 and "unknown item" in r.stdout
@@ -82,11 +85,13 @@ def test_movielens_1m_and_latest_formats(tmp_path):
     assert s["title"] == "Heat (1995)" and s["history"][0]["title"] == "Am\xe9lie (2001)"
     d = tmp_path / "latest"
     d.mkdir()
-    (d / "movies.csv").write_text('movieId,title,genres\n1,"Good, Bad (1966)",Western\n2,Up (2009)|x,Animation\n')
+    (d / "movies.csv").write_text('movieId,title,genres\n1,"Good, Bad (1966)",Western\n'
+                                  '2,Up (2009)|x,Animation\n')
     (d / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" +
-                                   "".join(f"{u},{1 + k % 2},{2.5 + k},{10 * u + k}\n" for u in (1, 2, 3) for k in range(2)))
-    r = prepare("movielens", "--raw", d, "--out", tmp_path / "o2", "--min-interactions", "2", "--min-history", "1",
-                "--test-users", "1", "--val-users", "1")
+                                   "".join(f"{u},{1 + k % 2},{2.5 + k},{10 * u + k}\n"
+                                           for u in (1, 2, 3) for k in range(2)))
+    r = prepare("movielens", "--raw", d, "--out", tmp_path / "o2", "--min-interactions", "2",
+                "--min-history", "1", "--test-users", "1", "--val-users", "1")
     assert r.returncode == 0, r.stderr
     splits, stats = load(tmp_path / "o2")
     s = splits["test"][0]
@@ -99,9 +104,10 @@ def test_amazon_2014_gz_literal_meta_and_2023(tmp_path):
     with gzip.open(tmp_path / "r.json.gz", "wt") as f:
         f.writelines(json.dumps(x) + "\n" for x in reviews)
     with gzip.open(tmp_path / "meta.json.gz", "wt") as f:   # Python literals, as the 2014 dump
-        f.writelines(repr({"asin": f"A{i}", "title": f"Book {i}", "description": "About things"}) + "\n" for i in range(3))
-    r = prepare("amazon", "--raw", tmp_path / "r.json.gz", "--meta", tmp_path / "meta.json.gz", "--out", tmp_path / "o",
-                *SMALL, "--min-interactions", "3")
+        f.writelines(repr({"asin": f"A{i}", "title": f"Book {i}", "description": "About things"}) + "\n"
+                     for i in range(3))
+    r = prepare("amazon", "--raw", tmp_path / "r.json.gz", "--meta", tmp_path / "meta.json.gz",
+                "--out", tmp_path / "o", *SMALL, "--min-interactions", "3")
     assert r.returncode == 0, r.stderr
     splits, _ = load(tmp_path / "o")
     s = splits["test"][0]
@@ -114,7 +120,7 @@ def test_amazon_2014_gz_literal_meta_and_2023(tmp_path):
     assert r.returncode == 0, r.stderr
     splits, _ = load(tmp_path / "o3")
     s = splits["test"][0]
-    assert s["title"] == "P2" and s["timestamp"] == 10 * int(s["user_id"][1:]) + 2   # ms -> s; id names the item
+    assert s["title"] == "P2" and s["timestamp"] == 10 * int(s["user_id"][1:]) + 2   # ms -> s; title = id
 
 
 def test_amazon_folders_as_published_and_5core_defaults(tmp_path):
@@ -122,7 +128,8 @@ def test_amazon_folders_as_published_and_5core_defaults(tmp_path):
     minimum-interaction settings fit 5-core data (every user has >= 5 reviews)."""
     users, items = 30, 8
     reviews = [{"reviewerID": f"U{u}", "asin": f"A{(u + i) % items}", "overall": float(1 + (u + i) % 5),
-                "unixReviewTime": 1000 * u + i, "summary": "ok", "reviewText": "fine"} for u in range(users) for i in range(5)]
+                "unixReviewTime": 1000 * u + i, "summary": "ok", "reviewText": "fine"}
+               for u in range(users) for i in range(5)]
     d14 = tmp_path / "2014"
     d14.mkdir()
     with gzip.open(d14 / "reviews_Musical_Instruments_5.json.gz", "wt") as f:
@@ -133,15 +140,17 @@ def test_amazon_folders_as_published_and_5core_defaults(tmp_path):
     assert r.returncode == 0, r.stderr
     splits, stats = load(tmp_path / "o14")
     assert stats["users_read"] == users and not stats["items_without_metadata"]
-    assert len(splits["test"]) == 3 and len(splits["val"]) == 2 and len(splits["train"]) == 25   # 10 % / 5 % of 30 users
+    # 10 % / 5 % of 30 users
+    assert len(splits["test"]) == 3 and len(splits["val"]) == 2 and len(splits["train"]) == 25
     assert all(s["title"].startswith("Guitar") for s in splits["test"])
     check_leakage(splits)
     d23 = tmp_path / "2023"
     d23.mkdir()
-    rows = [{"user_id": f"U{u}", "parent_asin": f"P{(u + i) % items}", "rating": 4.0, "timestamp": 1000 * (10 * u + i),
-             "title": "t", "text": "great"} for u in range(users) for i in range(5)]
+    rows = [{"user_id": f"U{u}", "parent_asin": f"P{(u + i) % items}", "rating": 4.0,
+             "timestamp": 1000 * (10 * u + i), "title": "t", "text": "great"}
+            for u in range(users) for i in range(5)]
     (d23 / "Books.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
-    r = prepare("amazon", "--raw", d23, "--out", tmp_path / "o23")                         # no metadata: said, not silent
+    r = prepare("amazon", "--raw", d23, "--out", tmp_path / "o23")      # no metadata: said, not silent
     assert r.returncode == 0 and "no item metadata" in r.stderr, r.stderr
     assert load(tmp_path / "o23")[1]["items_without_metadata"]
     with gzip.open(d23 / "meta_Books.jsonl.gz", "wt") as f:
@@ -150,24 +159,26 @@ def test_amazon_folders_as_published_and_5core_defaults(tmp_path):
     assert r.returncode == 0, r.stderr
     assert load(tmp_path / "o23m")[0]["test"][0]["title"].startswith("Novel")
     (d23 / "Extra.jsonl").write_text("")
-    r = prepare("amazon", "--raw", d23, "--out", tmp_path / "o23x")                        # two candidates: say which
+    r = prepare("amazon", "--raw", d23, "--out", tmp_path / "o23x")     # two candidates: say which
     assert r.returncode != 0 and "expected one reviews file" in r.stderr and "Traceback" not in r.stderr
     r = prepare("amazon", "--raw", d14, "--out", tmp_path / "o14x", "--test-users", "20", "--val-users", "10")
-    assert r.returncode != 0 and "--min-interactions" in r.stderr                          # the error names the fix
+    assert r.returncode != 0 and "--min-interactions" in r.stderr       # the error names the fix
 
 
 def test_yelp(tmp_path):
     (tmp_path / "yelp_academic_dataset_business.json").write_text(
-        "".join(json.dumps({"business_id": f"B{i}", "name": f"Cafe {i}", "categories": "Coffee", "city": "Reno"}) + "\n"
-                for i in range(3)))
+        "".join(json.dumps({"business_id": f"B{i}", "name": f"Cafe {i}", "categories": "Coffee",
+                            "city": "Reno"}) + "\n" for i in range(3)))
     (tmp_path / "yelp_academic_dataset_review.json").write_text(
-        "".join(json.dumps({"user_id": f"U{u}", "business_id": f"B{i}", "stars": 4, "date": f"2019-01-0{i + 1} 10:00:00",
-                            "text": "ok"}) + "\n" for u in range(3) for i in range(3)))
+        "".join(json.dumps({"user_id": f"U{u}", "business_id": f"B{i}", "stars": 4,
+                            "date": f"2019-01-0{i + 1} 10:00:00", "text": "ok"}) + "\n"
+                for u in range(3) for i in range(3)))
     r = prepare("yelp", "--raw", tmp_path, "--out", tmp_path / "o", *SMALL)
     assert r.returncode == 0, r.stderr
     splits, _ = load(tmp_path / "o")
     s = splits["test"][0]
-    assert s["title"] == "Cafe 2" and s["description"] == "Categories: Coffee. City: Reno" and s["history"][-1]["review"] == "ok"
+    assert (s["title"] == "Cafe 2" and s["description"] == "Categories: Coffee. City: Reno"
+            and s["history"][-1]["review"] == "ok")
 
 
 def test_synthetic_deterministic_fast_and_leak_free(tmp_path):
@@ -210,7 +221,8 @@ def test_bad_input(tmp_path):
         f.write(b"3\t1\t4")                     # truncated last line
     r = prepare("movielens", "--raw", raw, "--out", tmp_path / "o", *SMALL)
     assert r.returncode == 0, r.stderr
-    assert "dropped 3 (malformed line)" in r.stdout and "u.data:13" in r.stdout and "u.data:14: not utf-8" in r.stdout
+    assert ("dropped 3 (malformed line)" in r.stdout and "u.data:13" in r.stdout
+            and "u.data:14: not utf-8" in r.stdout)
     assert load(tmp_path / "o")[1]["ratings_read"] == 12
     r = prepare("movielens", "--raw", tmp_path / "missing", "--out", tmp_path / "o")
     assert r.returncode != 0 and "no such folder" in r.stderr and "Traceback" not in r.stderr
@@ -218,7 +230,8 @@ def test_bad_input(tmp_path):
     r = prepare("movielens", "--raw", raw, "--out", tmp_path / "o")
     assert r.returncode != 0 and "u.data: file is empty" in r.stderr and "Traceback" not in r.stderr
     with gzip.open(tmp_path / "r.json.gz", "wt") as f:
-        f.writelines(json.dumps({"user_id": f"U{u}", "asin": f"A{i}", "rating": 4, "timestamp": 1000 * (u * 10 + i)}) + "\n"
+        f.writelines(json.dumps({"user_id": f"U{u}", "asin": f"A{i}", "rating": 4,
+                                 "timestamp": 1000 * (u * 10 + i)}) + "\n"
                      for u in range(3) for i in range(3))
     blob = (tmp_path / "r.json.gz").read_bytes()
     (tmp_path / "cut.json.gz").write_bytes(blob[:-12])   # truncated gzip stream
@@ -226,11 +239,13 @@ def test_bad_input(tmp_path):
     assert "truncated" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason="the shared MovieLens data is not mounted at ../shared/data")
-@pytest.mark.parametrize("name,ratings,users,items", [("ml-100k", 100000, 943, 1682), ("ml-latest-small", 100836, 610, 9724)])
+@pytest.mark.skipif(not os.path.isdir(SHARED),
+                    reason="the shared MovieLens data is not mounted at ../shared/data")
+@pytest.mark.parametrize("name,ratings,users,items", [("ml-100k", 100000, 943, 1682),
+                                                      ("ml-latest-small", 100836, 610, 9724)])
 def test_shared_movielens_counts_and_leakage(tmp_path, name, ratings, users, items):
-    r = prepare("movielens", "--raw", os.path.join(SHARED, name), "--out", tmp_path, "--profile-history", 30, "--recent", 10,
-                "--targets-per-user", 2)
+    r = prepare("movielens", "--raw", os.path.join(SHARED, name), "--out", tmp_path, "--profile-history", 30,
+                "--recent", 10, "--targets-per-user", 2)
     assert r.returncode == 0, r.stderr
     splits, stats = load(tmp_path)
     assert (stats["ratings_read"], stats["users_read"], stats["items_rated"]) == (ratings, users, items)

@@ -1,22 +1,17 @@
 """dpo.py: the loss by hand and by finite differences, pair rules, learning, 2 ranks, resume."""
 import json
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from conftest import checkpoint_weights as weights
-from conftest import clean_env, launch, max_diff, tiny_run_folder
+from conftest import max_diff, run, tiny_run_folder
 
 from dpo import best_profiles, dpo_loss, make_pairs
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DPO = os.path.join(ROOT, "dpo.py")
 
-
-@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo-sum", 0.0), ("ipo", 0.0)])
+@pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo-sum", 0.0),
+                                           ("ipo", 0.0)])
 def test_dpo_loss_by_hand_and_finite_differences(loss_type, eps):
     pc, pr, rc, rr = -10.0, -12.0, -11.0, -11.5
     nc, nr = 4.0, 10.0                                      # response lengths (only IPO uses them)
@@ -34,7 +29,8 @@ def test_dpo_loss_by_hand_and_finite_differences(loss_type, eps):
     loss, cr, rj = dpo_loss(x[0], x[1], f64(rc), f64(rr), beta, loss_type, eps, f64(nc), f64(nr))
     assert loss.item() == pytest.approx(want, rel=1e-12)
     scale = (nc, nr) if loss_type == "ipo" else (1.0, 1.0)
-    assert cr.item() == pytest.approx(beta * (pc - rc) / scale[0]) and rj.item() == pytest.approx(beta * (pr - rr) / scale[1])
+    assert (cr.item() == pytest.approx(beta * (pc - rc) / scale[0])
+            and rj.item() == pytest.approx(beta * (pr - rr) / scale[1]))
     g, = torch.autograd.grad(loss, x)
     h = 1e-6
     for i in range(2):
@@ -45,21 +41,23 @@ def test_dpo_loss_by_hand_and_finite_differences(loss_type, eps):
 
 
 def rows(user, rewards, task="sentiment"):
-    return [{"user_id": user, "item_id": "i", "text": f"{user}-{k}", f"reward_{task}": r} for k, r in enumerate(rewards)]
+    return [{"user_id": user, "item_id": "i", "text": f"{user}-{k}", f"reward_{task}": r}
+            for k, r in enumerate(rewards)]
 
 
 def test_pairs_paper_rule_margin_cap_and_users():
     # sentiment: 2 correct x 3 incorrect = 6 pairs; a -1 format failure counts as incorrect
-    pairs, empty = make_pairs(rows("a", [1.0, 0.0, 1.0, 0.0, -1.0]) + rows("b", [1.0, 1.0]) + rows("c", [0.0, None]),
-                              "sentiment")
+    pairs, empty = make_pairs(rows("a", [1.0, 0.0, 1.0, 0.0, -1.0]) + rows("b", [1.0, 1.0])
+                              + rows("c", [0.0, None]), "sentiment", min_margin=0.0, max_per_user=10)
     assert len(pairs) == 6 and empty == 2
-    assert {(p["chosen"], p["rejected"]) for p in pairs} == {(f"a-{w}", f"a-{l}") for w in (0, 2) for l in (1, 3, 4)}
+    assert ({(p["chosen"], p["rejected"]) for p in pairs}
+            == {(f"a-{w}", f"a-{l}") for w in (0, 2) for l in (1, 3, 4)})
     assert all(p["user_id"] == "a" for p in pairs)          # never across users
     # rating: only gaps >= margin, the better one chosen, widest first under the cap
-    pairs, empty = make_pairs(rows("a", [0.9, 0.85, 0.5, 0.2], "rating") + rows("b", [0.7, 0.7], "rating"), "rating",
-                              min_margin=0.3, max_per_user=2)
+    pairs, empty = make_pairs(rows("a", [0.9, 0.85, 0.5, 0.2], "rating") + rows("b", [0.7, 0.7], "rating"),
+                              "rating", min_margin=0.3, max_per_user=2)
     assert empty == 1 and [(p["chosen"], p["rejected"]) for p in pairs] == [("a-0", "a-3"), ("a-1", "a-3")]
-    pairs, _ = make_pairs(rows("a", [1.0, 0.0, 0.0, 0.0, 0.0]), "sentiment", max_per_user=3)
+    pairs, _ = make_pairs(rows("a", [1.0, 0.0, 0.0, 0.0, 0.0]), "sentiment", min_margin=0.0, max_per_user=3)
     assert len(pairs) == 3
 
 
@@ -72,14 +70,15 @@ def setup(tmp_path_factory):
         for k, s in enumerate(samples):
             f.write(json.dumps({"user_id": s["user_id"], "item_id": s["item_id"], "margin": 1.0,
                                 "chosen": "<user_profile>likes Comedy, rates 4</user_profile>",
-                                "rejected": f"<user_profile>{'xq'[k % 2] * (3 + k % 4)} zz</user_profile>"}) + "\n")
+                                "rejected": f"<user_profile>{'xq'[k % 2] * (3 + k % 4)} zz</user_profile>"})
+                    + "\n")
     return d
 
 
 def run_dpo(setup, out, *extra, nproc=1):
-    return launch(DPO, ["train", "--data", setup / "data" / "train.jsonl", "--pairs", setup / "pairs.jsonl", "--out", out,
-                        "--model", setup / "model", "--lr", "2e-3", "--pairs-per-step", "4", "--token-budget", "1200",
-                        *extra], nproc)
+    return run("dpo.py", "train", "--data", setup / "data" / "train.jsonl", "--pairs", setup / "pairs.jsonl",
+               "--out", out, "--model", setup / "model", "--lr", "2e-3", "--pairs-per-step", "4",
+               "--token-budget", "1200", *extra, nproc=nproc, check=True)
 
 
 def test_it_learns_and_reference_is_computed_once(setup, tmp_path):
@@ -98,7 +97,8 @@ def test_it_learns_and_reference_is_computed_once(setup, tmp_path):
 def test_two_ranks_match_one_and_resume(setup, tmp_path):
     run_dpo(setup, tmp_path / "one", "--steps", "2", "--save-every", "1")
     run_dpo(setup, tmp_path / "two", "--steps", "2", "--save-every", "1", nproc=2)
-    a, b = weights(tmp_path / "one" / "train" / "ckpt-000002"), weights(tmp_path / "two" / "train" / "ckpt-000002")
+    a, b = (weights(tmp_path / "one" / "train" / "ckpt-000002"),
+            weights(tmp_path / "two" / "train" / "ckpt-000002"))
     assert max_diff(a, b) < 1e-5
     run_dpo(setup, tmp_path / "one", "--steps", "4", "--save-every", "1", "--resume")
     run_dpo(setup, tmp_path / "straight", "--steps", "4", "--save-every", "4")
@@ -107,18 +107,17 @@ def test_two_ranks_match_one_and_resume(setup, tmp_path):
 
 
 def test_stages_skip_when_up_to_date(setup, tmp_path):
-    base = ["--data", setup / "data" / "train.jsonl", "--out", tmp_path, "--model", setup / "model", "--judge",
-            setup / "model", "--users", "4", "--n", "3", "--max-new-tokens", "8", "--task", "rating", "--min-margin", "0"]
-    run = lambda stage: subprocess.run([sys.executable, DPO, stage] + [str(a) for a in base], capture_output=True,
-                                       text=True, timeout=300, env=clean_env())
+    base = ["--data", setup / "data" / "train.jsonl", "--out", tmp_path, "--model", setup / "model",
+            "--judge", setup / "model", "--users", "4", "--n", "3", "--max-new-tokens", "8",
+            "--task", "rating", "--min-margin", "0"]
     for stage in ("explore", "evaluate", "pairs"):
-        r = run(stage)
+        r = run("dpo.py", stage, *base)
         assert r.returncode == 0 and "up to date" not in r.stdout, r.stderr[-2000:]
     prof = [json.loads(x) for x in open(tmp_path / "profiles.jsonl")]
     assert len(prof) == 12 and {p["model"] for p in prof} == {str(setup / "model")}
     scores = [json.loads(x) for x in open(tmp_path / "scores-rating.jsonl")]
     assert len(scores) == 12 and all("reward_rating" in s and "no_profile_reward_rating" in s for s in scores)
-    assert "up to date, skipped" in run("explore").stdout
+    assert "up to date, skipped" in run("dpo.py", "explore", *base).stdout
 
 
 def test_tokenize_pair_ends_only_complete_profiles(setup):
@@ -136,10 +135,12 @@ def test_tokenize_pair_ends_only_complete_profiles(setup):
 
 
 def test_best_profiles_rule():
-    r = lambda u, k, rew, bare, st="ok": {"user_id": u, "item_id": "i", "text": f"{u}-{k}", "reward_rating": rew,
-                                          "no_profile_reward_rating": bare, "status_rating": st}
-    rows_ = [r("a", 0, 0.8, 0.7), r("a", 1, 0.9, 0.7), r("a", 2, 1.0, 0.7, "format"),     # a: the best *closed* one
-             r("b", 0, 0.6, 0.7), r("b", 1, 0.7, 0.7),                                     # b: none beats no profile
+    r = lambda u, k, rew, bare, st="ok": {"user_id": u, "item_id": "i", "text": f"{u}-{k}",
+                                          "reward_rating": rew, "no_profile_reward_rating": bare,
+                                          "status_rating": st}
+    rows_ = [r("a", 0, 0.8, 0.7), r("a", 1, 0.9, 0.7),       # a: the best *closed* one
+             r("a", 2, 1.0, 0.7, "format"),
+             r("b", 0, 0.6, 0.7), r("b", 1, 0.7, 0.7),       # b: none beats no profile
              r("c", 0, 0.75, 0.7), r("c", 1, None, 0.7, "judge_failed")]
     picks = best_profiles(rows_, "rating")
     assert [(p["user_id"], p["chosen"]) for p in picks] == [("a", "a-1"), ("c", "c-0")]
@@ -152,11 +153,13 @@ def test_sft_stage_learns_the_kept_profiles(setup, tmp_path):
     the SFT stage keeps only the first and its NLL falls as it trains."""
     samples = [json.loads(x) for x in open(setup / "data" / "train.jsonl")][:2]
     (tmp_path / "scores-rating.jsonl").write_text("".join(json.dumps(
-        {"user_id": s["user_id"], "item_id": s["item_id"], "model": "m", "k": 0, "text": "<user_profile>likes Comedy</user_profile>",
-         "reward_rating": 0.9 - 0.5 * i, "no_profile_reward_rating": 0.6, "status_rating": "ok"}) + "\n" for i, s in enumerate(samples)))
-    r = subprocess.run([sys.executable, DPO, "sft", "--data", str(setup / "data" / "train.jsonl"), "--out", str(tmp_path),
-                        "--model", str(setup / "model"), "--task", "rating", "--lr", "1e-3", "--steps", "6",
-                        "--pairs-per-step", "1", "--save-every", "6"], capture_output=True, text=True, timeout=300, env=clean_env())
+        {"user_id": s["user_id"], "item_id": s["item_id"], "model": "m", "k": 0,
+         "text": "<user_profile>likes Comedy</user_profile>",
+         "reward_rating": 0.9 - 0.5 * i, "no_profile_reward_rating": 0.6, "status_rating": "ok"}) + "\n"
+        for i, s in enumerate(samples)))
+    r = run("dpo.py", "sft", "--data", setup / "data" / "train.jsonl", "--out", tmp_path,
+            "--model", setup / "model", "--task", "rating", "--lr", "1e-3", "--steps", "6",
+            "--pairs-per-step", "1", "--save-every", "6")
     assert r.returncode == 0, r.stderr[-2000:]
     kept = [json.loads(x) for x in open(tmp_path / "sft-rating.jsonl")]
     assert [k["user_id"] for k in kept] == [samples[0]["user_id"]]
@@ -174,8 +177,8 @@ def test_template_explorer_writes_the_hand_derived_profile(tmp_path):
             {"user_id": "u2", "item_id": "y", "title": "Y", "rating": 2.0, "user_mean": 2.0,
              "history": [h("E", "Western", 1), h("F", "Comedy", 3)]}]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    r = subprocess.run([sys.executable, DPO, "explore", "--data", str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "ex"),
-                        "--models", "template", "--n", "4"], capture_output=True, text=True, timeout=300, env=clean_env())
+    r = run("dpo.py", "explore", "--data", tmp_path / "train.jsonl", "--out", tmp_path / "ex",
+            "--models", "template", "--n", "4")
     assert r.returncode == 0, r.stderr[-2000:]
     prof = [json.loads(x) for x in open(tmp_path / "ex" / "profiles.jsonl")]
     assert [(p["user_id"], p["model"], p["k"], p["text"]) for p in prof] == [

@@ -8,13 +8,10 @@ import shutil
 import pytest
 import torch
 from conftest import checkpoint_weights as weights
-from conftest import launch, make_model, max_diff, tiny_run_folder
+from conftest import make_model, max_diff, run, tiny_run_folder
 
 from grpo import clipped_policy_loss, group_advantages, kl_k3, token_weights
-from train import apply_update, latest_checkpoint, make_optimizer
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOY = os.path.join(ROOT, "tests", "toy_grpo.py")
+from train import Dist, Policy, apply_update, latest_checkpoint
 
 
 def test_group_advantages_by_hand():
@@ -45,7 +42,8 @@ def test_clipped_loss_value_and_gradient():
     big = torch.log(torch.tensor([10.0]))
     l2, c2 = clipped_policy_loss(big, torch.zeros(1), torch.tensor([-1.0]), 0.2, 0.28, dual_clip=3.0)
     assert l2.item() == pytest.approx(3.0) and c2.item()
-    l3, _ = clipped_policy_loss(torch.log(torch.tensor([1.3])), torch.zeros(1), torch.tensor([1.0]), 0.2, 0.28)
+    l3, _ = clipped_policy_loss(torch.log(torch.tensor([1.3])), torch.zeros(1), torch.tensor([1.0]), 0.2,
+                                0.28)
     assert l3.item() == pytest.approx(-1.28)              # clip-higher
 
 
@@ -59,27 +57,34 @@ def test_k3_kl_by_hand():
 def test_aggregation_modes_by_hand():
     L = [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0, 6.0])]
     lens = [2, 4]
-    agg = lambda mode: sum((x * w).sum() for x, w in zip(L, token_weights(lens, mode, n_seqs=2, n_tokens=6, budget=16)))
+    agg = lambda mode: sum((x * w).sum()
+                           for x, w in zip(L, token_weights(lens, mode, n_seqs=2, n_tokens=6, budget=16)))
     assert agg("token-mean").item() == pytest.approx(21 / 6)
     assert agg("seq-mean-token-mean").item() == pytest.approx((1.5 + 4.5) / 2)
     # Dr. GRPO / TRL dr_grpo: the constant generation budget (16), not the longest response (4)
     assert agg("seq-mean-token-sum-norm").item() == pytest.approx(21 / (2 * 16))
 
 
+def optimized(model, lr):
+    """A Policy around `model` as train.load_policy makes it: AdamW, constant lr."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    return Policy(model, None, None, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+
+
 def test_non_finite_step_is_skipped():
     model = torch.nn.Linear(3, 2)
-    opt, sched = make_optimizer(model, 0.1, 0.0)
+    policy, d = optimized(model, 0.1), Dist(0, 1, torch.device("cpu"))
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.ones(1, 3)).sum().backward()
     model.weight.grad[0, 0] = float("nan")
-    norm, ok = apply_update(model, opt, sched, 1.0, loss_sum=1.0)
+    norm, ok = apply_update(policy, 1.0, 1.0, d)
     assert not ok and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert not opt.state                                   # nothing stepped, not even Adam's moments
+    assert not policy.optimizer.state                      # nothing stepped, not even Adam's moments
     model(torch.ones(1, 3)).sum().backward()
-    _, ok = apply_update(model, opt, sched, 1.0, loss_sum=float("inf"))
+    _, ok = apply_update(policy, float("inf"), 1.0, d)
     assert not ok and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     model(torch.ones(1, 3)).sum().backward()
-    _, ok = apply_update(model, opt, sched, 1.0, loss_sum=1.0)
+    _, ok = apply_update(policy, 1.0, 1.0, d)
     assert ok and not torch.equal(before[0], model.weight)
 
 
@@ -89,13 +94,15 @@ def toy_setup(tmp_path_factory):
 
 
 def toy(setup, out, *extra, nproc=1):
-    return launch(TOY, ["--model", setup / "model", "--judge", setup / "model", "--data", setup / "data", "--out", out,
-                        "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "12", "--eval-every", "100",
-                        "--val-users", "2", "--lr", "3e-3", "--token-budget", "1500", *extra], nproc)
+    return run("tests/toy_grpo.py", "--model", setup / "model", "--judge", setup / "model",
+               "--data", setup / "data", "--out", out, "--prompts-per-step", "4", "--group-size", "4",
+               "--max-new-tokens", "12", "--eval-every", "100", "--val-users", "2", "--lr", "3e-3",
+               "--token-budget", "1500", *extra, nproc=nproc, check=True)
 
 
 def test_it_learns(toy_setup, tmp_path):
-    toy(toy_setup, tmp_path, "--steps", "16", "--group-size", "8", "--mini-batches", "1", "--save-every", "100")
+    toy(toy_setup, tmp_path, "--steps", "16", "--group-size", "8", "--mini-batches", "1",
+        "--save-every", "100")
     rewards = [json.loads(x)["reward_mean"] for x in open(tmp_path / "metrics.jsonl")]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.08, rewards
 
@@ -122,8 +129,11 @@ def test_resume_is_exact_and_survives_killed_write(toy_setup, tmp_path, monkeypa
     os.remove(tmp_path / "split" / "ckpt-000004.tmp" / "trainer.pt")
     assert latest_checkpoint(str(tmp_path / "split")).endswith("ckpt-000002")
     toy(toy_setup, tmp_path / "split", "--steps", "4", "--save-every", "2", "--resume")
-    assert max_diff(weights(tmp_path / "straight" / "ckpt-000004"), weights(tmp_path / "split" / "ckpt-000004")) < 1e-6
-    from transformers import AutoModelForCausalLM           # the checkpoint is a loadable HF folder
+    assert max_diff(weights(tmp_path / "straight" / "ckpt-000004"),
+                    weights(tmp_path / "split" / "ckpt-000004")) < 1e-6
+    from transformers import (
+        AutoModelForCausalLM,  # the checkpoint is a loadable HF folder
+    )
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "split" / "ckpt-000004" / "model"))
 
 
@@ -136,9 +146,9 @@ def test_killed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
         monkeypatch.delenv(k, raising=False)                       # restore afterwards for later subprocesses
     d = train.setup_distributed()
     model, tok = load_model(str(tmp_path / "m"), device="cpu")
-    model = train.shard(model, torch.float32)
-    opt, sched = make_optimizer(model, 1e-3, 0.0)
-    train.save_checkpoint(str(tmp_path / "run"), 1, model, tok, opt, sched, {}, d)
+    policy = optimized(train.shard(model, torch.float32), 1e-3)
+    policy.tok = tok
+    train.save_checkpoint(str(tmp_path / "run"), 1, policy, {}, d)
 
     def crash(*a, **k):
         os.makedirs(a[2], exist_ok=True)
@@ -146,7 +156,7 @@ def test_killed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
         raise KeyboardInterrupt("killed")
     monkeypatch.setattr(train, "save_model", crash)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(str(tmp_path / "run"), 2, model, tok, opt, sched, {}, d)
+        train.save_checkpoint(str(tmp_path / "run"), 2, policy, {}, d)
     assert latest_checkpoint(str(tmp_path / "run")).endswith("ckpt-000001")
     load_model(os.path.join(latest_checkpoint(str(tmp_path / "run")), "model"))
     import torch.distributed as dist
@@ -164,7 +174,7 @@ def test_shared_prompt_packing_matches_separate_forwards(tiny):
     rnd = lambda n: torch.randint(3, m.cfg.vocab_size, (n,), generator=g).tolist()
     P, Q = rnd(40), rnd(25)
     seqs = [(P, rnd(7)), (Q, rnd(4)), (P, rnd(12)), (P, rnd(1))]
-    lps = completion_logprobs(m, seqs, "cpu", share_prompts=True)
+    lps = [x.logprobs for x in completion_logprobs(m, seqs, "cpu", share_prompts=True)]
     sum((lp * (k + 1)).sum() for k, lp in enumerate(lps)).backward()
     shared = {n: p.grad.clone() for n, p in m.named_parameters()}
     m.zero_grad()
@@ -214,31 +224,34 @@ def test_plot_curves_draws_every_panel(tmp_path):
     """A run folder written by hand -> curves.png whose panels carry the logged values."""
     pytest.importorskip("matplotlib")
     import matplotlib.image
-    import grpo
-    rows = [{"step": s, "reward_mean": -0.5 + 0.1 * s, "reward_std": 0.2, "format_rate": 0.3 + 0.1 * s, "kl": 0.01 * s,
-             "entropy": 2.0, "clip_frac": 0.01, "response_length": 40 + s, "time_rollout": 5.0, "time_reward": 1.0,
-             "time_update": 3.0, "grad_norm": 0.5} for s in range(5)]
-    val = [{"step": s, "val_MAE": 1.2 - 0.05 * s, "val_format_rate": 0.5, "val_MAE_closed": 1.0, "val_no_profile_MAE_closed": 1.1,
-            "val_no_profile_MAE": 1.2, "val_template_MAE": 0.9} for s in (0, 4)]
+
+    from tools.plot import plot_dpo, plot_grpo
+    rows = [{"step": s, "reward_mean": -0.5 + 0.1 * s, "reward_std": 0.2, "format_rate": 0.3 + 0.1 * s,
+             "kl": 0.01 * s, "entropy": 2.0, "clip_frac": 0.01, "response_length": 40 + s,
+             "time_rollout": 5.0, "time_reward": 1.0, "time_update": 3.0, "grad_norm": 0.5} for s in range(5)]
+    val = [{"step": s, "val_MAE": 1.2 - 0.05 * s, "val_format_rate": 0.5, "val_MAE_closed": 1.0,
+            "val_no_profile_MAE_closed": 1.1, "val_no_profile_MAE": 1.2, "val_template_MAE": 0.9}
+           for s in (0, 4)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in val))
-    path = grpo.plot_run(str(tmp_path))
+    path = plot_grpo(str(tmp_path))
     img = matplotlib.image.imread(path)
-    assert img.shape[0] > 600 and img.shape[1] > 1200 and img[..., :3].std() > 0.05   # a real figure, not a blank page
-    import dpo
+    # a real figure, not a blank page
+    assert img.shape[0] > 600 and img.shape[1] > 1200 and img[..., :3].std() > 0.05
     (tmp_path / "d").mkdir()
-    (tmp_path / "d" / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 0.7 - 0.1 * s, "pref_accuracy": 0.5,
-                                                                      "reward_margin": 0.1 * s, "chosen_reward": 0.0,
-                                                                      "logp_chosen": -30.0, "logp_rejected": -40.0,
-                                                                      "grad_norm": 1.0}) + "\n" for s in range(3)))
-    assert os.path.isfile(dpo.plot_run(str(tmp_path / "d")))
+    (tmp_path / "d" / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "loss": 0.7 - 0.1 * s, "pref_accuracy": 0.5, "reward_margin": 0.1 * s,
+                    "chosen_reward": 0.0, "logp_chosen": -30.0, "logp_rejected": -40.0,
+                    "grad_norm": 1.0}) + "\n" for s in range(3)))
+    assert os.path.isfile(plot_dpo(str(tmp_path / "d")))
 
 
 def plain_logprobs(m, seqs):
     """Each (prompt + completion) alone through a plain causal forward: the reference."""
     out = []
     for p, c in seqs:
-        logp = torch.log_softmax(m(torch.tensor([p + c], device=m.lm_head.weight.device))[0, len(p) - 1:-1].float(), -1)
+        logp = torch.log_softmax(m(torch.tensor([p + c], device=m.lm_head.weight.device))[0, len(p) - 1:-1]
+                                 .float(), -1)
         out.append(logp.gather(1, torch.tensor(c, device=logp.device)[:, None]).squeeze(1))
     return out
 
@@ -257,7 +270,7 @@ def test_flex_attention_on_cpu_matches_separate_forwards(tiny):
     seqs = [(P, rnd(7)), (Q, rnd(4)), (P, rnd(60)), (P, rnd(1))]          # 302 tokens packed: 3 flex blocks
     m.attention = "flex"
     with torch.no_grad():
-        lps = completion_logprobs(m, seqs, "cpu")
+        lps = [x.logprobs for x in completion_logprobs(m, seqs, "cpu")]
         want = plain_logprobs(m, seqs)
     assert max((a - b).abs().max().item() for a, b in zip(lps, want)) < 1e-5
     assert attention_backend("auto", "cpu", torch.float32) == "sdpa"
@@ -283,7 +296,7 @@ def test_cuda_attention_backends_match_sdpa(tiny, kernel):
     seqs = [(P, rnd(40)), (P, rnd(33)), (Q, rnd(20)), (P, rnd(5)), (Q, rnd(64))]
     weights = [1.0, -2.0, 0.5, 3.0, -1.0]
     m.attention = kernel
-    lps = completion_logprobs(m, seqs, "cuda")
+    lps = [x.logprobs for x in completion_logprobs(m, seqs, "cuda")]
     sum((lp.float() * w).sum() for lp, w in zip(lps, weights)).backward()
     grads = {n: p.grad.float().clone() for n, p in m.named_parameters()}
     m.zero_grad()
@@ -291,5 +304,6 @@ def test_cuda_attention_backends_match_sdpa(tiny, kernel):
     want = plain_logprobs(m, seqs)
     sum((lp * w).sum() for lp, w in zip(want, weights)).backward()
     assert max((a.float() - b).abs().max().item() for a, b in zip(lps, want)) < 0.1
-    rel = max(((grads[n] - p.grad.float()).norm() / (p.grad.float().norm() + 1e-6)).item() for n, p in m.named_parameters())
+    rel = max(((grads[n] - p.grad.float()).norm() / (p.grad.float().norm() + 1e-6)).item()
+              for n, p in m.named_parameters())
     assert rel < 0.05, rel

@@ -6,7 +6,15 @@ import pytest
 import torch
 from conftest import make_model
 
-from lettingo import KVCache, LettingoError, load_model, resolve, save_model, token_logprobs
+from lettingo import (
+    KVCache,
+    LettingoError,
+    load_model,
+    resolve,
+    save_model,
+    token_entropy,
+    token_logprobs,
+)
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
@@ -65,7 +73,9 @@ def test_token_logprobs_match_log_softmax():
     h = torch.randn(2, 700, 16, requires_grad=True)
     w = torch.randn(50, 16)
     t = torch.randint(0, 50, (2, 700))
-    lp, ent = token_logprobs(h, w, t, temperature=0.7, entropy=True, chunk=300)
+    index = torch.arange(2 * 700)
+    lp = token_logprobs(h, w, index, t.flatten(), temperature=0.7, chunk=300).view(2, 700)
+    ent = token_entropy(h, w, index, temperature=0.7, chunk=300).view(2, 700)
     ref = torch.log_softmax((h @ w.t()) / 0.7, -1)
     assert (lp - ref.gather(-1, t[..., None]).squeeze(-1)).abs().max() < 1e-5
     assert (ent - -(ref.exp() * ref).sum(-1)).abs().max() < 1e-4
@@ -76,6 +86,7 @@ def test_token_logprobs_match_log_softmax():
 
 def test_embedded_smollm2_matches_transformers_gguf(smol):
     from transformers import AutoModelForCausalLM
+
     from lettingo import chat_prompt
     ours, tok = smol
     path = resolve("smollm2-135m")
@@ -117,16 +128,15 @@ def test_bad_input_gives_clear_errors(tmp_path):
     with pytest.raises(LettingoError, match="unsupported architecture 'MambaForCausalLM'"):
         load_model(str(folder))
     (folder / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 3, "intermediate_size": 100}))
-    with pytest.raises(LettingoError, match=r"missing \(\d+\): model\.layers\.2\..*shape mismatch.*\(64, 96\) vs \(64, 100\)"):
+    with pytest.raises(LettingoError,
+                       match=r"missing \(\d+\): model\.layers\.2\..*shape mismatch"
+                             r".*\(64, 96\) vs \(64, 100\)"):
         load_model(str(folder))
 
 
 def test_cli_error_is_one_line(tmp_path):
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, os.path.join(root, "lettingo.py"), str(tmp_path / "nope")],
-                       capture_output=True, text=True)
+    from conftest import run
+    r = run("lettingo.py", tmp_path / "nope")
     assert r.returncode != 0 and r.stderr.strip().startswith("error:") and "Traceback" not in r.stderr
 
 
@@ -143,7 +153,9 @@ def test_cuda_parity_with_transformers(tmp_path, family, kw):
         assert (ref(x).logits - ours(x)).abs().max() < 1e-4
         bf, _ = load_model(str(tmp_path), dtype=torch.bfloat16, device="cuda")
         docs = [torch.randint(0, V, (1, n), device="cuda") for n in (40, 70)]
-        packed = bf(torch.cat(docs, 1), doc_ids=torch.cat([torch.full((1, n), i, device="cuda") for i, n in enumerate((40, 70))], 1))
+        packed = bf(torch.cat(docs, 1),
+                    doc_ids=torch.cat([torch.full((1, n), i, device="cuda")
+                                       for i, n in enumerate((40, 70))], 1))
         sep = torch.cat([bf(d) for d in docs], 1)
         assert (packed.float() - sep.float()).abs().max() < 0.05
     from rollout import generate

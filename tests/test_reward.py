@@ -1,26 +1,35 @@
 """reward.py: parsing and rewards by hand, expect mode vs brute force, HTTP judge vs the real server
 and a fault-injecting one."""
 import json
-import urllib.error
-import urllib.request
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from conftest import ROOT, run
 
 from lettingo import chat_prompt, load_model, predictor_messages
-from reward import (FORMAT_PENALTY, HTTPJudge, LocalJudge, metrics, parse_rating, parse_sentiment,
-                    score_profiles, task_reward)
+from reward import (
+    FORMAT_PENALTY,
+    HTTPJudge,
+    LocalJudge,
+    metrics,
+    parse_rating,
+    parse_sentiment,
+    score_profiles,
+    task_reward,
+)
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SAMPLE = {"user_id": "1", "item_id": "9", "title": "Heat (1995)", "description": "Genres: Action", "rating": 2.0,
-          "label": "dislike", "history": [{"title": "Up (2009)", "rating": 5.0}], "recent": [], "user_mean": 5.0}
+SAMPLE = {"user_id": "1", "item_id": "9", "title": "Heat (1995)", "description": "Genres: Action",
+          "rating": 2.0, "label": "dislike", "history": [{"title": "Up (2009)", "rating": 5.0}], "recent": [],
+          "user_mean": 5.0}
 
 
 def test_parsing_edge_cases():
@@ -37,7 +46,8 @@ def test_parsing_edge_cases():
 def test_rewards_by_hand():
     assert task_reward("rating", 3.0, SAMPLE) == pytest.approx(1 - 1 / 4)
     assert task_reward("rating", 5.0, SAMPLE) == pytest.approx(1 - 3 / 4)
-    assert task_reward("sentiment", "dislike", SAMPLE) == 1.0 and task_reward("sentiment", "like", SAMPLE) == 0.0
+    assert (task_reward("sentiment", "dislike", SAMPLE) == 1.0
+            and task_reward("sentiment", "like", SAMPLE) == 0.0)
 
     class Fixed:  # a judge that always answers 4 (or fails for one profile)
         def __init__(self):
@@ -53,8 +63,8 @@ def test_rewards_by_hand():
     out = score_profiles([SAMPLE] * 4, texts, j, "rating")
     assert out[0].reward == pytest.approx(0.5) and out[0].status == "ok"
     assert out[1].reward == out[2].reward == FORMAT_PENALTY and out[1].status == "format"
-    assert out[3].reward is None and out[3].status == "judge_failed"     # never scored as a bad profile
-    assert j.asked == 2                                                  # format failures never reach the judge
+    assert out[3].reward is None and out[3].status == "judge_failed"   # never scored as a bad profile
+    assert j.asked == 2                                                # format failures never reach the judge
 
 
 def test_reward_averages_over_the_extra_targets():
@@ -63,18 +73,22 @@ def test_reward_averages_over_the_extra_targets():
             text = [m[-1]["content"] for m in messages]
             return [None if "Bad (" in t else 4.0 if "Heat (" in t else 1.0 for t in text]
 
-    more = dict(SAMPLE, more_targets=[{"item_id": "7", "title": "Jaws (1975)", "description": "", "rating": 5.0, "label": "like"},
-                                      {"item_id": "8", "title": "Big (1988)", "description": "", "rating": 1.0, "label": "dislike"}])
+    more = dict(SAMPLE, more_targets=[
+        {"item_id": "7", "title": "Jaws (1975)", "description": "", "rating": 5.0, "label": "like"},
+        {"item_id": "8", "title": "Big (1988)", "description": "", "rating": 1.0, "label": "dislike"}])
     out = score_profiles([more, SAMPLE], ["<user_profile>p</user_profile>"] * 2, ByTitle(), "rating")
     # |4-2|, |1-5|, |1-1| -> rewards 0.5, 0, 1 -> mean 0.5; the prediction is the sample's own target's
     assert out[0].reward == pytest.approx((0.5 + 0.0 + 1.0) / 3) and out[0].prediction == 4.0
     assert out[1].reward == pytest.approx(0.5)
-    bad = dict(more, more_targets=more["more_targets"] + [{"item_id": "6", "title": "Bad (2000)", "rating": 3.0}])
-    assert score_profiles([bad], ["<user_profile>p</user_profile>"], ByTitle(), "rating")[0].status == "judge_failed"
+    bad = dict(more, more_targets=more["more_targets"] + [{"item_id": "6", "title": "Bad (2000)",
+                                                           "rating": 3.0}])
+    assert (score_profiles([bad], ["<user_profile>p</user_profile>"], ByTitle(), "rating")[0].status
+            == "judge_failed")
 
 
 def test_metrics_by_hand():
-    ss = [dict(SAMPLE, rating=r, label=l) for r, l in ((1.0, "dislike"), (4.0, "like"), (3.0, "neutral"), (5.0, "like"))]
+    ss = [dict(SAMPLE, rating=r, label=l)
+          for r, l in ((1.0, "dislike"), (4.0, "like"), (3.0, "neutral"), (5.0, "like"))]
     m = metrics("rating", [2.0, 4.0, None, 3.0], ss, boot=200)
     assert m["n"] == 3 and m["MAE"][0] == pytest.approx(1.0) and m["RMSE"][0] == pytest.approx((5 / 3) ** 0.5)
     # preds (2, 4, 3) vs truth (1, 4, 5): dx = (-1, 1, 0), dy = (-7, 2, 5) / 3 -> r = 3 / sqrt(2 * 26 / 3)
@@ -121,7 +135,8 @@ def free_port():
 def test_http_judge_against_real_server(tiny):
     folder, _ = tiny
     port = free_port()
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "reward.py"), "serve", "--model", folder, "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "serve.py"), "--model", folder,
+                             "--port", str(port)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert "serving" in proc.stdout.readline()
@@ -134,14 +149,18 @@ def test_http_judge_against_real_server(tiny):
         raw = judge.ask(msgs[0])
         model, tok = load_model(folder, device="cpu")
         from rollout import generate
-        want = generate(model, [chat_prompt(tok, msgs[0])], max_new_tokens=20, temperature=0, tokenizer=tok)[0][0].text
+        want = generate(model, [chat_prompt(tok, msgs[0])], max_new_tokens=20, temperature=0,
+                        tokenizer=tok)[0][0].text
         assert raw == want                                     # the server answers greedily with our model
         url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        for bad, why in (({"max_tokens": -5}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"stream": True}, "stream"),
-                         ({"temperature": -1}, "temperature"), ({"messages": []}, "messages")):
+        for bad, why in (({"max_tokens": -5}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"),
+                         ({"stream": True}, "stream"), ({"temperature": -1}, "temperature"),
+                         ({"messages": []}, "messages")):
             body = json.dumps({"messages": msgs[0], **bad}).encode()
             try:
-                urllib.request.urlopen(urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}), timeout=30)
+                urllib.request.urlopen(urllib.request.Request(url, data=body,
+                                                              headers={"Content-Type": "application/json"}),
+                                       timeout=30)
                 raise AssertionError(f"{bad} was accepted")
             except urllib.error.HTTPError as e:
                 assert e.code == 400 and why in json.loads(e.read())["error"]["message"]
@@ -194,8 +213,8 @@ def test_http_judge_faults():
         assert Faulty.hits["err500"] == 6                               # 1 try + 2 retries, per request
         j = HTTPJudge(f"{base}/flaky", timeout=2, retries=2, backoff=0.01, concurrency=1)
         assert j.predict(msgs, "rating") == [4.0, 4.0] and j.failures == 0 and j.retried == 2
-        out = score_profiles([SAMPLE], ["<user_profile>x</user_profile>"], HTTPJudge(f"{base}/err500", timeout=0.5,
-                                                                                       retries=0), "rating")
+        out = score_profiles([SAMPLE], ["<user_profile>x</user_profile>"],
+                             HTTPJudge(f"{base}/err500", timeout=0.5, retries=0), "rating")
         assert out[0].reward is None and out[0].status == "judge_failed"
     finally:
         server.shutdown()
@@ -203,17 +222,18 @@ def test_http_judge_faults():
 
 def test_eval_cli_on_synthetic(tiny, tmp_path):
     folder, _ = tiny
-    subprocess.run([sys.executable, os.path.join(ROOT, "data", "prepare.py"), "synthetic", "--users", "40", "--out",
-                    str(tmp_path), "--test-users", "6", "--val-users", "2"], check=True, capture_output=True)
+    run("data/prepare.py", "synthetic", "--users", "40", "--out", tmp_path, "--test-users", "6",
+        "--val-users", "2", check=True)
     prof = tmp_path / "p.jsonl"
     rows = [json.loads(x) for x in open(tmp_path / "test.jsonl")]
     prof.write_text("".join(json.dumps({"user_id": r["user_id"], "item_id": r["item_id"], "generations": [
-        {"text": f"<user_profile>{r['oracle_profile']}</user_profile>"}, {"text": "broken"}]}) + "\n" for r in rows))
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "reward.py"), "eval", "--data", str(tmp_path / "test.jsonl"),
-                        "--profiles", str(prof), "--judge", folder], capture_output=True, text=True)
+        {"text": f"<user_profile>{r['oracle_profile']}</user_profile>"}, {"text": "broken"}]}) + "\n"
+        for r in rows))
+    r = run("reward.py", "eval", "--data", tmp_path / "test.jsonl", "--profiles", prof, "--judge", folder)
     assert r.returncode == 0, r.stderr
-    for row in ("global mean (no LLM)", "user mean (no LLM)", "no profile", "raw history", "oracle profile", "profiles: ",
-                "template profile (code, no LLM)", "paired differences", "no profile -> template profile"):
+    for row in ("global mean (no LLM)", "user mean (no LLM)", "no profile", "raw history", "oracle profile",
+                "profiles: ", "template profile (code, no LLM)", "paired differences",
+                "no profile -> template profile"):
         assert row in r.stdout
     line = [x for x in r.stdout.splitlines() if x.startswith("profiles: ")][0]
     assert " 50% " in line                                                # one of two generations has no tag
@@ -222,7 +242,8 @@ def test_eval_cli_on_synthetic(tiny, tmp_path):
 def test_baselines_by_hand():
     from reward import baseline_predictions
     h = lambda r: {"rating": r}
-    samples = [{"user_mean": 4.5, "history": [h(5), h(4)]}, {"user_mean": 2.0, "history": [h(4), h(1)], "recent": [h(4)]}]
+    samples = [{"user_mean": 4.5, "history": [h(5), h(4)]},
+               {"user_mean": 2.0, "history": [h(4), h(1)], "recent": [h(4)]}]
     # all history ratings: 5, 4, 4, 1, 4 -> mean 18 / 5 = 3.6, median 4
     b = baseline_predictions("rating", samples)
     assert b == {"global mean (no LLM)": [pytest.approx(3.6)] * 2, "global median (no LLM)": [4] * 2,
@@ -237,25 +258,32 @@ def test_template_profile_by_hand():
     # Drama (5,4) mean 4.5, Comedy (5,4) 4.5, Horror (1,2) 1.5, Thriller (2) 2.0; user mean 3.5
     assert template_profile(s) == ("A moderate rater: average rating 3.5 out of 5. Likes Comedy, Drama. "
                                    "Dislikes Horror, Thriller.")
-    assert template_profile(s, "swapped") == ("A moderate rater: average rating 3.5 out of 5. Likes Horror, Thriller. "
-                                              "Dislikes Comedy, Drama.")
+    assert template_profile(s, "swapped") == ("A moderate rater: average rating 3.5 out of 5. "
+                                              "Likes Horror, Thriller. Dislikes Comedy, Drama.")
     assert template_profile(s, "none") == "A moderate rater: average rating 3.5 out of 5."
-    s = {"user_mean": 4.2, "history": [h("Blue Guitar Strings", "", 5), h("Guitar Picks", "", 5), h("Drum Sticks Set", "", 1),
-                                       h("Drum Pedal", "", 2)]}
-    assert template_profile(s) == "A generous rater: average rating 4.2 out of 5. Likes guitar. Dislikes drum."
-    assert template_profile({"history": [h("X", "", 2), h("Y", "", 1)]}).startswith("A harsh rater: average rating 1.5")
+    s = {"user_mean": 4.2, "history": [h("Blue Guitar Strings", "", 5), h("Guitar Picks", "", 5),
+                                       h("Drum Sticks Set", "", 1), h("Drum Pedal", "", 2)]}
+    assert template_profile(s) == ("A generous rater: average rating 4.2 out of 5. Likes guitar. "
+                                   "Dislikes drum.")
+    assert template_profile({"history": [h("X", "", 2), h("Y", "", 1)]}).startswith(
+        "A harsh rater: average rating 1.5")
 
 
 def test_paired_difference_against_brute_force():
-    from reward import paired_difference
     import random as rnd
+
+    from reward import paired_difference
     a = [0.5, 1.0, 0.2, 0.9, 0.4, 0.7]
     b = [0.4, 0.6, 0.3, 0.5, 0.1, 0.7]
     mean, lo, hi = paired_difference(a, b, boot=2000, seed=3)
     assert mean == pytest.approx(sum(x - y for x, y in zip(a, b)) / 6)
-    rng = rnd.Random(3)                     # the same resampling written out: users drawn once for both conditions
-    d = sorted(sum(a[k] - b[k] for k in ks) / 6 for ks in ([rng.randrange(6) for _ in a] for _ in range(2000)))
+    # the same resampling written out: users drawn once for both conditions
+    rng = rnd.Random(3)
+    d = sorted(sum(a[k] - b[k] for k in ks) / 6
+               for ks in ([rng.randrange(6) for _ in a] for _ in range(2000)))
     assert (lo, hi) == pytest.approx((d[50], d[1949]))
-    assert paired_difference([1.0, None, 0.5], [0.5, 0.2, None]) == (0.5, 0.5, 0.5)   # only samples both judged
-    shift = paired_difference(a, [x - 0.25 for x in a])                               # a constant gain: a zero-width interval
+    # only samples both judged
+    assert paired_difference([1.0, None, 0.5], [0.5, 0.2, None]) == (0.5, 0.5, 0.5)
+    # a constant gain: a zero-width interval
+    shift = paired_difference(a, [x - 0.25 for x in a])
     assert shift == pytest.approx((0.25, 0.25, 0.25))

@@ -3,18 +3,16 @@ shared prefill, stops, bad input."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import run
 
 from lettingo import LettingoError, chat_prompt, load_model
 from rollout import generate, mix32, row_keys, row_seed, sample_next, uniforms
 
-THREE_PROMPTS = [[5, 9, 33, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8]]     # lengths 4, 9, 2: left padding
+THREE_PROMPTS = [[5, 9, 33, 7], [40, 41, 42, 43, 44, 45, 46, 47, 48], [7, 8]]  # lengths 4, 9, 2: left padding
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def hf_greedy(ref, prompts, pad_id, eos_id, n_new):
@@ -39,6 +37,7 @@ def test_greedy_matches_transformers_tiny(tiny):
 
 def test_greedy_matches_transformers_smollm2(smol):
     from transformers import AutoModelForCausalLM
+
     from lettingo import resolve
     m, tok = smol
     path = resolve("smollm2-135m")
@@ -111,7 +110,8 @@ def test_sampled_tokens_equal_brute_force_decoding(tiny):
                         while mass < kw["top_p"] * total:
                             mass, k = mass + z[k], k + 1
                         keep, z = keep[:k], z[:k]
-                    u = reference_uniform(row_seed(12 if i else 11, j), step) * sum(z[v] for v in range(len(keep)))
+                    u = (reference_uniform(row_seed(12 if i else 11, j), step)
+                         * sum(z[v] for v in range(len(keep))))
                     by_id = sorted(zip(keep, z))        # the cdf runs in vocabulary order
                     acc = 0.0
                     for tok_id, w in by_id:
@@ -134,7 +134,8 @@ def test_sampling_distribution_matches_probabilities():
     assert ((freq - p).abs() <= 4 * (p * (1 - p) / rows).sqrt() + 1e-4).all(), (freq, p)
     toks, _ = sample_next(logits.expand(rows, 12).contiguous(), 1.0, 0.5, 0,
                           row_keys([row_seed(6, r) for r in range(rows)], "cpu"), torch.tensor([0]))
-    allowed = set(torch.argsort(p, descending=True)[:int((p.sort(descending=True).values.cumsum(0) < 0.5).sum()) + 1].tolist())
+    allowed = set(torch.argsort(p, descending=True)
+                  [:int((p.sort(descending=True).values.cumsum(0) < 0.5).sum()) + 1].tolist())
     assert set(toks.tolist()) <= allowed
 
 
@@ -161,7 +162,8 @@ def test_n_samples_share_one_prefill(tiny):
     prefill_rows = []
     hook = m.register_forward_pre_hook(lambda mod, args, kw: prefill_rows.append(args[0].shape[0])
                                        if args[0].shape[1] > 1 else None, with_kwargs=True)
-    out = generate(m, [[5, 6, 7, 8], [9, 10, 11]], n=4, max_new_tokens=12, temperature=1.0, seed=0, end_ids=set())
+    out = generate(m, [[5, 6, 7, 8], [9, 10, 11]], n=4, max_new_tokens=12, temperature=1.0, seed=0,
+                   end_ids=set())
     hook.remove()
     assert prefill_rows == [2]                             # one prefill row per prompt, not per sample
     assert len({tuple(s.tokens) for s in out[0]}) > 1       # and the samples differ
@@ -182,7 +184,8 @@ def test_stops_and_finish_reasons(tiny):
     piece = tok.decode(greedy.tokens[3:5])
     stop_str = text[:text.find(piece) + len(piece) - 1]    # ends one character before token 4 ends
     stop_str = stop_str[-3:] if len(stop_str) >= 3 else stop_str
-    st = generate(m, p, max_new_tokens=10, temperature=0, tokenizer=tok, stop=(stop_str,), end_ids=set())[0][0]
+    st = generate(m, p, max_new_tokens=10, temperature=0, tokenizer=tok, stop=(stop_str,),
+                  end_ids=set())[0][0]
     assert st.finish == "stop" and st.text.endswith(stop_str) and len(st.tokens) <= 5
     assert st.tokens == greedy.tokens[:len(st.tokens)]
 
@@ -202,48 +205,43 @@ def test_cli_skips_bad_lines(tiny, tmp_path):
     folder, _ = tiny
     data = tmp_path / "in.jsonl"
     data.write_text(json.dumps({"messages": [{"role": "user", "content": "rate 5"}]}) + "\n{not json\n"
-                    + json.dumps({"user_id": "u2", "messages": [{"role": "user", "content": "hello"}]}) + "\n")
+                    + json.dumps({"user_id": "u2", "messages": [{"role": "user", "content": "hello"}]})
+                    + "\n")
     out = tmp_path / "out.jsonl"
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "rollout.py"), "--model", folder, "--data", str(data),
-                        "--out", str(out), "--n", "2", "--max-new-tokens", "8"], capture_output=True, text=True)
+    r = run("rollout.py", "--model", folder, "--data", data, "--out", out, "--n", "2",
+            "--max-new-tokens", "8")
     assert r.returncode == 0, r.stderr
     assert ":2: unreadable line skipped" in r.stderr
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 2 and rows[1]["user_id"] == "u2" and len(rows[1]["generations"]) == 2
     assert "generated tokens/s" in r.stdout
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "rollout.py"), "--model", "nope", "--data", str(data),
-                        "--out", str(out)], capture_output=True, text=True)
+    r = run("rollout.py", "--model", "nope", "--data", data, "--out", out)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: model 'nope' not found")
 
 
-def test_graph_path_bookkeeping_changes_nothing(tiny):
-    """The CUDA-graph path's bookkeeping -- rows padded to power-of-two buckets, state copied into
-    the graph's buffers, tokens looked at every 8 steps, compaction -- run eagerly on the CPU,
+def test_graph_path_bookkeeping_changes_nothing(tiny, monkeypatch):
+    """The CUDA-graph path's bookkeeping -- rows padded to power-of-two buckets, tokens looked at
+    every 8 steps, finished rows compacted away -- run eagerly on the CPU (Sampler(bucketed=True)),
     samples exactly what the plain path samples."""
     import rollout
-
-    class NoCapture:
-        adopted = 0
-
-        def adopt(self, model, st, settings):
-            self.adopted += 1
-            static = st.rows(torch.arange(len(st.keys)))
-            static.load_(st)
-            return static, None
-
+    compactions = []
+    rows = rollout.DecodeState.rows
+    monkeypatch.setattr(rollout.DecodeState, "rows",
+                        lambda st, index: compactions.append(len(index)) or rows(st, index))
     folder, _ = tiny
     m, tok = load_model(folder, device="cpu")
-    prompts = THREE_PROMPTS
-    ends = set(range(0, m.cfg.vocab_size, 7))
-    args = (m, prompts, [1, 2, 3], 3, 40, 0.9, 0.95, 0, ("</user_profile>",), tok, ends)
-    fake = NoCapture()
-    padded, plain = rollout.generate_chunk(*args, fake), rollout.generate_chunk(*args, None)
+    params = rollout.SamplingParams(n=3, max_new_tokens=40, temperature=0.9, top_p=0.95,
+                                    stop=("</user_profile>",))
+    kw = dict(seed=[1, 2, 3], tokenizer=tok, end_ids=set(range(0, m.cfg.vocab_size, 7)))
+    padded = rollout.Sampler(m, bucketed=True).generate(THREE_PROMPTS, params, **kw)
+    assert compactions and all(n & (n - 1) == 0 for n in compactions)       # compacted, to powers of two
+    plain = rollout.Sampler(m).generate(THREE_PROMPTS, params, **kw)
     flat = lambda out: [(s.tokens, s.finish) for ss in out for s in ss]
     assert flat(padded) == flat(plain)
     lps = lambda out: torch.tensor([lp for ss in out for s in ss for lp in s.logprobs])
     assert (lps(padded) - lps(plain)).abs().max() < 1e-5
-    assert fake.adopted >= 2 and len({len(s.tokens) for ss in plain for s in ss}) > 2
+    assert len({len(s.tokens) for ss in plain for s in ss}) > 2
 
 
 @pytest.mark.cuda
@@ -262,8 +260,8 @@ def test_cuda_graph_decode_equals_eager_and_cpu(tiny):
     flat = lambda out: [(s.tokens, s.finish) for ss in out for s in ss]
     assert flat(graphed) == flat(eager)
     assert len({len(s.tokens) for ss in graphed for s in ss}) > 2
-    assert sum(a == b for a, b in zip(flat(graphed), flat(on_cpu))) >= 8       # 9 rows; fp32 GPU vs CPU
-    assert len(m.decode_graphs.graphs) >= 2                                      # compacted to a smaller bucket
+    assert sum(a == b for a, b in zip(flat(graphed), flat(on_cpu))) >= 8    # 9 rows; fp32 GPU vs CPU
+    assert len(m.decode_graphs.graphs) >= 2                                 # compacted to a smaller bucket
 
 
 @pytest.mark.cuda
@@ -291,7 +289,8 @@ def test_compiled_decode_step_equals_eager_on_cpu(tiny):
     folder, _ = tiny
     m, _ = load_model(folder, dtype=torch.float32, device="cpu")
     prompts = THREE_PROMPTS
-    kw = dict(n=3, max_new_tokens=24, temperature=0.9, top_p=0.95, seed=[1, 2, 3], end_ids=set(range(0, m.cfg.vocab_size, 7)))
+    kw = dict(n=3, max_new_tokens=24, temperature=0.9, top_p=0.95, seed=[1, 2, 3],
+              end_ids=set(range(0, m.cfg.vocab_size, 7)))
     compiled, eager = generate(m, prompts, compiled=True, **kw), generate(m, prompts, compiled=False, **kw)
     pairs = [(a, b) for x, y in zip(compiled, eager) for a, b in zip(x, y)]
     assert all((a.tokens, a.finish) == (b.tokens, b.finish) for a, b in pairs)

@@ -16,5 +16,5 @@ def token_share(samples, outs):
 
 
 if __name__ == "__main__":
-    grpo.run(grpo.parse_args(sys.argv[1:]), scorer=token_share)
+    grpo.run(grpo.parse_config(sys.argv[1:]), scorer=token_share)
     grpo.close_distributed()

@@ -1,0 +1,201 @@
+"""tools/learning.py -- the learning recipe end to end: prepare the data, explore profiles with the
+base writer (and the code-written template), score them, warm-start the writer on the best ones
+(SFT), train it with GRPO, align the base writer with DPO on pairs of the same explored profiles,
+then judge every writer's greedy profiles on held-out test users next to the no-LLM baselines.
+
+    python tools/learning.py --raw DATA/ml-100k --out runs/learning
+Each stage is a plain command of grpo.py / dpo.py / rollout.py / data/prepare.py (printed, logged to
+OUT/logs), built from the presets grpo.LEARNING, dpo.LEARNING and dpo.LEARNING_SFT; a stage whose
+output exists is skipped, so rerunning the command continues a stopped run.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, HERE)
+import dpo  # noqa: E402
+import grpo  # noqa: E402
+from lettingo import PROFILE_CLOSE, PROFILE_OPEN, LettingoError  # noqa: E402
+from reward import judge_conditions, make_judge, print_summary, profile_texts, summarize, template_profile  # noqa: E402
+from tools.cli import ArgParser, at_least, cli, read_jsonl, to_argv  # noqa: E402
+
+BASE = "smollm2-135m"                         # the untrained writer: explorer, DPO's start, a test row
+DPO_START = {"base": "base writer", "warm": "warm start"}
+
+
+@dataclass
+class Stage:
+    name: str
+    script: str           # relative to the repository
+    argv: list[str]
+    done: str             # the file whose existence marks the stage done
+
+    def command(self) -> list[str]:
+        return [sys.executable, os.path.join(HERE, self.script), *self.argv]
+
+
+def recipe(args, out) -> list[Stage]:
+    """The stages, in order."""
+    data = os.path.join(out, "data")
+    tr, va, te = (os.path.join(data, f"{s}.jsonl") for s in ("train", "val", "test"))
+    eb, ew = os.path.join(out, "explore-base"), os.path.join(out, "explore-warm")
+    warm = os.path.join(eb, "sft", f"ckpt-{args.sft_steps:06d}", "model")
+    grpo_model = os.path.join(out, "grpo", f"ckpt-{args.grpo_steps:06d}", "model")
+    # DPO from the base writer (the paper) trains on pairs of the first exploration; from the warm
+    # start it explores again with the warm start, since its pairs must be of what that writer writes
+    dpo_dir = eb if args.dpo_start == "base" else ew
+    dpo_model = os.path.join(dpo_dir, "train", f"ckpt-{args.dpo_steps:06d}", "model")
+    run = lambda preset, **kw: to_argv(dataclasses.replace(preset, max_new_tokens=args.max_new_tokens, **kw))
+    stage = lambda stage, **kw: [stage] + run(dpo.LEARNING, data=tr, **kw)
+    prep = [args.dataset, "--out", data, "--test-users", str(args.test_users),
+            "--val-users", str(args.val_users), "--reward-targets", str(args.reward_targets)] + (
+            ["--raw", args.raw] if args.raw else []) + (["--meta", args.meta] if args.meta else [])
+    explorers = BASE + (",template" if args.explore_template else "")     # code as a second explorer
+    test = lambda model, name: Stage(
+        f"test profiles: {name}", "rollout.py", ["--model", model, "--data", te, "--temperature", "0",
+                                                 "--max-new-tokens", str(args.max_new_tokens),
+                                                 "--batch-size", "64", "--dtype", "bfloat16",
+                                                 "--out", os.path.join(out, f"test-{name}.jsonl")],
+        os.path.join(out, f"test-{name}.jsonl"))
+    stages = [
+        Stage("prepare data", "data/prepare.py", prep, te),
+        Stage("explore: " + explorers.replace(",", " + "), "dpo.py",
+              stage("explore", out=eb, models=explorers, users=args.explore_users, n=args.explore_n),
+              f"{eb}/profiles.jsonl"),
+        Stage("evaluate explored profiles", "dpo.py", stage("evaluate", out=eb), f"{eb}/scores-rating.jsonl"),
+        Stage("warm start: SFT on the best explored profiles", "dpo.py",
+              ["sft"] + run(dpo.LEARNING_SFT, data=tr, out=eb, val_data=va, steps=args.sft_steps,
+                            eval_every=args.sft_steps, save_every=args.sft_steps, val_users=args.val_users),
+              warm),
+        Stage("GRPO from the warm start", "grpo.py",
+              run(grpo.LEARNING, model=warm, data=data, out=os.path.join(out, "grpo"), steps=args.grpo_steps,
+                  lr=args.grpo_lr, kl_coef=args.grpo_kl, seed=args.grpo_seed, eval_every=args.grpo_steps // 3,
+                  save_every=args.grpo_steps, val_users=args.val_users), grpo_model)]
+    if not args.no_dpo:
+        if args.dpo_start == "warm":
+            stages += [Stage("DPO: explore with the warm start", "dpo.py",
+                             stage("explore", out=ew, models=warm, users=args.dpo_users, n=args.dpo_n,
+                                   temperature=args.dpo_temperature), f"{ew}/profiles.jsonl"),
+                       Stage("DPO: evaluate", "dpo.py", stage("evaluate", out=ew),
+                             f"{ew}/scores-rating.jsonl")]
+        stages += [Stage("DPO: pairs", "dpo.py", stage("pairs", out=dpo_dir, min_margin=args.dpo_min_margin),
+                         os.path.join(dpo_dir, "pairs-rating.jsonl")),
+                   Stage(f"DPO from the {DPO_START[args.dpo_start]}", "dpo.py",
+                         stage("train", out=dpo_dir, model=BASE if args.dpo_start == "base" else warm,
+                               val_data=va, steps=args.dpo_steps, eval_every=args.dpo_steps // 2,
+                               save_every=args.dpo_steps, val_users=args.val_users), dpo_model)]
+    return stages + [test(BASE, "base"), test(warm, "warm"), test(grpo_model, "grpo")] + (
+        [] if args.no_dpo else [test(dpo_model, "dpo")])
+
+
+def run_recipe(args):
+    """Prepare -> explore -> warm start -> GRPO and DPO -> judge every condition on the test users."""
+    out = args.out
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    times = {}
+    for k, st in enumerate(recipe(args, out)):
+        if os.path.exists(st.done):
+            print(f"[{k}] {st.name}: done ({st.done})", flush=True)
+            continue
+        log = os.path.join(out, "logs", f"{k:02d}.log")
+        print(f"[{k}] {st.name}: {' '.join(st.command())}\n     log: {log}", flush=True)
+        t0 = time.time()
+        with open(log, "w") as f:
+            rc = subprocess.run(st.command(), stdout=f, stderr=subprocess.STDOUT, cwd=HERE).returncode
+        times[st.name] = time.time() - t0
+        print(f"     {times[st.name] / 60:.1f} min", flush=True)
+        if rc != 0 or not os.path.exists(st.done):
+            raise SystemExit(f"error: stage '{st.name}' failed (exit {rc}); see {log}")
+    test = read_jsonl(os.path.join(out, "data", "test.jsonl"))
+    names = {"base": "base writer (untrained)", "warm": "warm start (SFT on best explored)",
+             "grpo": "GRPO (from the warm start)",
+             **({} if args.no_dpo else {"dpo": f"DPO (from the {DPO_START[args.dpo_start]})"})}
+    profiles = {names[k]: profile_texts(os.path.join(out, f"test-{k}.jsonl"), test) for k in names}
+    for kinds, name in (("none", "template without genres"), ("swapped", "template, likes/dislikes swapped")):
+        # what the judge reads of the template
+        profiles[name] = [[f"{PROFILE_OPEN}{template_profile(s, kinds)}{PROFILE_CLOSE}"] for s in test]
+    judge = make_judge("smollm2-135m", mode="expect")
+    rows = judge_conditions(test, judge, "rating", profiles)
+    pairs = [("base", "warm"), ("warm", "grpo"), ("warm", "dpo"), ("base", "grpo"), ("base", "dpo")]
+    summary = summarize("rating", test, rows, compare=(
+        [(names[a], names[b]) for a, b in pairs if b in names] +
+        [("template profile (code, no LLM)", names[k]) for k in ("grpo", "dpo") if k in names] +
+        [("template profile (code, no LLM)", "template without genres"),
+         ("template profile (code, no LLM)", "template, likes/dislikes swapped")]))
+    summary["stage_minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print_summary(summary)
+    mae = lambda n: f"{summary['rows'][n]['all']['MAE'][0]:.3f}"
+    ci = lambda a, b: "[{1:+.3f},{2:+.3f}]".format(*summary["paired"][f"{a} -> {b}"])
+    dpo = "" if args.no_dpo else f" dpo={mae(names['dpo'])}"
+    # over DPO's own start
+    dpo_ci = "" if args.no_dpo else f" dpo_gain_ci={ci(names[args.dpo_start], names['dpo'])}"
+    print(f"learning base={mae(names['base'])} grpo={mae(names['grpo'])}{dpo} "
+          f"template={mae('template profile (code, no LLM)')} no_profile={mae('no profile')} "
+          f"user_mean={mae('user mean (no LLM)')} "
+          f"global_median={mae('global median (no LLM)')} "
+          f"grpo_gain_ci={ci(names['warm'], names['grpo'])}{dpo_ci} "
+          f"start={mae(names['warm'])} start_gain_ci={ci(names['base'], names['warm'])}")
+
+
+
+def parse_args(argv=None):
+    """The recipe's own flags; each default is its preset's value (grpo.LEARNING, dpo.LEARNING, ...)."""
+    g, d, s = grpo.LEARNING, dpo.LEARNING, dpo.LEARNING_SFT
+    p = ArgParser(description="The learning recipe: prepare -> explore -> warm start -> GRPO / DPO -> "
+                              "judged on held-out test users.")
+    a = p.add_argument
+    a("--dataset", default="movielens", choices=["movielens", "amazon", "yelp", "synthetic"],
+      help="data/prepare.py's reader")
+    a("--raw", help="the dataset as data/prepare.py reads it (folder or file)")
+    a("--meta", help="amazon: metadata file")
+    a("--out", default="runs/learning", help="run folder (stages found done there are skipped)")
+    a("--test-users", type=at_least(1), default=100, help="held-out users every writer is judged on")
+    a("--val-users", type=at_least(1), default=d.val_users, help="the only users settings are chosen on")
+    a("--max-new-tokens", type=at_least(1), default=d.max_new_tokens, help="profile budget of every stage")
+    a("--reward-targets", type=at_least(1), default=4,
+      help="training rewards average the judge over this many next items of the user")
+    a("--explore-users", type=at_least(1), default=d.users, help="training users the base writer explores")
+    a("--explore-n", type=at_least(1), default=d.n, help="profiles explored per user")
+    a("--explore-template", action=argparse.BooleanOptionalAction, default=True,
+      help="the template profile (code) joins the explored profiles: the warm start then fine-tunes on "
+           "whichever scores best per user")
+    a("--sft-steps", type=at_least(1), default=s.steps, help="warm start (SFT) steps")
+    a("--grpo-steps", type=at_least(3), default=g.steps, help="GRPO steps (validated every third)")
+    a("--grpo-lr", type=at_least(0.0, float), default=g.lr, help="GRPO learning rate")
+    a("--grpo-kl", type=at_least(0.0, float), default=g.kl_coef,
+      help="GRPO's k3 KL-to-the-warm-start weight (0: no reference model)")
+    a("--grpo-seed", type=int, default=g.seed, help="GRPO's data order and sampling seed")
+    a("--dpo-start", choices=sorted(DPO_START), default="base",
+      help="DPO's start, and the start its gain is measured over: base = the paper (the base writer, "
+           "on pairs of the first exploration); warm = the warm start, on pairs of a second exploration "
+           "by it")
+    a("--dpo-users", type=at_least(1), default=96, help="--dpo-start warm: users the warm start explores")
+    a("--dpo-n", type=at_least(1), default=4, help="--dpo-start warm: profiles explored per user")
+    a("--dpo-temperature", type=at_least(0.0, float), default=0.8,
+      help="--dpo-start warm: exploration temperature")
+    a("--dpo-min-margin", type=at_least(0.0, float), default=d.min_margin,
+      help="DPO: a pair's least reward gap (1 star = 0.25)")
+    a("--dpo-steps", type=at_least(2), default=d.steps, help="DPO steps (validated every half)")
+    a("--no-dpo", action="store_true", help="the GRPO branch only (about half the time)")
+    return p.parse_args(argv)
+
+
+def main():
+    args = parse_args()
+    if not args.raw and args.dataset != "synthetic":
+        raise LettingoError("--raw DATASET is required (or --dataset synthetic)")
+    run_recipe(args)
+
+
+if __name__ == "__main__":
+    cli(main)
