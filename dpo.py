@@ -83,8 +83,8 @@ LEARNING_SFT = dataclasses.replace(LEARNING, lr=2e-5, steps=16, eval_every=16, s
 
 # ----------------------------------------------------------------------------- the loss
 
-def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid",
-             label_smoothing=0.0, chosen_len=None, rejected_len=None):
+def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0, chosen_len=None, rejected_len=None):
     """Per pair, from summed response log-probs:
         delta = (log pi(y_w) - log ref(y_w)) - (log pi(y_l) - log ref(y_l))
         sigmoid (DPO):  -(1 - eps) log sigmoid(beta delta) - eps log sigmoid(-beta delta)
@@ -145,7 +145,7 @@ def make_pairs(scored_profiles, task: str, min_margin: float, max_per_user: int,
     return pairs, empty
 
 
-def best_profiles(scored_profiles, task, min_gain=0.0):
+def best_profiles(scored_profiles, task: str, min_gain: float):
     """Rejection sampling (the paper's SFT ablation): per user, the best-scored complete profile,
     kept only if it beats the judge's no-profile reward on that user by more than `min_gain`."""
     best = {}

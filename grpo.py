@@ -51,6 +51,9 @@ class GRPOConfig(TrainConfig):
     drop_zero_variance: bool = option(False, "DAPO dynamic sampling: drop groups whose rewards are all equal")
     rollout_batch_size: int = option(64, "max rows decoded together", min=1)
     sample_every: int = option(1, "write sampled profiles to samples.jsonl every N steps", min=1)
+    judge_down_steps: int = option(3, "stop after this many steps in a row in which the judge failed on more "
+                                   "than half of the closed profiles (such steps apply no update; --resume "
+                                   "continues)", min=1)
     lr: float = option(1e-6, "AdamW learning rate (constant after warm-up)", source="public code", min=0.0)
     weight_decay: float = option(0.01, "AdamW weight decay", source="public code", min=0.0)
 
@@ -58,7 +61,7 @@ class GRPOConfig(TrainConfig):
 # The named presets: how the demo and the learning recipe differ from the public code's values.
 DEMO = GRPOConfig(data="runs/demo-data", out="runs/grpo-demo", steps=12, prompts_per_step=4, group_size=4,
                   mini_batches=1, max_new_tokens=64, lr=1e-5, kl_coef=0.0, eval_every=6, val_users=16,
-                  save_every=12, token_budget=4096, dtype="bfloat16")
+                  save_every=12, token_budget=4096)   # dtype auto: fp32 on CPU, where bf16 may lack kernels
 LEARNING = GRPOConfig(steps=30, prompts_per_step=8, group_size=8, mini_batches=1, temperature=0.8, lr=1e-5,
                       kl_coef=0.0, eval_every=10, save_every=30, max_new_tokens=96, token_budget=4096,
                       dtype="bfloat16", val_users=100)   # tools/learning.py: from the warm start
@@ -92,7 +95,8 @@ def group_advantages(rewards: list[float | None], group_size: int, eps: float = 
     return adv, flat_groups
 
 
-def clipped_policy_loss(logp, old_logp, adv, clip_low=0.2, clip_high=0.2, dual_clip: float | None = None):
+def clipped_policy_loss(logp, old_logp, adv, clip_low: float, clip_high: float,
+                        dual_clip: float | None = None):
     """PPO's clipped surrogate per token: ratio = exp(logp - logp_old) (log-ratio clamped to +-20),
     L = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high)); with dual clip c (for A < 0)
     L = min(L, -A c). Returns (L, clipped) where clipped marks tokens whose gradient is cut."""
@@ -148,7 +152,7 @@ class Episode:
 
 def grpo_loss(policy, episodes: list[Episode], weights: list[float], cfg: GRPOConfig, device):
     """The objective of one micro-batch: sum over its episodes' tokens t of
-        w * (clipped_policy_loss(logp_t, old_t, A) + kl_coef * kl_k3(logp_t, ref_t)),
+        w * (clipped_policy_loss(logp_t, old_t, A, clip_low, clip_high) + kl_coef * kl_k3(logp_t, ref_t)),
     w from token_weights (the loss aggregation). -> (loss, metrics summed over the tokens)."""
     out = completion_logprobs(policy, [(e.prompt, e.tokens) for e in episodes], device, cfg.temperature,
                               with_entropy=True)
@@ -237,7 +241,11 @@ def grpo_step(policy: Policy, ref, prompts: list[Prompt], scorer, cfg: GRPOConfi
     dropped = lambda k: cfg.drop_zero_variance and all(a in (None, 0.0) for a in adv[k - k % G:k - k % G + G])
     episodes = [Episode(p.ids, o.tokens, a, p.mini_batch) for k, ((p, o), a) in enumerate(zip(flat, adv))
                 if a is not None and not dropped(k)]                                 # None: the judge failed
-    st = update(policy, ref, episodes, cfg, d)
+    # a judge that fails is not trained on: the unclosed profiles' -1 alone would teach only the tag
+    health = all_sum({"closed": sum(sc.status != "format" for sc in scored),
+                      "failed": sum(sc.status == "judge_failed" for sc in scored)}, d.device)
+    judge_down = health["failed"] > health["closed"] / 2
+    st = NO_UPDATE if judge_down else update(policy, ref, episodes, cfg, d)
     t3 = time.time()
     valid = [sc.reward for sc in scored if sc.reward is not None]
     n = all_sum({"all": len(scored), "valid": len(valid), "r": sum(valid), "r2": sum(v * v for v in valid),
@@ -248,12 +256,17 @@ def grpo_step(policy: Policy, ref, prompts: list[Prompt], scorer, cfg: GRPOConfi
     row = {"reward_mean": mean, "reward_std": math.sqrt(max(n["r2"] / max(n["valid"], 1) - mean * mean, 0.0)),
            "format_rate": 1 - n["format"] / max(n["all"], 1), "judge_failures": n["judge_failed"],
            "zero_variance_groups": n["flat"], "trained_samples": n["trained"],
-           "response_length": n["tokens"] / max(n["all"], 1), **st, "lr": policy.scheduler.get_last_lr()[0],
+           "response_length": n["tokens"] / max(n["all"], 1), **st, "judge_down": judge_down,
+           "lr": policy.scheduler.get_last_lr()[0],
            "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2,
            "rollout_tokens_per_s": n["tokens"] / max(t1 - t0, 1e-9)}
     examples = [{"user_id": p.sample.get("user_id"), "reward": sc.reward, "status": sc.status, "text": o.text,
                  "finish": o.finish} for (p, o), sc in zip(flat[:G], scored)]
     return row, examples
+
+
+NO_UPDATE = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0,
+             "skipped": 1, "updates": 0}
 
 
 def describe(row: dict) -> str:
@@ -287,10 +300,21 @@ def run(cfg: GRPOConfig, scorer=None):
                                                       [profile_answer(o.text, o.finish) for o in outs],
                                                       judge, cfg.task)
 
+    judge_down = []                                       # the steps in a row whose judge failed
+
     def step(step: int, batch: list[tuple[int, int]]):
         prompts = [Prompt(train[i], profile_prompt(policy.tok, train[i]), prompt_seed(cfg.seed, step, i), mb)
                    for i, mb in batch]
         row, examples = grpo_step(policy, ref, prompts, scorer, cfg, d)
+        judge_down[:] = judge_down + [step] if row["judge_down"] else []
+        if judge_down and d.main:
+            print(f"warning: step {step}: the judge failed on {row['judge_failures']:.0f} profiles, more "
+                  f"than half of the closed ones: no update ({len(judge_down)} such steps in a row)",
+                  file=sys.stderr)
+        if len(judge_down) >= cfg.judge_down_steps:
+            raise LettingoError(f"the judge {cfg.judge_url or cfg.judge} failed on most profiles in steps "
+                                f"{judge_down[0]}-{step}: stopped without training on them; the last "
+                                f"checkpoint is in {cfg.out}: rerun with --resume once the judge answers")
         return row, examples if step % cfg.sample_every == 0 else None
 
     fit(cfg, d, policy, cfg.out, cfg.steps, len(train), cfg.prompts_per_step, step,

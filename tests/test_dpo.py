@@ -142,7 +142,7 @@ def test_best_profiles_rule():
              r("a", 2, 1.0, 0.7, "format"),
              r("b", 0, 0.6, 0.7), r("b", 1, 0.7, 0.7),       # b: none beats no profile
              r("c", 0, 0.75, 0.7), r("c", 1, None, 0.7, "judge_failed")]
-    picks = best_profiles(rows_, "rating")
+    picks = best_profiles(rows_, "rating", min_gain=0.0)
     assert [(p["user_id"], p["chosen"]) for p in picks] == [("a", "a-1"), ("c", "c-0")]
     assert picks[0]["gain"] == pytest.approx(0.2)
     assert [p["user_id"] for p in best_profiles(rows_, "rating", min_gain=0.1)] == ["a"]

@@ -93,11 +93,30 @@ def toy_setup(tmp_path_factory):
     return tiny_run_folder(tmp_path_factory.mktemp("toy"), users=40)
 
 
-def toy(setup, out, *extra, nproc=1):
+def toy(setup, out, *extra, nproc=1, check=True):
     return run("tests/toy_grpo.py", "--model", setup / "model", "--judge", setup / "model",
                "--data", setup / "data", "--out", out, "--prompts-per-step", "4", "--group-size", "4",
                "--max-new-tokens", "12", "--eval-every", "100", "--val-users", "2", "--lr", "3e-3",
-               "--token-budget", "1500", *extra, nproc=nproc, check=True)
+               "--token-budget", "1500", *extra, nproc=nproc, check=check)
+
+
+def test_a_judge_that_dies_is_not_trained_on(toy_setup, tmp_path, monkeypatch):
+    """The judge fails on every profile from step 2 on, as a killed server: steps 2 and 3 apply no
+    update, the run stops after --judge-down-steps 2 with one error line, and --resume with the
+    judge back continues to the end."""
+    monkeypatch.setenv("TOY_JUDGE_DIES_AFTER", "2")
+    r = toy(toy_setup, tmp_path, "--steps", "6", "--save-every", "1", "--judge-down-steps", "2", check=False)
+    errors = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(errors) == 1 and "failed on most profiles in steps 2-3" in errors[0]
+    assert "--resume" in errors[0]
+    assert [json.loads(x)["skipped"] for x in open(tmp_path / "metrics.jsonl")] == [0, 0, 1]
+    ckpt = lambda s: weights(tmp_path / f"ckpt-{s:06d}")
+    assert max_diff(ckpt(2), weights_start(toy_setup)) > 1e-4        # steps 0 and 1 trained (2 ckpts kept)
+    assert max_diff(ckpt(3), ckpt(2)) == 0                                # step 2: nothing applied
+    monkeypatch.delenv("TOY_JUDGE_DIES_AFTER")
+    toy(toy_setup, tmp_path, "--steps", "6", "--save-every", "1", "--judge-down-steps", "2", "--resume")
+    assert latest_checkpoint(str(tmp_path)).endswith("ckpt-000006")
 
 
 def test_it_learns(toy_setup, tmp_path):
