@@ -24,7 +24,8 @@ sys.path.insert(0, HERE)
 import dpo  # noqa: E402
 import grpo  # noqa: E402
 from lettingo import PROFILE_CLOSE, PROFILE_OPEN, LettingoError  # noqa: E402
-from reward import judge_conditions, make_judge, print_summary, profile_texts, summarize, template_profile  # noqa: E402
+from reward import (judge_conditions, make_judge, print_summary, profile_texts, summarize,  # noqa: E402
+                    template_profile)
 from tools.cli import ArgParser, at_least, cli, read_jsonl, to_argv  # noqa: E402
 
 BASE = "smollm2-135m"                         # the untrained writer: explorer, DPO's start, a test row
