@@ -527,9 +527,10 @@ class Logger:
 def main():
     p = ArgParser(description="List the complete checkpoints of a run folder (grpo.py / dpo.py).")
     p.add_argument("run_dir", help="e.g. runs/grpo or runs/dpo/train")
-    found = sorted(checkpoints(p.parse_args().run_dir))
+    run_dir = p.parse_args().run_dir
+    found = sorted(checkpoints(run_dir))
     if not found:
-        raise LettingoError(f"{p.parse_args().run_dir}: no complete checkpoint")
+        raise LettingoError(f"{run_dir}: no complete checkpoint")
     for c in found:
         step = torch.load(os.path.join(c, "trainer.pt"), map_location="cpu", weights_only=False)["step"]
         print(f"{c}  step {step}  model: {os.path.join(c, 'model')}")
