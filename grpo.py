@@ -241,17 +241,15 @@ def grpo_step(policy: Policy, ref, prompts: list[Prompt], scorer, cfg: GRPOConfi
     dropped = lambda k: cfg.drop_zero_variance and all(a in (None, 0.0) for a in adv[k - k % G:k - k % G + G])
     episodes = [Episode(p.ids, o.tokens, a, p.mini_batch) for k, ((p, o), a) in enumerate(zip(flat, adv))
                 if a is not None and not dropped(k)]                                 # None: the judge failed
-    # a judge that fails is not trained on: the unclosed profiles' -1 alone would teach only the tag
-    health = all_sum({"closed": sum(sc.status != "format" for sc in scored),
-                      "failed": sum(sc.status == "judge_failed" for sc in scored)}, d.device)
-    judge_down = health["failed"] > health["closed"] / 2
-    st = NO_UPDATE if judge_down else update(policy, ref, episodes, cfg, d)
-    t3 = time.time()
     valid = [sc.reward for sc in scored if sc.reward is not None]
     n = all_sum({"all": len(scored), "valid": len(valid), "r": sum(valid), "r2": sum(v * v for v in valid),
                  "format": sum(sc.status == "format" for sc in scored),
                  "judge_failed": sum(sc.status == "judge_failed" for sc in scored), "flat": flat_groups,
                  "trained": len(episodes), "tokens": sum(len(o.tokens) for _, o in flat)}, d.device)
+    # a judge that fails is not trained on: the unclosed profiles' -1 alone would teach only the tag
+    judge_down = n["judge_failed"] > (n["all"] - n["format"]) / 2
+    st = NO_UPDATE if judge_down else update(policy, ref, episodes, cfg, d)
+    t3 = time.time()
     mean = n["r"] / max(n["valid"], 1)
     row = {"reward_mean": mean, "reward_std": math.sqrt(max(n["r2"] / max(n["valid"], 1) - mean * mean, 0.0)),
            "format_rate": 1 - n["format"] / max(n["all"], 1), "judge_failures": n["judge_failed"],
