@@ -6,7 +6,9 @@ machine, plus the fraction of the hardware limit (measured copy bandwidth / matm
     python bench.py grpo --device cuda --shape smollm2-135m --prompts 16
                                          # the update with each attention kernel
     python bench.py data                 # data/prepare.py on an ML-1M-sized ratings file
-    python bench.py                      # a short run of all three
+    python bench.py judge --data DIR/train.jsonl
+                                         # one GRPO step's judging: packed vs padded, HTTP concurrency
+    python bench.py                      # a short run of each
 """
 from __future__ import annotations
 
@@ -27,9 +29,12 @@ from lettingo import (
     ModelConfig,
     Transformer,
     alias_folder,
+    chat_prompt,
     load_model,
+    predictor_messages,
     resolve,
     rope_frequencies,
+    split_shared_prefixes,
 )
 from rollout import Sampler, SamplingParams, cpu_decode_layout, prompt_seed
 from tools.cli import ArgParser, cli
@@ -190,8 +195,8 @@ def bench_update_kernels(args):
     """GPU: the update half of one GRPO step -- packed log-probs with grad + backward over every
     (prompt, completion) of the step, micro-batched by the token budget, as train.py runs it --
     with each attention kernel, prompts shared within a group where the kernel can (tree mask)."""
-    from lettingo import TREE_BACKENDS, attention_backend
-    from train import completion_logprobs, micro_batches
+    from lettingo import TREE_BACKENDS, attention_backend, micro_batches
+    from train import completion_logprobs
     dtype = getattr(torch, args.dtype)
     ours, _, prompts = bench_models(argparse.Namespace(**{**vars(args), "batch": args.prompts}), dtype)
     g = torch.Generator().manual_seed(1)
@@ -309,9 +314,96 @@ def bench_grpo(args):
     close_distributed()
 
 
+def judge_prompts(args):
+    """One GRPO step's judge requests: --users users x --group-size profiles x each user's reward
+    targets, as target_rewards sends them (a profile's targets consecutive). The profiles are the
+    template's with a different closing clause per sample (a written profile's length)."""
+    from reward import sample_targets, template_profile
+    from tools.cli import read_samples
+    tmp = None
+    if not args.data:
+        tmp = tempfile.TemporaryDirectory()
+        subprocess.run([sys.executable, os.path.join(HERE, "data", "prepare.py"), "synthetic",
+                        "--users", "60", "--out", tmp.name, "--reward-targets", "4"],
+                       check=True, capture_output=True)
+    samples = read_samples(args.data or os.path.join(tmp.name, "train.jsonl"))[:args.users]
+    clauses = ["rarely", "often", "mostly", "sometimes", "usually", "seldom", "always", "never"]
+    msgs = [predictor_messages(t, f"{template_profile(s)} They {clauses[k % 8]} rewatch films they loved.",
+                               "rating")
+            for s in samples for k in range(args.group_size) for t in sample_targets(s)]
+    return msgs
+
+
+def bench_judge(args):
+    """The judge of one GRPO step (expect mode): packed (a profile's prompt once for all its targets)
+    vs left-padded batches of 16 prompts, one per (profile, target) -- the same model, same run; then
+    over HTTP against tools/serve.py at 8 requests in flight vs the judge's default."""
+    from reward import HTTPJudge, LocalJudge
+    from rollout import left_pad
+    msgs = judge_prompts(args)
+    model, tok = load_model(args.model, device=args.device)
+    judge = LocalJudge(model, tok, "expect")
+    prompts = [chat_prompt(tok, m, answer_prefix="<rating>") for m in msgs]
+    cand = torch.tensor(judge.answer_tokens("<rating>", [str(k) for k in range(1, 6)]))
+    pairs = split_shared_prefixes(prompts)
+    packed_tokens = sum(len(r) for _, r in pairs) + sum(len(pairs[i][0]) for i in range(len(pairs))
+                                                         if i == 0 or pairs[i][0] != pairs[i - 1][0])
+
+    chunks = [idx[c:c + 16] for idx in [sorted(range(len(prompts)), key=lambda i: len(prompts[i]))]
+              for c in range(0, len(prompts), 16)]
+
+    @torch.no_grad()
+    def padded():                                   # the unpacked path: left-padded batches of 16
+        out = torch.empty(len(prompts))
+        for idx in chunks:
+            tokens, mask = left_pad([prompts[i] for i in idx], args.device)
+            p = torch.softmax(model(tokens, mask=mask, last_only=True)[:, -1, cand].cpu(), -1)
+            out[idx] = p @ torch.arange(1.0, 6.0)
+        return out.tolist()
+    padded_tokens = sum(len(idx) * max(len(prompts[i]) for i in idx) for idx in chunks)
+    res = {}
+    for name, fn in (("padded", padded), ("packed", lambda: judge.predict(msgs, "rating"))):
+        fn()                                        # warm-up
+        got = []
+        res[name] = (min(timed(lambda: got.append(fn())) for _ in range(args.repeats)), got[-1])
+    diff = max(abs(a - b) for a, b in zip(res["padded"][1], res["packed"][1]))
+    real = sum(map(len, prompts))
+    out = {"pairs": len(msgs), "prompt_tokens": real, "padded_tokens": padded_tokens,
+           "packed_tokens": packed_tokens, "max_abs_diff": diff,
+           **{f"{k}_s": round(v[0], 2) for k, v in res.items()},
+           **{f"{k}_prompt_tokens_per_s": round(real / v[0]) for k, v in res.items()}}
+    if args.http:
+        port = free_port()
+        server = subprocess.Popen([sys.executable, os.path.join(HERE, "tools", "serve.py"), "--model",
+                                   args.model, "--port", str(port), "--batch-size", "64"],
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            server.stdout.readline()
+            url = f"http://127.0.0.1:{port}"
+            default = HTTPJudge(url).concurrency
+            for conc in (8, default):
+                remote = HTTPJudge(url, args.model, mode="expect", concurrency=conc, timeout=600)
+                remote.predict(msgs[:8], "rating")                                   # warm-up
+                out[f"http_concurrency_{conc}_s"] = round(timed(lambda: remote.predict(msgs, "rating")), 2)
+            out["http_speedup"] = round(out["http_concurrency_8_s"] / out[f"http_concurrency_{default}_s"], 2)
+        finally:
+            server.terminate()
+            server.wait(10)
+    print(json.dumps(out, indent=1))
+    print(f"judge speedup_packed_vs_padded={res['padded'][0] / res['packed'][0]:.2f}"
+          + (f" http_speedup_default_vs_8={out['http_speedup']:.2f}" if args.http else ""))
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def parse_args(argv=None):
     p = ArgParser(description="Benchmarks against baselines run in the same process.")
-    p.add_argument("what", nargs="?", default="all", choices=["all", "rollout", "grpo", "data"],
+    p.add_argument("what", nargs="?", default="all", choices=["all", "rollout", "grpo", "data", "judge"],
                    help="what to measure (all: a short run of each)")
     p.add_argument("--model", default="smollm2-135m",
                    help="HF folder, .gguf or alias (ours and transformers load it)")
@@ -330,6 +422,11 @@ def parse_args(argv=None):
     p.add_argument("--group-size", type=int, default=8, help="grpo: samples per prompt (public code: 8)")
     p.add_argument("--token-budget", type=int, default=16384,
                    help="grpo --device cuda: tokens per micro-batch")
+    p.add_argument("--users", type=int, default=8, help="judge: users of the step (x group size x targets)")
+    p.add_argument("--data", help="judge: samples JSONL with reward targets "
+                                  "(data/prepare.py --reward-targets 4; default: synthetic)")
+    p.add_argument("--http", action=argparse.BooleanOptionalAction, default=True,
+                   help="judge: also over HTTP against tools/serve.py")
     p.add_argument("--repeats", type=int, default=2, help="timed runs after the warm-up; the best counts")
     return p.parse_args(argv)
 
@@ -345,6 +442,8 @@ def main():
         return bench_update_kernels(args)
     if args.what in ("grpo", "all"):
         bench_grpo(short(prompt_tokens=100, new_tokens=32, repeats=1))
+    if args.what in ("judge", "all"):
+        bench_judge(short(users=2, repeats=1))
 
 
 if __name__ == "__main__":

@@ -232,7 +232,8 @@ def evaluate(cfg: DPOConfig, d: Dist):
         return print(f"evaluate: {out} is up to date, skipped") if d.main else None
     samples = {(s["user_id"], s["item_id"]): s for s in read_samples(cfg.data)}
     rows = read_jsonl(src)[d.rank::d.world]
-    judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_mode, device=d.device)
+    judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_mode, device=d.device,
+                       concurrency=cfg.judge_concurrency)
     task = cfg.task
     scored = score_profiles([samples[(r["user_id"], r["item_id"])] for r in rows], [r["text"] for r in rows],
                             judge, task)
@@ -391,7 +392,8 @@ def train_on(cfg: DPOConfig, d: Dist, run_dir, examples, tokenize, step_fn, note
     weights, ckpt = resolve_start(run_dir, cfg.model, cfg.resume)
     policy = load_policy(weights, cfg, d)
     data = tokenize(policy.tok, min(end_token_ids(policy.tok)))
-    judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_mode, device=d.device) if cfg.val_data else None
+    judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_mode, device=d.device,
+                       concurrency=cfg.judge_concurrency) if cfg.val_data else None
     val = read_samples(cfg.val_data)[:cfg.val_users or None] if cfg.val_data else []
     steps = cfg.steps or max(1, cfg.epochs * len(examples) // cfg.pairs_per_step)
     if d.main:

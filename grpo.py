@@ -292,7 +292,8 @@ def run(cfg: GRPOConfig, scorer=None):
     weights, ckpt = resolve_start(cfg.out, cfg.model, cfg.resume)
     policy = load_policy(weights, cfg, d)
     ref = load_reference(cfg.model, cfg, d) if cfg.kl_coef > 0 else None   # the start, also when resuming
-    judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_mode, device=d.device)
+    judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_mode, device=d.device,
+                       concurrency=cfg.judge_concurrency)
     if scorer is None:
         scorer = lambda samples, outs: score_profiles(samples,
                                                       [profile_answer(o.text, o.finish) for o in outs],

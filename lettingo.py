@@ -520,6 +520,104 @@ def flex_packed_attention(mask, doc_ids, branch_ids):
     return attend
 
 
+# ----------------------------------------------------------------------------- packing
+
+def shares_prompts(model) -> bool:
+    """Whether packed forwards keep one prompt copy per group: unless the model's attention is
+    forced to a kernel without a tree mask (flash, varlen)."""
+    return model.attention in TREE_BACKENDS + ("auto",)
+
+
+def micro_batches(seqs, token_budget: int, share_prompts: bool) -> list[list[int]]:
+    """Indices of `seqs` [(prompt, completion, ...)] grouped greedily (in order) so that each group's
+    packed row (pack_row's layout) stays within the token budget. With share_prompts a prompt is
+    packed once for consecutive items that complete it (a GRPO group, a DPO pair, a profile's judge
+    targets), so a micro-batch holds several times more sequences of a group with long prompts."""
+    groups, cur, size = [], [], 0
+    for i, (prompt, *completions) in enumerate(seqs):
+        own = sum(len(c) for c in completions) + len(prompt) * (1 if share_prompts else len(completions))
+        n = own - len(prompt) if share_prompts and cur and seqs[i - 1][0] == prompt else own
+        if cur and size + n > token_budget:
+            groups.append(cur)
+            cur, size, n = [], 0, own
+        cur.append(i)
+        size += n
+    if cur:
+        groups.append(cur)
+    return groups
+
+
+@dataclass
+class PackedRow:
+    """(prompt, completion) pairs in one row [1, N] without padding, the layout of every packed
+    forward: per distinct prompt a document holding it once (branch 0), then each of its completions
+    (branch 1, 2, ...) -- or, unshared, one document per pair."""
+    tokens: torch.Tensor                  # [1, N]
+    doc_ids: torch.Tensor                 # [1, N]
+    branch_ids: torch.Tensor | None       # [1, N]; None when prompts are not shared
+    positions: torch.Tensor               # [1, N] rotary positions: a completion continues its prompt
+    spans: list[tuple[int, int, int]]     # per pair: (position of its prompt's last token, start, length)
+
+    def inputs(self) -> dict:
+        return {"doc_ids": self.doc_ids, "branch_ids": self.branch_ids, "positions": self.positions}
+
+
+def pack_row(seqs: list[tuple[list[int], list[int]]], share_prompts: bool, device) -> PackedRow:
+    groups: dict = {}
+    for i, (p, _) in enumerate(seqs):
+        groups.setdefault(tuple(p) if share_prompts else i, []).append(i)
+    tokens, doc, branch, pos, spans = [], [], [], [], [None] * len(seqs)
+    for d, members in enumerate(groups.values()):
+        prompt = seqs[members[0]][0]
+        last = len(tokens) + len(prompt) - 1                 # predicts every completion's first token
+        tokens += prompt
+        doc += [d] * len(prompt)
+        branch += [0] * len(prompt)
+        pos += range(len(prompt))
+        for b, i in enumerate(members, 1):
+            comp = seqs[i][1]
+            spans[i] = (last, len(tokens), len(comp))
+            tokens += comp
+            doc += [d] * len(comp)
+            branch += [b] * len(comp)
+            pos += range(len(prompt), len(prompt) + len(comp))
+    t = lambda x: torch.tensor([x], device=device)
+    return PackedRow(t(tokens), t(doc), t(branch) if share_prompts else None, t(pos), spans)
+
+
+def split_shared_prefixes(prompts: list[list[int]], max_tokens: int = 384
+                          ) -> list[tuple[list[int], list[int]]]:
+    """Prompts -> (prefix, rest) pairs: consecutive prompts that begin alike (one profile's judge
+    targets) are grouped to share their common beginning as one prefix, which a packed forward
+    computes once. The grouping packs the fewest tokens (dynamic programming over where groups
+    start) with each group of several prompts packed within max_tokens (a tree's attention grows
+    with the square of its length); each rest keeps at least one token (it predicts the next one)."""
+    n = len(prompts)
+    adjacent = [next((k for k, (a, b) in enumerate(zip(p, q)) if a != b), min(len(p), len(q)))
+                for p, q in zip(prompts, prompts[1:])]       # common beginning of neighbours
+    best, cut = [0] + [math.inf] * n, [0] * (n + 1)        # best[j]: fewest tokens for prompts[:j]
+    for j in range(1, n + 1):
+        common, shortest, size = math.inf, math.inf, 0
+        for i in range(j - 1, -1, -1):                     # the group prompts[i:j], growing leftwards
+            size += len(prompts[i])
+            shortest = min(shortest, len(prompts[i]) - 1)
+            if i < j - 1:
+                common = min(common, adjacent[i])
+            packed = size - (j - i - 1) * min(common, shortest) if i < j - 1 else size
+            if i < j - 1 and packed > max_tokens:          # only grows as the group does
+                break
+            if best[i] + packed < best[j]:
+                best[j], cut[j] = best[i] + packed, i
+    out, j = [], n
+    while j:
+        i = cut[j]
+        # a prompt alone is its own prefix and last token: its own document, not a branch of others'
+        shared = min(adjacent[i:j - 1] + [len(p) - 1 for p in prompts[i:j]])
+        out[:0] = [(p[:shared], p[shared:]) for p in prompts[i:j]]
+        j = i
+    return out
+
+
 # ----------------------------------------------------------------------------- checkpoint I/O
 
 def resolve(path_or_alias: str) -> str:
@@ -769,23 +867,23 @@ def item_text(sample) -> str:
 
 
 def predictor_messages(sample, profile: str | None, task: str, history_text: str | None = None) -> list[dict]:
-    """Chat prompt for the frozen recommender: profile (or raw history) + recent items + the item."""
-    parts = []
+    """Chat prompt for the frozen recommender: the question, the profile (or raw history) and recent
+    items, then the item -- what a user's targets share comes first, so the judge computes it once."""
+    if task == "rating":
+        parts = ["How will this user rate the new item below, from 1.00 to 5.00? "
+                 "Answer only with the rating in the form <rating>x.xx</rating>."]
+    else:
+        parts = ["Will this user like the new item below, feel neutral about it, or dislike it? "
+                 "Answer only with one word in the form <sentiment>like|neutral|dislike</sentiment>."]
     if profile is not None:
         parts.append(f"User profile:\n{profile.strip()}")
     if history_text is not None:
         parts.append(f"The user's rating history:\n{history_text}")
     if sample.get("recent"):
         parts.append(f"The user's most recent ratings:\n{format_interactions(sample['recent'])}")
-    if not parts:
+    if len(parts) == 1:
         parts.append("Nothing is known about this user.")
     parts.append(f"New item: {item_text(sample)}")
-    if task == "rating":
-        parts.append("How will this user rate the new item, from 1.00 to 5.00? "
-                     "Answer only with the rating in the form <rating>x.xx</rating>.")
-    else:
-        parts.append("Will this user like the new item, feel neutral about it, or dislike it? "
-                     "Answer only with one word in the form <sentiment>like|neutral|dislike</sentiment>.")
     return [{"role": "user", "content": "\n\n".join(parts)}]
 
 

@@ -6,6 +6,7 @@ user's reaction to a new item from the profile; the reward is how right it was.
 """
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import random
@@ -13,8 +14,7 @@ import statistics
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,12 +27,18 @@ from lettingo import (
     extract_tag,
     format_interactions,
     load_model,
+    micro_batches,
+    pack_row,
     predictor_messages,
+    shares_prompts,
+    split_shared_prefixes,
 )
-from rollout import Sampler, SamplingParams, cpu_decode_layout, left_pad
+from rollout import Sampler, SamplingParams, cpu_decode_layout
 from tools.cli import ArgParser, at_least, cli, output_file, read_jsonl, read_samples
 
 LABELS = ("like", "neutral", "dislike")
+ANSWERS = {"rating": ("<rating>", [str(k) for k in range(1, 6)]),    # task -> (forced prefix, answers)
+           "sentiment": ("<sentiment>", LABELS)}
 FORMAT_PENALTY = -1.0   # the public GRPO code's reward for a missing/unclosed profile tag
 
 
@@ -66,12 +72,14 @@ def task_reward(task: str, pred, sample) -> float:
 class LocalJudge:
     """The frozen recommender in-process. mode="expect": one forward with the answer tag forced; the
     prediction is the expected rating (or the most likely label) under the next-token distribution
-    over the valid answers. mode="decode": greedy decoding of a tagged answer, as the public code."""
+    over the valid answers. mode="decode": greedy decoding of a tagged answer, as the public code.
+    Both compute what consecutive prompts share (a profile and the instruction, for each of its
+    targets) once: packed as one prefix with a branch per target, micro-batched by a token budget."""
 
-    def __init__(self, model, tokenizer, mode="expect", batch_size=16):
+    def __init__(self, model, tokenizer, mode="expect", token_budget=1024):
         if mode not in ("expect", "decode"):
             raise LettingoError(f"unknown judge mode {mode!r} (expect | decode)")
-        self.model, self.tok, self.mode, self.batch_size = model, tokenizer, mode, batch_size
+        self.model, self.tok, self.mode, self.token_budget = model, tokenizer, mode, token_budget
         self.sampler = Sampler(model) if mode == "decode" else None
         self.failures, self.bad_answers = 0, 0
 
@@ -91,18 +99,17 @@ class LocalJudge:
     @torch.no_grad()
     def probabilities(self, messages, task):
         """[N, len(answers)] probabilities of the answers, renormalised over them."""
-        prefix, answers = (("<rating>", [str(k) for k in range(1, 6)]) if task == "rating"
-                           else ("<sentiment>", LABELS))
-        prompts = [chat_prompt(self.tok, m, answer_prefix=prefix) for m in messages]
-        cand = torch.tensor(self.answer_tokens(prefix, answers))
+        prefix, answers = ANSWERS[task]
+        pairs = split_shared_prefixes([chat_prompt(self.tok, m, answer_prefix=prefix) for m in messages])
         device = self.model.lm_head.weight.device
-        out = torch.empty(len(prompts), len(answers))
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-        for c in range(0, len(order), self.batch_size):
-            idx = order[c:c + self.batch_size]
-            tokens, mask = left_pad([prompts[i] for i in idx], device)   # the last position: the answer's
-            logits = self.model(tokens, mask=mask, last_only=True)[:, -1].float().cpu()
-            out[idx] = torch.softmax(logits[:, cand], dim=-1)
+        head = self.model.lm_head.weight[torch.tensor(self.answer_tokens(prefix, answers), device=device)]
+        share = shares_prompts(self.model)
+        out = torch.empty(len(pairs), len(answers))
+        for g in micro_batches(pairs, self.token_budget, share):
+            row = pack_row([pairs[i] for i in g], share, device)
+            h = self.model.hidden(row.tokens, **row.inputs())[0]                       # [N, D]
+            last = torch.tensor([start + n - 1 for _, start, n in row.spans], device=device)
+            out[g] = torch.softmax((h[last] @ head.T).float().cpu(), -1)    # each prompt's last token
         return out
 
     def predict(self, messages, task):
@@ -112,9 +119,10 @@ class LocalJudge:
                 return (p @ torch.arange(1.0, 6.0)).tolist()
             return [LABELS[i] for i in p.argmax(-1).tolist()]
         prompts = [chat_prompt(self.tok, m) for m in messages]
+        shared = [len(head) for head, _ in split_shared_prefixes(prompts)]
         stop = ("</rating>",) if task == "rating" else ("</sentiment>",)
         outs = self.sampler.generate(prompts, SamplingParams(max_new_tokens=20, temperature=0, stop=stop),
-                                     tokenizer=self.tok, batch_size=self.batch_size)
+                                     tokenizer=self.tok, shared=shared, batch_size=16)
         parse = parse_rating if task == "rating" else parse_sentiment
         preds = [parse(o[0].text) for o in outs]
         self.bad_answers += sum(p is None for p in preds)   # no valid tag: no prediction, never a score
@@ -126,70 +134,156 @@ class JudgeFailure(Exception):
 
 
 class HTTPJudge:
-    """Any OpenAI-compatible /v1/chat/completions endpoint (vLLM, SGLang, llama.cpp, `reward.py serve`).
-    Concurrent requests; each retried with exponential backoff; after the last retry the prediction is
-    None (counted in `failures`), never a made-up score."""
+    """Any OpenAI-compatible /v1/chat/completions endpoint (vLLM, SGLang, llama.cpp, tools/serve.py).
+    mode="expect": one token with the answer tag forced (`continue_final_message`) and its
+    `top_logprobs`; the prediction is the expected rating (or the most likely label) under the
+    probabilities of the answer tokens among them, renormalised -- the local expect judge's answer.
+    When those tokens hold less than `min_mass` of the probability (a server that does not force the
+    prefix), the greedy answer is parsed instead and counted in `fallbacks`. mode="decode": greedy
+    answers, parsed (the public code's way). Requests run `concurrency` at a time over kept-alive
+    connections, a group's first request (a profile's first target) before the others, so a
+    prefix-caching server computes the shared prefix once. Each request is retried with exponential
+    backoff; after the last retry the prediction is None (counted in `failures`), never a made-up score."""
 
-    def __init__(self, url, model="judge", timeout=30.0, retries=3, concurrency=8, backoff=0.5):
-        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions")
-                                      else "/v1/chat/completions")
-        self.model, self.timeout, self.retries, self.concurrency, self.backoff = (model, timeout, retries,
-                                                                                  concurrency, backoff)
-        self.failures, self.retried, self.bad_answers = 0, 0, 0
-        self.lock = threading.Lock()
+    def __init__(self, url, model="judge", mode="decode", timeout=30.0, retries=3, concurrency=64,
+                 backoff=0.5, min_mass=0.5):
+        if mode not in ("expect", "decode"):
+            raise LettingoError(f"unknown judge mode {mode!r} (expect | decode)")
+        base = url.rstrip("/")
+        self.url = base if base.endswith("/chat/completions") else base + "/v1/chat/completions"
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise LettingoError(f"judge URL {url!r}: expected http(s)://host[:port][/v1]")
+        self.parts = parts
+        self.model, self.mode, self.timeout, self.retries = model, mode, timeout, retries
+        self.concurrency, self.backoff, self.min_mass = concurrency, backoff, min_mass
+        self.failures, self.retried, self.bad_answers, self.fallbacks, self.masses = 0, 0, 0, 0, []
+        self.lock, self.local = threading.Lock(), threading.local()
+        self.pool = ThreadPoolExecutor(concurrency)      # kept: its threads keep their connections
 
-    def ask(self, messages, temperature=0.0, max_tokens=20) -> str:
-        body = json.dumps({"model": self.model, "messages": messages, "temperature": temperature,
-                           "max_tokens": max_tokens}).encode()
-        last = None
+    def connection(self) -> http.client.HTTPConnection:
+        """This thread's kept-alive connection to the server."""
+        if getattr(self.local, "conn", None) is None:
+            cls = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
+            self.local.conn = cls(self.parts.hostname, self.parts.port, timeout=self.timeout)
+        return self.local.conn
+
+    def post(self, body: dict) -> dict:
+        """One chat completion -> its first choice; retried, then JudgeFailure."""
+        data, last = json.dumps({"model": self.model, **body}).encode(), None
         for attempt in range(self.retries + 1):
             if attempt:
                 with self.lock:
                     self.retried += 1
                 time.sleep(self.backoff * 2 ** (attempt - 1))
+            conn = self.connection()
             try:
-                req = urllib.request.Request(self.url, data=body,
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=self.timeout) as r:
-                    return json.loads(r.read())["choices"][0]["message"]["content"]
-            except (urllib.error.URLError, TimeoutError, OSError, ValueError, KeyError, IndexError,
-                    TypeError) as e:
+                conn.request("POST", self.parts.path, data, {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                payload = r.read()
+                if r.will_close:                          # an HTTP/1.0 server: a new connection next time
+                    conn.close()
+                if r.status != 200:
+                    raise ValueError(f"HTTP {r.status}: {payload[:200].decode(errors='replace')}")
+                return json.loads(payload)["choices"][0]
+            except (http.client.HTTPException, OSError, ValueError, KeyError, IndexError, TypeError) as e:
                 last = e
+                conn.close()
+                self.local.conn = None
         raise JudgeFailure(f"{self.url}: {type(last).__name__}: {last} (after {self.retries} retries)")
 
-    def predict(self, messages, task):
+    def ask(self, messages, temperature=0.0, max_tokens=20) -> str:
+        return self.post({"messages": messages, "temperature": temperature,
+                          "max_tokens": max_tokens})["message"]["content"]
+
+    def answer_probabilities(self, messages, task) -> tuple[list[float], float]:
+        """The answers' probabilities as the first token after the forced tag, renormalised, and
+        their total mass before that (0 when no answer token is among the top log-probs)."""
+        prefix, answers = ANSWERS[task]
+        choice = self.post({"messages": messages + [{"role": "assistant", "content": prefix}],
+                            "continue_final_message": True, "add_generation_prompt": False,
+                            "max_tokens": 1, "temperature": 1.0, "logprobs": True, "top_logprobs": 20})
+        mass = [0.0] * len(answers)
+        for top in choice["logprobs"]["content"][0]["top_logprobs"]:
+            k = answer_index(top["token"], answers)       # " 4", "4" and "4." are all the answer 4
+            if k is not None:
+                mass[k] += math.exp(top["logprob"])
+        total = sum(mass)
+        return [m / total if total else 0.0 for m in mass], total
+
+    def one(self, messages, task):
         parse = parse_rating if task == "rating" else parse_sentiment
-
-        def one(m):
-            try:
-                answer = parse(self.ask(m))
-            except JudgeFailure as e:
+        try:
+            if self.mode == "expect":
+                p, mass = self.answer_probabilities(messages, task)
                 with self.lock:
-                    self.failures += 1
-                    if self.failures <= 3:
-                        print(f"warning: judge failed: {e}", file=sys.stderr)
-                return None
-            if answer is None:
+                    self.masses.append(mass)
+                if mass >= self.min_mass:
+                    return (sum((k + 1) * pk for k, pk in enumerate(p)) if task == "rating"
+                            else LABELS[max(range(len(p)), key=p.__getitem__)])
                 with self.lock:
-                    self.bad_answers += 1
-            return answer
-
-        with ThreadPoolExecutor(self.concurrency) as pool:
-            return list(pool.map(one, messages))
-
-
-def make_judge(judge: str | None = None, judge_url: str | None = None, mode="expect", batch_size=16,
-               device=None, timeout=30.0, retries=3):
-    if judge_url:
-        http = HTTPJudge(judge_url, model=judge or "judge", timeout=timeout, retries=retries)
-        try:      # one request now: an unreachable judge is an error before any work, not a table of dashes
-            http.ask([{"role": "user", "content": "Say OK."}], max_tokens=1)
+                    self.fallbacks += 1
+            answer = parse(self.ask(messages))
         except JudgeFailure as e:
-            raise LettingoError(f"the judge at {judge_url} does not answer: {e}")
-        http.retried = 0
-        return http
+            with self.lock:
+                self.failures += 1
+                if self.failures <= 3:
+                    print(f"warning: judge failed: {e}", file=sys.stderr)
+            return None
+        if answer is None:
+            with self.lock:
+                self.bad_answers += 1
+        return answer
+
+    def predict(self, messages, task):
+        texts = [[ch for m in ms for ch in m["content"]] for ms in messages]
+        pairs = split_shared_prefixes(texts)              # groups of prompts that begin alike, in order
+        first = [i for i in range(len(messages)) if i == 0 or pairs[i][0] != pairs[i - 1][0]]
+        rest = sorted(set(range(len(messages))) - set(first))
+        out = [None] * len(messages)
+        for wave in (first, rest):                        # the rest find their prefix in the server's cache
+            for i, p in zip(wave, self.pool.map(lambda i: self.one(messages[i], task), wave)):
+                out[i] = p
+        return out
+
+    def probe(self):
+        """One request now: an unreachable judge, or one without the log-probs expect needs, is an
+        error before any work, not a run of failed steps."""
+        try:
+            if self.mode == "decode":
+                self.ask([{"role": "user", "content": "Say OK."}], max_tokens=1)
+            else:
+                self.answer_probabilities([{"role": "user", "content": "Rate 1 to 5."}], "rating")
+        except JudgeFailure as e:
+            raise LettingoError(f"the judge at {self.url} does not answer: {e}")
+        except (KeyError, IndexError, TypeError):
+            raise LettingoError(f"the judge at {self.url} returns no top_logprobs, which --judge-mode expect "
+                                f"needs; use --judge-mode decode (greedy answers, parsed)")
+        self.retried = 0
+        self.masses.clear()
+
+
+def answer_index(token: str, answers) -> int | None:
+    """Which answer a returned token starts: a rating digit ("4", " 4", "4."), or a prefix of exactly
+    one label ("dis", " like")."""
+    t = token.strip().lower()
+    if not t:
+        return None
+    if answers[0] == "1":
+        return int(t[0]) - 1 if t[0] in "12345" and (len(t) == 1 or t[1] == ".") else None
+    hits = [k for k, a in enumerate(answers) if a.startswith(t)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def make_judge(judge: str | None = None, judge_url: str | None = None, mode="expect", token_budget=1024,
+               device=None, timeout=30.0, retries=3, concurrency=64):
+    if judge_url:
+        http_judge = HTTPJudge(judge_url, model=judge or "judge", mode=mode, timeout=timeout, retries=retries,
+                               concurrency=concurrency)
+        http_judge.probe()
+        return http_judge
     model, tok = load_model(judge or "smollm2-135m", device=device)
-    return LocalJudge(cpu_decode_layout(model) if mode == "decode" else model, tok, mode, batch_size)
+    return LocalJudge(cpu_decode_layout(model) if mode == "decode" else model, tok, mode, token_budget)
 
 
 # ----------------------------------------------------------------------------- scoring profiles
@@ -505,8 +599,8 @@ def run_eval(args):
         output_file(args.out)
     # checked before judging
     profiles = {f"profiles: {path}": profile_texts(path, samples) for path in args.profiles or []}
-    judge = make_judge(args.judge, args.judge_url, args.mode, args.batch_size, timeout=args.timeout,
-                       retries=args.retries)
+    judge = make_judge(args.judge, args.judge_url, args.mode, args.token_budget, timeout=args.timeout,
+                       retries=args.retries, concurrency=args.concurrency)
     rows = judge_conditions(samples, judge, args.task, profiles)
     names = list(profiles)
     summary = summarize(args.task, samples, rows, compare=[(names[0], b) for b in names[1:]])
@@ -519,7 +613,9 @@ def run_eval(args):
                                     "truth": s["rating"] if args.task == "rating" else s["label"],
                                     **{k: v[0] if len(v) == 1 else v for k, v in preds.items()}}) + "\n")
     print(f"judge failures: {judge.failures}, unparseable answers: {judge.bad_answers}"
-          + (f", retries: {judge.retried}" if isinstance(judge, HTTPJudge) else ""))
+          + (f", retries: {judge.retried}, fallbacks to decode: {judge.fallbacks}"
+             + (f", answer tokens' mean mass: {statistics.mean(judge.masses):.3f}" if judge.masses else "")
+             if isinstance(judge, HTTPJudge) else ""))
     if judge.failures and judge.failures >= len(samples):
         raise LettingoError(f"the judge failed on every request ({judge.failures}); "
                             f"is {args.judge_url} reachable?")
@@ -555,8 +651,11 @@ def main():
     e.add_argument("--task", default="rating", choices=["rating", "sentiment"],
                    help="rating: MAE/RMSE; sentiment: like/neutral/dislike accuracy")
     e.add_argument("--mode", default="expect", choices=["expect", "decode"],
-                   help="local judge: expected value or greedy answer")
-    e.add_argument("--batch-size", type=at_least(1), default=16, help="local judge: prompts per forward")
+                   help="expect: expected value (local, or a server's top_logprobs); "
+                        "decode: greedy answer, parsed")
+    e.add_argument("--concurrency", type=at_least(1), default=64, help="HTTP judge: requests in flight")
+    e.add_argument("--token-budget", type=at_least(64), default=1024,
+                   help="local judge: tokens per packed forward")
     e.add_argument("--limit", type=at_least(0), default=0, help="only the first N samples")
     e.add_argument("--timeout", type=at_least(0.001, float), default=30.0,
                    help="HTTP judge: seconds per request")

@@ -152,11 +152,14 @@ class Sampler:
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, *,
                  seed: int | list[int] | None = None, tokenizer=None, end_ids: set[int] | None = None,
-                 batch_size: int = 64, progress: bool = False) -> list[list[Sample]]:
+                 batch_size: int = 64, progress: bool = False,
+                 shared: list[int] | None = None) -> list[list[Sample]]:
         """`params.n` continuations of every prompt (token id lists) -> [prompt][sample]. Prompts
         are sorted by length and cut into chunks of at most `batch_size` rows (n rows per prompt),
         so the cache is sized by each chunk's longest prompt + max_new_tokens. seed: one per prompt
-        (a list), or the first of consecutive ones; a prompt samples the same tokens in any batch."""
+        (a list), or the first of consecutive ones; a prompt samples the same tokens in any batch.
+        shared: per prompt, how many of its first tokens it shares with other prompts (one profile's
+        judge targets): a chunk prefills each distinct such prefix once."""
         ctx = self.model.cfg.max_position_embeddings
         check_prompts(prompts, ctx)
         if params.stop and tokenizer is None:
@@ -166,7 +169,10 @@ class Sampler:
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))           # follows torch.manual_seed
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(len(prompts))]
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        shared = shared or [0] * len(prompts)
+        # prompts with the same prefix next to each other, so they share a chunk
+        order = sorted(range(len(prompts)),
+                       key=lambda i: (shared[i], prompts[i][:shared[i]], len(prompts[i])))
         per_chunk = max(1, batch_size // params.n)
         out: list[list[Sample]] = [None] * len(prompts)
         bar = tqdm(total=len(prompts), desc="rollout", unit="prompt", file=sys.stderr, disable=not progress)
@@ -174,7 +180,7 @@ class Sampler:
             idx = order[c:c + per_chunk]
             max_new = min(params.max_new_tokens, ctx - max(len(prompts[i]) for i in idx))
             done = self.chunk([prompts[i] for i in idx], [seeds[i] for i in idx], params, max_new, tokenizer,
-                              set(end_ids))
+                              set(end_ids), [shared[i] for i in idx])
             for i, samples in zip(idx, done):
                 out[i] = samples
             bar.update(len(idx))
@@ -186,13 +192,23 @@ class Sampler:
         return 1 << (n - 1).bit_length() if self.bucketed else n
 
     def chunk(self, prompts, seeds, params: SamplingParams,
-              max_new, tokenizer, end_ids) -> list[list[Sample]]:
-        """One batch: prefill each prompt once, copy its cache to its n rows, decode until every row
-        has ended, dropping finished rows from the batch whenever that halves it."""
+              max_new, tokenizer, end_ids, shared) -> list[list[Sample]]:
+        """One batch: prefill each prompt once (each distinct shared prefix once, then the rest of
+        every prompt), copy its cache to its n rows, decode until every row has ended, dropping
+        finished rows from the batch whenever that halves it."""
         model, n, stop = self.model, params.n, params.stop
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-        tokens, mask = left_pad(prompts, device)                               # [P, Tp]: all end at Tp-1
-        cache = KVCache(model.cfg, len(prompts), -(-(tokens.shape[1] + max_new) // 64) * 64, dtype, device)
+        heads = list(dict.fromkeys(tuple(p[:k]) for p, k in zip(prompts, shared)))   # distinct prefixes
+        tails = [p[k:] for p, k in zip(prompts, shared)]
+        Th, Tt = max(len(h) for h in heads), max(len(t) for t in tails)
+        cache = KVCache(model.cfg, len(heads) if Th else len(prompts), -(-(Th + Tt + max_new) // 64) * 64,
+                        dtype, device)
+        if Th:             # [H, Th], each prefix once; its cache rows copied to the prompts that share it
+            head_tokens, head_mask = left_pad([list(h) for h in heads], device)
+            model(head_tokens, mask=head_mask, cache=cache, last_only=True)
+            cache = cache.rows(torch.tensor([heads.index(tuple(p[:k])) for p, k in zip(prompts, shared)],
+                                            device=device))
+        tokens, mask = left_pad(tails, device)                                 # [P, Tt]: all end at Tt-1
         logits = model(tokens, mask=mask, cache=cache, last_only=True)[:, -1]  # one prefill per prompt
         B = len(prompts) * n
         rows = list(range(B)) + [None] * (self.rows(B) - B)   # result index per decode row (None: padding)

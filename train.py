@@ -27,8 +27,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
 from lettingo import (ATTENTION, PROFILE_CLOSE, TREE_BACKENDS, LettingoError, TokenLogprobs, Transformer,
-                      attention_backend, load_model, predictor_messages, profile_answer, profile_prompt,
-                      save_model)
+                      attention_backend, load_model, micro_batches, pack_row, predictor_messages,
+                      profile_answer, profile_prompt, save_model, shares_prompts)
 from reward import metrics, profile_predictions, template_profile
 from rollout import Sampler, SamplingParams, cpu_decode_layout
 from tools.cli import ArgParser, cli, option
@@ -64,8 +64,10 @@ class TrainConfig:
     judge: str = option("smollm2-135m", "local judge model (or the model name sent to --judge-url)")
     judge_url: str | None = option(None, "OpenAI-compatible judge server (recommended for big judges)",
                                    kind=str)
-    judge_mode: str = option("expect", "local judge: expected rating or greedy answer",
+    judge_mode: str = option("expect", "expect: expected rating from the answer token's probabilities "
+                             "(a server's top_logprobs); decode: greedy answer, parsed",
                              choices=("expect", "decode"))
+    judge_concurrency: int = option(64, "HTTP judge: requests in flight", min=1)
     max_new_tokens: int = option(256, "profile budget (sampling and validation)", min=1)
 
 
@@ -203,31 +205,6 @@ def load_reference(path: str, cfg: TrainConfig, d: Dist) -> Transformer:
 
 # ----------------------------------------------------------------------------- packed log-probs
 
-def shares_prompts(model) -> bool:
-    """Whether packed forwards keep one prompt copy per group: unless the model's attention is
-    forced to a kernel without a tree mask (flash, varlen)."""
-    return model.attention in TREE_BACKENDS + ("auto",)
-
-
-def micro_batches(seqs, token_budget: int, share_prompts: bool) -> list[list[int]]:
-    """Indices of `seqs` [(prompt, completion, ...)] grouped greedily (in order) so that each group's
-    packed row (completion_logprobs' layout) stays within the token budget. With share_prompts a
-    prompt is packed once for consecutive items that complete it (a GRPO group, a DPO pair), so a
-    micro-batch holds several times more sequences of a group with long prompts."""
-    groups, cur, size = [], [], 0
-    for i, (prompt, *completions) in enumerate(seqs):
-        own = sum(len(c) for c in completions) + len(prompt) * (1 if share_prompts else len(completions))
-        n = own - len(prompt) if share_prompts and cur and seqs[i - 1][0] == prompt else own
-        if cur and size + n > token_budget:
-            groups.append(cur)
-            cur, size, n = [], 0, own
-        cur.append(i)
-        size += n
-    if cur:
-        groups.append(cur)
-    return groups
-
-
 def completion_logprobs(model, seqs: list[tuple[list[int], list[int]]], device, temperature=1.0,
                         with_entropy=False, share_prompts: bool | None = None) -> list[TokenLogprobs]:
     """The one log-prob function: log p(completion token | prompt, earlier completion tokens) for
@@ -238,33 +215,17 @@ def completion_logprobs(model, seqs: list[tuple[list[int], list[int]]], device, 
     sequence carries its own prompt). -> per sequence, [len(completion)] log-probs (and entropies)."""
     if share_prompts is None:
         share_prompts = shares_prompts(model)
-    groups: dict = {}
-    for i, (p, _) in enumerate(seqs):
-        groups.setdefault(tuple(p) if share_prompts else i, []).append(i)
-    # one row [1, N]: per group its prompt (branch 0), then each completion (branch 1, 2, ...)
-    tokens, doc, branch, pos, index, ids, spans = [], [], [], [], [], [], [None] * len(seqs)
-    for d, members in enumerate(groups.values()):
-        prompt = seqs[members[0]][0]
-        last = len(tokens) + len(prompt) - 1                 # predicts every completion's first token
-        tokens += prompt
-        doc += [d] * len(prompt)
-        branch += [0] * len(prompt)
-        pos += range(len(prompt))
-        for b, i in enumerate(members, 1):
-            comp, start = seqs[i][1], len(tokens)
-            tokens += comp
-            doc += [d] * len(comp)
-            branch += [b] * len(comp)
-            pos += range(len(prompt), len(prompt) + len(comp))
-            spans[i] = (len(ids), len(comp))
-            index += [last] + list(range(start, start + len(comp) - 1))   # token j is predicted at j-1
-            ids += comp
-    t = lambda x: torch.tensor([x], device=device)
-    out = model.logprobs(t(tokens), torch.tensor(index, device=device), torch.tensor(ids, device=device),
-                         doc_ids=t(doc), branch_ids=t(branch) if share_prompts else None, positions=t(pos),
-                         temperature=temperature, with_entropy=with_entropy)
-    return [TokenLogprobs(out.logprobs[s:s + n], out.entropy[s:s + n] if with_entropy else None)
-            for s, n in spans]                               # [M] -> per sequence
+    row = pack_row(seqs, share_prompts, device)
+    # completion token j is predicted at position j - 1; its first token, at its prompt's last
+    index = [j for last, start, n in row.spans for j in (last, *range(start, start + n - 1))]
+    ids = [t for _, comp in seqs for t in comp]
+    out = model.logprobs(row.tokens, torch.tensor(index, device=device), torch.tensor(ids, device=device),
+                         **row.inputs(), temperature=temperature, with_entropy=with_entropy)
+    offsets = [0]
+    for _, comp in seqs:
+        offsets.append(offsets[-1] + len(comp))
+    return [TokenLogprobs(out.logprobs[s:e], out.entropy[s:e] if with_entropy else None)
+            for s, e in zip(offsets, offsets[1:])]                # [M] -> per sequence
 
 
 def synced_groups(model, seqs, budget, device) -> list[list[int]]:

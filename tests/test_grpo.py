@@ -212,7 +212,7 @@ def test_micro_batches_respect_the_packed_budget():
     packed once when shared, once per completion when not): every micro-batch fits the budget (or
     is a single item), groups are contiguous and cover all, and a group is only closed when the
     next item would not fit."""
-    from train import micro_batches
+    from lettingo import micro_batches
     g = torch.Generator().manual_seed(3)
     rnd = lambda lo, hi: int(torch.randint(lo, hi, (), generator=g))
     prompts = [[k] * rnd(20, 300) for k in range(6)]

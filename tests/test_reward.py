@@ -1,6 +1,7 @@
 """reward.py: parsing and rewards by hand, expect mode vs brute force, HTTP judge vs the real server
 and a fault-injecting one."""
 import json
+import math
 import os
 import socket
 import subprocess
@@ -15,17 +16,19 @@ import pytest
 import torch
 from conftest import ROOT, run
 
-from lettingo import chat_prompt, load_model, predictor_messages
+from lettingo import LettingoError, chat_prompt, load_model, predictor_messages
 from reward import (
     FORMAT_PENALTY,
     HTTPJudge,
     LocalJudge,
+    make_judge,
     metrics,
     parse_rating,
     parse_sentiment,
     score_profiles,
     task_reward,
 )
+from rollout import SamplingParams
 
 SAMPLE = {"user_id": "1", "item_id": "9", "title": "Heat (1995)", "description": "Genres: Action",
           "rating": 2.0, "label": "dislike", "history": [{"title": "Up (2009)", "rating": 5.0}], "recent": [],
@@ -99,31 +102,113 @@ def test_metrics_by_hand():
     assert m["accuracy"][0] == 0.5 and m["macro_F1"][0] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
 
 
-@pytest.mark.parametrize("task", ["rating", "sentiment"])
-def test_expect_mode_matches_brute_force(tiny, task):
-    folder, _ = tiny
-    model, tok = load_model(folder, device="cpu")
-    judge = LocalJudge(model, tok, "expect", batch_size=2)
-    calls = []
-    hook = model.register_forward_pre_hook(lambda *a: calls.append(1))
-    samples = [dict(SAMPLE, title=f"Film {k}" * (k + 1)) for k in range(3)]
-    msgs = [predictor_messages(s, "likes dramas", task) for s in samples]
-    preds = judge.predict(msgs, task)
-    hook.remove()
-    assert len(calls) == 2                                     # one forward per batch, no decode loop
+TARGETS = [dict(SAMPLE, item_id=str(k), title=f"Film {k} " * (k % 3 + 1)) for k in range(4)]
+
+
+def judge_messages(task, users=3):
+    """Each user's profile asked about 4 targets: the layout target_rewards sends, and the no-profile
+    prompts of all of them -- consecutive prompts that share a prefix."""
+    msgs = [predictor_messages(t, f"user {u} likes dramas and comedies", task) for u in range(users)
+            for t in TARGETS]
+    return msgs + [predictor_messages(t, None, task) for t in TARGETS]
+
+
+def brute_force_expect(model, tok, msgs, task):
+    """Each prompt alone, one full forward: the expected rating (or label) under the answers' first tokens."""
     prefix = "<rating>" if task == "rating" else "<sentiment>"
     answers = ["1", "2", "3", "4", "5"] if task == "rating" else ["like", "neutral", "dislike"]
-    for m, pred in zip(msgs, preds):                           # brute force: each answer's first token
-        ids = chat_prompt(tok, m, answer_prefix=prefix)
+    base = tok(prefix, add_special_tokens=False)["input_ids"]
+    first = [tok(prefix + a, add_special_tokens=False)["input_ids"][len(base)] for a in answers]
+    out = []
+    for m in msgs:
         with torch.no_grad():
-            logits = model(torch.tensor([ids]))[0, -1]
-        base = tok(prefix, add_special_tokens=False)["input_ids"]
-        first = [tok(prefix + a, add_special_tokens=False)["input_ids"][len(base)] for a in answers]
+            logits = model(torch.tensor([chat_prompt(tok, m, answer_prefix=prefix)]))[0, -1]
         p = torch.softmax(logits[first], -1)
-        if task == "rating":
-            assert pred == pytest.approx(sum((k + 1) * p[k].item() for k in range(5)), abs=1e-5)
-        else:
-            assert pred == answers[int(p.argmax())]
+        out.append(sum((k + 1) * p[k].item() for k in range(5)) if task == "rating"
+                   else answers[int(p.argmax())])
+    return out
+
+
+@pytest.mark.parametrize("task", ["rating", "sentiment"])
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_packed_expect_judge_equals_separate_forwards(tiny, smol, task, which):
+    model, tok = load_model(tiny[0], device="cpu") if which == "tiny" else smol
+    msgs = judge_messages(task)
+    judge = LocalJudge(model, tok, "expect", token_budget=400)      # several micro-batches
+    packed = []
+    hook = model.model.embed_tokens.register_forward_pre_hook(lambda m, args: packed.append(args[0].numel()))
+    try:
+        preds = judge.predict(msgs, task)
+    finally:
+        hook.remove()
+    want = brute_force_expect(model, tok, msgs, task)
+    if task == "rating":
+        assert max(abs(a - b) for a, b in zip(preds, want)) < 1e-4
+    else:
+        assert preds == want
+    # a profile's prompt is computed once for its 4 targets: far fewer tokens than the prompts hold
+    total = sum(len(chat_prompt(tok, m, answer_prefix="<x>")) for m in msgs)
+    assert len(packed) > 1 and sum(packed) < 0.75 * total
+
+
+@pytest.mark.parametrize("task", ["rating", "sentiment"])
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_packed_decode_judge_answers_as_separate_decoding(tiny, smol, task, which):
+    """Shared-prefix prefill (each profile once, then each target) decodes the same greedy text as
+    every prompt decoded alone."""
+    from rollout import generate
+    model, tok = load_model(tiny[0], device="cpu") if which == "tiny" else smol
+    msgs = judge_messages(task, users=2)
+    judge = LocalJudge(model, tok, "decode", token_budget=2000)
+    stop = ("</rating>",) if task == "rating" else ("</sentiment>",)
+    seen = []
+    orig = judge.sampler.generate
+    judge.sampler.generate = lambda *a, **kw: seen.append(kw["shared"]) or orig(*a, **kw)
+    preds = judge.predict(msgs, task)
+    assert sum(seen[0]) > 0                                  # prefixes were shared
+    alone = [generate(model, [chat_prompt(tok, m)], max_new_tokens=20, temperature=0, stop=stop,
+                      tokenizer=tok)[0][0].text for m in msgs]
+    parse = parse_rating if task == "rating" else parse_sentiment
+    assert preds == [parse(t) for t in alone]
+    texts = [o[0].text for o in orig([chat_prompt(tok, m) for m in msgs],
+                                     SamplingParams(max_new_tokens=20, temperature=0, stop=stop),
+                                     tokenizer=tok, shared=seen[0], batch_size=5)]
+    assert texts == alone
+
+
+def test_shared_prefixes_pack_fewest_tokens():
+    """split_shared_prefixes against every way of cutting the prompts into consecutive groups."""
+    import itertools
+    import random
+
+    from lettingo import split_shared_prefixes
+
+    def common(group):
+        return min(min(len(p) for p in group) - 1,
+                   min(next((k for k, (a, b) in enumerate(zip(group[0], p)) if a != b),
+                            min(len(group[0]), len(p))) for p in group))
+
+    def fewest(prompts, max_tokens):
+        best = None
+        for cuts in itertools.product([False, True], repeat=len(prompts) - 1):
+            groups, cur = [], [prompts[0]]
+            for cut, p in zip(cuts, prompts[1:]):
+                groups, cur = (groups + [cur], [p]) if cut else (groups, cur + [p])
+            groups.append(cur)
+            sizes = [sum(map(len, g)) - (len(g) - 1) * (common(g) if len(g) > 1 else 0) for g in groups]
+            if all(len(g) == 1 or size <= max_tokens for g, size in zip(groups, sizes)):
+                best = sum(sizes) if best is None else min(best, sum(sizes))
+        return best
+
+    rng = random.Random(0)
+    for _ in range(400):
+        prompts = [[rng.randrange(2) for _ in range(rng.randrange(1, 7))] for _ in range(rng.randrange(1, 8))]
+        max_tokens = rng.randrange(1, 20)
+        pairs = split_shared_prefixes(prompts, max_tokens)
+        assert [a + b for a, b in pairs] == prompts and all(b for _, b in pairs)
+        runs = [k for k in range(len(pairs)) if k == 0 or pairs[k][0] != pairs[k - 1][0]]
+        packed = sum(len(b) for _, b in pairs) + sum(len(pairs[k][0]) for k in runs)
+        assert packed <= fewest(prompts, max_tokens)
 
 
 def free_port():
@@ -218,6 +303,105 @@ def test_http_judge_faults():
         assert out[0].reward is None and out[0].status == "judge_failed"
     finally:
         server.shutdown()
+
+
+def vllm_choice(content, top=None):
+    """One choice of a vLLM chat completion, in its exact JSON shape."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": content, "refusal": None,
+                                      "annotations": None, "audio": None, "function_call": None,
+                                      "tool_calls": [], "reasoning_content": None},
+              "logprobs": None, "finish_reason": "length", "stop_reason": None, "token_ids": None}
+    if top is not None:
+        entry = lambda t, p: {"token": t, "logprob": math.log(p), "bytes": list(t.encode())}
+        choice["logprobs"] = {"content": [{**entry(*top[0]), "top_logprobs": [entry(t, p) for t, p in top]}]}
+    return choice
+
+
+class VLLMStub(BaseHTTPRequestHandler):
+    """Answers as vLLM does: /digits and /labels with top_logprobs, /lowmass where the forced tag is
+    not continued (no answer token near the top), /nologprobs a server that ignores `logprobs`."""
+    protocol_version = "HTTP/1.1"
+    bodies, peers = [], set()
+    TOP = {"digits": [("4", .5), ("3", .2), ("<", .15), (" 4", .1), ("5.", .05)],
+           "labels": [("dis", .6), (" like", .2), ("neut", .1), ("The", .1)],
+           "lowmass": [("<", .7), ("rating", .2), ("4", .1)]}
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        VLLMStub.bodies.append(body)
+        VLLMStub.peers.add(self.client_address)
+        mode = self.path.strip("/").split("/")[0]
+        top = self.TOP.get(mode) if body.get("logprobs") else None
+        data = json.dumps({"id": "chatcmpl-1", "object": "chat.completion", "created": 0,
+                           "model": body["model"],
+                           "choices": [vllm_choice("<rating>2.00</rating>", top)],
+                           "usage": {"prompt_tokens": 50, "total_tokens": 51, "completion_tokens": 1,
+                                     "prompt_tokens_details": None},
+                           "prompt_logprobs": None, "kv_transfer_params": None}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_http_expect_judge_against_a_vllm_shaped_server():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), VLLMStub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        j = make_judge("judge", f"{base}/digits/v1", mode="expect", concurrency=4)
+        msgs = [predictor_messages(SAMPLE, f"p{k // 4}", "rating") for k in range(40)]
+        VLLMStub.bodies.clear()
+        VLLMStub.peers.clear()
+        preds = j.predict(msgs, "rating")
+        # digits 4 (.5 + .1 for " 4"), 3 (.2), 5 (.05 as "5."): mass .85, E = (4*.6 + 3*.2 + 5*.05) / .85
+        assert preds == pytest.approx([(4 * .6 + 3 * .2 + 5 * .05) / .85] * 40)
+        assert j.masses == pytest.approx([.85] * 40) and j.fallbacks == 0 and j.failures == 0
+        body = VLLMStub.bodies[0]
+        assert (body["messages"][-1] == {"role": "assistant", "content": "<rating>"}
+                and body["continue_final_message"] is True and body["add_generation_prompt"] is False
+                and body["max_tokens"] == 1 and body["logprobs"] is True and body["top_logprobs"] == 20)
+        # a profile's first target goes first, the other three after it (the server's prefix cache)
+        firsts = [b["messages"][0]["content"] for b in VLLMStub.bodies[:10]]
+        assert sorted(firsts) == sorted(m[0]["content"] for m in msgs[::4])
+        assert len(VLLMStub.peers) <= 4                       # one kept-alive connection per thread
+        j = make_judge("judge", f"{base}/labels", mode="expect")
+        assert j.predict([predictor_messages(SAMPLE, "p", "sentiment")], "sentiment") == ["dislike"]
+        j = make_judge("judge", f"{base}/lowmass", mode="expect")
+        assert j.predict(msgs[:3], "rating") == [2.0] * 3 and j.fallbacks == 3     # the parsed greedy answer
+        with pytest.raises(LettingoError, match="--judge-mode decode"):
+            make_judge("judge", f"{base}/nologprobs", mode="expect")
+        assert make_judge("judge", f"{base}/nologprobs", mode="decode").predict(msgs[:1], "rating") == [2.0]
+    finally:
+        server.shutdown()
+
+
+def test_http_expect_judge_equals_the_local_judge(smol):
+    """The expected rating over HTTP (tools/serve.py's top_logprobs) is the local expect judge's."""
+    model, tok = smol
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "serve.py"), "--model",
+                             "smollm2-135m", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "serving" in proc.stdout.readline()
+        for task in ("rating", "sentiment"):
+            msgs = judge_messages(task, users=2)
+            remote = make_judge("smollm2-135m", f"http://127.0.0.1:{port}", mode="expect", concurrency=8)
+            got = remote.predict(msgs, task)
+            want = LocalJudge(model, tok, "expect").predict(msgs, task)
+            assert remote.failures == remote.fallbacks == 0 and min(remote.masses) > 0.5
+            if task == "rating":
+                assert max(abs(a - b) for a, b in zip(got, want)) < 1e-3
+            else:
+                assert got == want
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 def test_eval_cli_on_synthetic(tiny, tmp_path):

@@ -14,7 +14,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lettingo import LettingoError, chat_prompt, load_model  # noqa: E402
+import torch  # noqa: E402
+
+from lettingo import LettingoError, chat_prompt, load_model, pack_row  # noqa: E402
 from rollout import Sampler, SamplingParams, cpu_decode_layout  # noqa: E402
 from tools.cli import ArgParser, at_least, cli  # noqa: E402
 
@@ -36,10 +38,54 @@ def check_request(req):
     if not isinstance(t, (int, float)) or isinstance(t, bool) or t < 0:
         raise ValueError(f"`temperature` must be a number >= 0, got {t!r}")
     req["max_tokens"], req["temperature"] = mt, float(t)
+    k = req.get("top_logprobs")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= MAX_LOGPROBS
+                          or not req.get("logprobs")):
+        raise ValueError(f"`top_logprobs` must be an integer in [0, {MAX_LOGPROBS}] with `logprobs`: true, "
+                         f"got {k!r}")
+    if req.get("continue_final_message") and (req["messages"][-1].get("role") != "assistant"
+                                              or req.get("add_generation_prompt", True)):
+        raise ValueError("`continue_final_message` continues a final assistant message and needs "
+                         "`add_generation_prompt`: false")
+
+
+MAX_LOGPROBS = 20          # vLLM's default --max-logprobs
+
+
+def request_prompt(tok, req) -> list[int]:
+    """The prompt's token ids; with continue_final_message the reply continues the last (assistant)
+    message, e.g. a forced answer tag."""
+    msgs = req["messages"]
+    if req.get("continue_final_message"):
+        return chat_prompt(tok, msgs[:-1], answer_prefix=msgs[-1]["content"])
+    return chat_prompt(tok, msgs)
+
+
+@torch.no_grad()
+def token_logprobs_json(model, tok, seqs, k: int) -> list[list[dict]]:
+    """Per (prompt, generated tokens): OpenAI's logprobs.content -- each token's log-prob under the
+    model's raw distribution (before temperature, as vLLM reports it) and the k most likely tokens
+    there. One packed forward over all the sequences."""
+    device = model.lm_head.weight.device
+    row = pack_row(seqs, False, device)
+    h = model.hidden(row.tokens, **row.inputs())[0]                                      # [N, D]
+    out = []
+    for (_, tokens), (last, start, n) in zip(seqs, row.spans):
+        at = torch.tensor([last, *range(start, start + n - 1)][:n], device=device)       # predicts token j
+        logp = torch.log_softmax(model.lm_head(h[at]).float(), -1)                       # [n, V]
+        top = logp.topk(k, -1)
+        entry = lambda i, lp: {"token": tok.decode([i]), "logprob": lp,
+                               "bytes": list(tok.decode([i]).encode())}
+        out.append([{**entry(t, logp[j, t].item()),
+                     "top_logprobs": [entry(i, v) for v, i in zip(top.values[j].tolist(),
+                                                                   top.indices[j].tolist())]}
+                    for j, t in enumerate(tokens)])
+    return out
 
 
 def decode_worker(sampler: Sampler, tok, pending: queue.Queue, batch_size: int):
-    """Drain whatever requests are waiting and decode them as one batch per sampling setting."""
+    """Drain whatever requests are waiting and decode them as one batch per sampling setting; the
+    ones that ask for log-probs are then scored in one packed forward."""
     while True:
         batch = [pending.get()]
         while len(batch) < batch_size:
@@ -57,10 +103,15 @@ def decode_worker(sampler: Sampler, tok, pending: queue.Queue, batch_size: int):
                 groups.setdefault(key, []).append(job)
             for (max_tokens, temperature, stop), jobs in groups.items():
                 params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, stop=stop)
-                outs = sampler.generate([chat_prompt(tok, j["req"]["messages"]) for j in jobs], params,
-                                        tokenizer=tok, batch_size=batch_size)
+                prompts = [request_prompt(tok, j["req"]) for j in jobs]
+                outs = [o[0] for o in sampler.generate(prompts, params, tokenizer=tok, batch_size=batch_size)]
+                scored = [i for i, j in enumerate(jobs) if j["req"].get("logprobs")]
+                for i, lp in zip(scored, token_logprobs_json(
+                        sampler.model, tok, [(prompts[i], outs[i].tokens) for i in scored],
+                        max(jobs[i]["req"].get("top_logprobs") or 0 for i in scored)) if scored else []):
+                    jobs[i]["logprobs"] = lp[:len(outs[i].tokens)]
                 for j, o in zip(jobs, outs):
-                    j["result"] = o[0]
+                    j["result"] = o
                     j["done"].set()
         except Exception as e:  # a bad request must not kill the server
             for job in batch:
@@ -80,6 +131,8 @@ def serve(model_name: str, host: str, port: int, batch_size: int, device: str | 
                      daemon=True).start()
 
     class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"          # keep-alive: a judge reuses its connections
+
         def reply(self, code, obj):
             data = json.dumps(obj).encode()
             self.send_response(code)
@@ -109,6 +162,10 @@ def serve(model_name: str, host: str, port: int, batch_size: int, device: str | 
             s = job["result"]
             choice = {"index": 0, "message": {"role": "assistant", "content": s.text},
                       "finish_reason": "length" if s.finish == "length" else "stop"}
+            if "logprobs" in job:
+                k = req.get("top_logprobs") or 0
+                choice["logprobs"] = {"content": [{**c, "top_logprobs": c["top_logprobs"][:k]}
+                                                  for c in job["logprobs"]]}
             self.reply(200, {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion",
                              "created": int(time.time()), "model": model_name, "choices": [choice],
                              "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": len(s.tokens),
