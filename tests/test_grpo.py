@@ -4,11 +4,16 @@ import json
 import math
 import os
 import shutil
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from conftest import ROOT, clean_env, make_model, max_diff, run, tiny_run_folder
 from conftest import checkpoint_weights as weights
-from conftest import make_model, max_diff, run, tiny_run_folder
 
 from grpo import clipped_policy_loss, group_advantages, kl_k3, token_weights
 from train import Dist, Policy, apply_update, latest_checkpoint
@@ -117,6 +122,69 @@ def test_a_judge_that_dies_is_not_trained_on(toy_setup, tmp_path, monkeypatch):
     monkeypatch.delenv("TOY_JUDGE_DIES_AFTER")
     toy(toy_setup, tmp_path, "--steps", "6", "--save-every", "1", "--judge-down-steps", "2", "--resume")
     assert latest_checkpoint(str(tmp_path)).endswith("ckpt-000006")
+
+
+class RatingServer(BaseHTTPRequestHandler):
+    """A judge server that answers every chat request with a rating."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.dumps({"choices": [{"message": {"content": "<rating>4.00</rating>"}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def serve_ratings(port=0):
+    server = ThreadingHTTPServer(("127.0.0.1", port), RatingServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_a_killed_judge_server_stops_the_run(toy_setup, tmp_path):
+    """A real judge server, killed after the second checkpoint: no step after the kill applies an
+    update, the run stops with one error line after --judge-down-steps such steps, and --resume
+    with a server back on the same port trains to the end."""
+    server = serve_ratings()
+    port = server.server_address[1]
+    args = ["--steps", "8", "--save-every", "1", "--judge-down-steps", "2"]
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "toy_grpo.py"), "--model", toy_setup / "model",
+           "--judge-url", url, "--judge-mode", "decode", "--data", toy_setup / "data", "--out", tmp_path,
+           "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "12", "--eval-every", "100",
+           "--val-users", "2", "--token-budget", "1500", *args]
+    env = {**clean_env(), "TOY_JUDGE_URL": url}
+    proc = subprocess.Popen(list(map(str, cmd)), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not (tmp_path / "ckpt-000002").exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        server.shutdown()
+        server.server_close()                                   # the judge is gone
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    errors = [x for x in err.splitlines() if x.startswith("error:")]
+    assert proc.returncode != 0 and "Traceback" not in err, err[-2000:]
+    assert len(errors) == 1 and url in errors[0] and "--resume" in errors[0]
+    skipped = [json.loads(x)["skipped"] for x in open(tmp_path / "metrics.jsonl")]
+    assert skipped[:2] == [0, 0] and skipped == sorted(skipped) and skipped[-1] == 1   # trained, then never
+    first = skipped.index(1)
+    assert max_diff(weights(tmp_path / f"ckpt-{first + 1:06d}"), weights(tmp_path / f"ckpt-{first:06d}")) == 0
+    server = serve_ratings(port)                               # the judge is back
+    try:
+        r = subprocess.run(list(map(str, cmd + ["--resume"])), env=env, cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert latest_checkpoint(str(tmp_path)).endswith("ckpt-000008")
 
 
 def test_it_learns(toy_setup, tmp_path):
