@@ -3,6 +3,8 @@ independent reference), with a small byte-level BPE tokenizer and a ChatML templ
 import os
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 # The references (transformers models, brute-force loops) are built on the CPU, and the 2-rank tests
 # use gloo: on a GPU workstation the suite runs on the CPU as in CI -- this process and every child
@@ -125,3 +127,24 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if reason and "cuda" in item.keywords:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """A stub server's request handler: `send` a body with its length; no request log."""
+
+    def send(self, body: bytes):
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def start_server(handler, port=0) -> ThreadingHTTPServer:
+    """A stub HTTP server on 127.0.0.1 (any free port), serving from a thread."""
+    server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

@@ -6,13 +6,11 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from conftest import ROOT, clean_env, make_model, max_diff, run, tiny_run_folder
+from conftest import ROOT, JSONHandler, clean_env, make_model, max_diff, run, start_server, tiny_run_folder
 from conftest import checkpoint_weights as weights
 
 from grpo import clipped_policy_loss, group_advantages, kl_k3, token_weights
@@ -124,32 +122,19 @@ def test_a_judge_that_dies_is_not_trained_on(toy_setup, tmp_path, monkeypatch):
     assert latest_checkpoint(str(tmp_path)).endswith("ckpt-000006")
 
 
-class RatingServer(BaseHTTPRequestHandler):
+class RatingServer(JSONHandler):
     """A judge server that answers every chat request with a rating."""
 
     def do_POST(self):
         self.rfile.read(int(self.headers["Content-Length"]))
-        body = json.dumps({"choices": [{"message": {"content": "<rating>4.00</rating>"}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *a):
-        pass
-
-
-def serve_ratings(port=0):
-    server = ThreadingHTTPServer(("127.0.0.1", port), RatingServer)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+        self.send(json.dumps({"choices": [{"message": {"content": "<rating>4.00</rating>"}}]}).encode())
 
 
 def test_a_killed_judge_server_stops_the_run(toy_setup, tmp_path):
     """A real judge server, killed after the second checkpoint: no step after the kill applies an
     update, the run stops with one error line after --judge-down-steps such steps, and --resume
     with a server back on the same port trains to the end."""
-    server = serve_ratings()
+    server = start_server(RatingServer)
     port = server.server_address[1]
     args = ["--steps", "8", "--save-every", "1", "--judge-down-steps", "2"]
     url = f"http://127.0.0.1:{port}"
@@ -176,7 +161,7 @@ def test_a_killed_judge_server_stops_the_run(toy_setup, tmp_path):
     assert skipped[:2] == [0, 0] and skipped == sorted(skipped) and skipped[-1] == 1   # trained, then never
     first = skipped.index(1)
     assert max_diff(weights(tmp_path / f"ckpt-{first + 1:06d}"), weights(tmp_path / f"ckpt-{first:06d}")) == 0
-    server = serve_ratings(port)                               # the judge is back
+    server = start_server(RatingServer, port)                  # the judge is back
     try:
         r = subprocess.run(list(map(str, cmd + ["--resume"])), env=env, cwd=ROOT, capture_output=True,
                            text=True, timeout=300)

@@ -6,15 +6,13 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from conftest import ROOT, run
+from conftest import ROOT, JSONHandler, run, start_server
 
 from lettingo import LettingoError, chat_prompt, load_model, predictor_messages
 from reward import (
@@ -261,7 +259,7 @@ def test_http_judge_against_real_server(tiny):
         proc.wait(10)
 
 
-class Faulty(BaseHTTPRequestHandler):
+class Faulty(JSONHandler):
     hits = {}
 
     def do_POST(self):
@@ -276,18 +274,11 @@ class Faulty(BaseHTTPRequestHandler):
             {"choices": [{"message": {"content": "<rating>4.00</rating>"}}]}).encode()
         if mode == "err500":
             return self.send_error(500)
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *a):
-        pass
+        self.send(body)
 
 
 def test_http_judge_faults():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Faulty)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = start_server(Faulty)
     base = f"http://127.0.0.1:{server.server_address[1]}"
     msgs = [predictor_messages(SAMPLE, "p", "rating")] * 2
     try:
@@ -317,7 +308,7 @@ def vllm_choice(content, top=None):
     return choice
 
 
-class VLLMStub(BaseHTTPRequestHandler):
+class VLLMStub(JSONHandler):
     """Answers as vLLM does: /digits and /labels with top_logprobs, /lowmass where the forced tag is
     not continued (no answer token near the top), /nologprobs a server that ignores `logprobs`."""
     protocol_version = "HTTP/1.1"
@@ -338,19 +329,11 @@ class VLLMStub(BaseHTTPRequestHandler):
                            "usage": {"prompt_tokens": 50, "total_tokens": 51, "completion_tokens": 1,
                                      "prompt_tokens_details": None},
                            "prompt_logprobs": None, "kv_transfer_params": None}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *a):
-        pass
+        self.send(data)
 
 
 def test_http_expect_judge_against_a_vllm_shaped_server():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), VLLMStub)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = start_server(VLLMStub)
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         j = make_judge("judge", f"{base}/digits/v1", mode="expect", concurrency=4)
