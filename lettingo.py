@@ -590,7 +590,7 @@ def split_shared_prefixes(prompts: list[list[int]], max_tokens: int = 384
     """Prompts -> (prefix, rest) pairs: consecutive prompts that begin alike (one profile's judge
     targets) are grouped to share their common beginning as one prefix, which a packed forward
     computes once. The grouping packs the fewest tokens (dynamic programming over where groups
-    start) with each group of several prompts packed within max_tokens (a tree's attention grows
+    start), the rests of a group of several prompts within max_tokens (a tree's attention grows
     with the square of its length); each rest keeps at least one token (it predicts the next one)."""
     n = len(prompts)
     adjacent = [next((k for k, (a, b) in enumerate(zip(p, q)) if a != b), min(len(p), len(q)))
@@ -603,8 +603,9 @@ def split_shared_prefixes(prompts: list[list[int]], max_tokens: int = 384
             shortest = min(shortest, len(prompts[i]) - 1)
             if i < j - 1:
                 common = min(common, adjacent[i])
-            packed = size - (j - i - 1) * min(common, shortest) if i < j - 1 else size
-            if i < j - 1 and packed > max_tokens:          # only grows as the group does
+            shared = min(common, shortest) if i < j - 1 else 0
+            packed = size - (j - i - 1) * shared
+            if i < j - 1 and packed - shared > max_tokens:  # the rests: only grow as the group does
                 break
             if best[i] + packed < best[j]:
                 best[j], cut[j] = best[i] + packed, i

@@ -9,6 +9,7 @@ from __future__ import annotations
 import http.client
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -157,7 +158,8 @@ class HTTPJudge:
         self.parts = parts
         self.model, self.mode, self.timeout, self.retries = model, mode, timeout, retries
         self.concurrency, self.backoff, self.min_mass = concurrency, backoff, min_mass
-        self.failures, self.retried, self.bad_answers, self.fallbacks, self.masses = 0, 0, 0, 0, []
+        self.failures, self.retried, self.bad_answers, self.fallbacks = 0, 0, 0, 0
+        self.mass_sum, self.mass_n = 0.0, 0              # the answer tokens' probability mass (expect)
         self.lock, self.local = threading.Lock(), threading.local()
         self.pool = ThreadPoolExecutor(concurrency)      # kept: its threads keep their connections
 
@@ -166,48 +168,74 @@ class HTTPJudge:
         if getattr(self.local, "conn", None) is None:
             cls = http.client.HTTPSConnection if self.parts.scheme == "https" else http.client.HTTPConnection
             self.local.conn = cls(self.parts.hostname, self.parts.port, timeout=self.timeout)
+            self.local.used = False
         return self.local.conn
 
-    def post(self, body: dict) -> dict:
-        """One chat completion -> its first choice; retried, then JudgeFailure."""
+    def drop(self):
+        if getattr(self.local, "conn", None) is not None:
+            self.local.conn.close()
+            self.local.conn = None
+
+    def exchange(self, data: bytes) -> tuple[int, bytes]:
+        """One request on this thread's connection -> (status, body). A kept-alive connection that
+        the server closed meanwhile (its idle timeout) is reopened once, at once: not a retry."""
+        for reopened in (False, True):
+            conn = self.connection()
+            reused = self.local.used
+            try:
+                conn.request("POST", self.parts.path, data, {"Content-Type": "application/json"})
+                r = conn.getresponse()
+                payload = r.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.drop()
+                if reopened or not reused:
+                    raise
+                continue
+            self.local.used = True
+            if r.will_close:                              # an HTTP/1.0 server: a new connection next time
+                self.drop()
+            return r.status, payload
+
+    def post(self, body: dict, pick):
+        """One chat completion -> pick(its first choice); retried (a reply `pick` cannot read counts as
+        failed too), then JudgeFailure."""
         data, last = json.dumps({"model": self.model, **body}).encode(), None
         for attempt in range(self.retries + 1):
             if attempt:
                 with self.lock:
                     self.retried += 1
                 time.sleep(self.backoff * 2 ** (attempt - 1))
-            conn = self.connection()
             try:
-                conn.request("POST", self.parts.path, data, {"Content-Type": "application/json"})
-                r = conn.getresponse()
-                payload = r.read()
-                if r.will_close:                          # an HTTP/1.0 server: a new connection next time
-                    conn.close()
-                if r.status != 200:
-                    raise ValueError(f"HTTP {r.status}: {payload[:200].decode(errors='replace')}")
-                return json.loads(payload)["choices"][0]
+                status, payload = self.exchange(data)
+                if status != 200:
+                    raise ValueError(f"HTTP {status}: {payload[:200].decode(errors='replace')}")
+                return pick(json.loads(payload)["choices"][0])
             except (http.client.HTTPException, OSError, ValueError, KeyError, IndexError, TypeError) as e:
                 last = e
-                conn.close()
-                self.local.conn = None
+                self.drop()
         raise JudgeFailure(f"{self.url}: {type(last).__name__}: {last} (after {self.retries} retries)")
 
     def ask(self, messages, temperature=0.0, max_tokens=20) -> str:
-        return self.post({"messages": messages, "temperature": temperature,
-                          "max_tokens": max_tokens})["message"]["content"]
+        return self.post({"messages": messages, "temperature": temperature, "max_tokens": max_tokens},
+                         lambda choice: choice["message"]["content"])
+
+    @staticmethod
+    def expect_request(messages, task) -> dict:
+        return {"messages": messages + [{"role": "assistant", "content": ANSWERS[task][0]}],
+                "continue_final_message": True, "add_generation_prompt": False,
+                "max_tokens": 1, "temperature": 1.0, "logprobs": True, "top_logprobs": 20}
 
     def answer_probabilities(self, messages, task) -> tuple[list[float], float]:
         """The answers' probabilities as the first token after the forced tag, renormalised, and
         their total mass before that (0 when no answer token is among the top log-probs)."""
-        prefix, answers = ANSWERS[task]
-        choice = self.post({"messages": messages + [{"role": "assistant", "content": prefix}],
-                            "continue_final_message": True, "add_generation_prompt": False,
-                            "max_tokens": 1, "temperature": 1.0, "logprobs": True, "top_logprobs": 20})
+        answers = ANSWERS[task][1]
+        top = self.post(self.expect_request(messages, task),
+                        lambda choice: choice["logprobs"]["content"][0]["top_logprobs"])
         mass = [0.0] * len(answers)
-        for top in choice["logprobs"]["content"][0]["top_logprobs"]:
-            k = answer_index(top["token"], answers)       # " 4", "4" and "4." are all the answer 4
+        for t in top:
+            k = answer_index(t["token"], answers)         # " 4", "4" and "4." are all the answer 4
             if k is not None:
-                mass[k] += math.exp(top["logprob"])
+                mass[k] += math.exp(t["logprob"])
         total = sum(mass)
         return [m / total if total else 0.0 for m in mass], total
 
@@ -217,8 +245,8 @@ class HTTPJudge:
             if self.mode == "expect":
                 p, mass = self.answer_probabilities(messages, task)
                 with self.lock:
-                    self.masses.append(mass)
-                if mass >= self.min_mass:
+                    self.mass_sum, self.mass_n = self.mass_sum + mass, self.mass_n + 1
+                if mass > 0 and mass >= self.min_mass:
                     return (sum((k + 1) * pk for k, pk in enumerate(p)) if task == "rating"
                             else LABELS[max(range(len(p)), key=p.__getitem__)])
                 with self.lock:
@@ -236,9 +264,10 @@ class HTTPJudge:
         return answer
 
     def predict(self, messages, task):
-        texts = [[ch for m in ms for ch in m["content"]] for ms in messages]
-        pairs = split_shared_prefixes(texts)              # groups of prompts that begin alike, in order
-        first = [i for i in range(len(messages)) if i == 0 or pairs[i][0] != pairs[i - 1][0]]
+        texts = ["".join(m["content"] for m in ms) for ms in messages]
+        common = [0] + [len(os.path.commonprefix(p)) for p in zip(texts, texts[1:])]    # with the previous one
+        # a group (a profile's targets) starts where the beginning shared with the previous prompt shrinks
+        first = [i for i in range(len(messages)) if i == 0 or (i > 1 and common[i] < common[i - 1])]
         rest = sorted(set(range(len(messages))) - set(first))
         out = [None] * len(messages)
         for wave in (first, rest):                        # the rest find their prefix in the server's cache
@@ -249,18 +278,21 @@ class HTTPJudge:
     def probe(self):
         """One request now: an unreachable judge, or one without the log-probs expect needs, is an
         error before any work, not a run of failed steps."""
+        msgs = [{"role": "user", "content": "Rate 1 to 5."}]
         try:
             if self.mode == "decode":
-                self.ask([{"role": "user", "content": "Say OK."}], max_tokens=1)
-            else:
-                self.answer_probabilities([{"role": "user", "content": "Rate 1 to 5."}], "rating")
+                self.ask(msgs, max_tokens=1)
+                return
+            choice = self.post(self.expect_request(msgs, "rating"), lambda choice: choice)
         except JudgeFailure as e:
             raise LettingoError(f"the judge at {self.url} does not answer: {e}")
+        finally:
+            self.retried = 0
+        try:
+            choice["logprobs"]["content"][0]["top_logprobs"][0]["logprob"]
         except (KeyError, IndexError, TypeError):
             raise LettingoError(f"the judge at {self.url} returns no top_logprobs, which --judge-mode expect "
                                 f"needs; use --judge-mode decode (greedy answers, parsed)")
-        self.retried = 0
-        self.masses.clear()
 
 
 def answer_index(token: str, answers) -> int | None:
@@ -614,7 +646,7 @@ def run_eval(args):
                                     **{k: v[0] if len(v) == 1 else v for k, v in preds.items()}}) + "\n")
     print(f"judge failures: {judge.failures}, unparseable answers: {judge.bad_answers}"
           + (f", retries: {judge.retried}, fallbacks to decode: {judge.fallbacks}"
-             + (f", answer tokens' mean mass: {statistics.mean(judge.masses):.3f}" if judge.masses else "")
+             + (f", answer tokens' mean mass: {judge.mass_sum / judge.mass_n:.3f}" if judge.mass_n else "")
              if isinstance(judge, HTTPJudge) else ""))
     if judge.failures and judge.failures >= len(samples):
         raise LettingoError(f"the judge failed on every request ({judge.failures}); "

@@ -170,6 +170,8 @@ class Sampler:
             seed = int(torch.randint(0, 2**62, ()))           # follows torch.manual_seed
         seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(len(prompts))]
         shared = shared or [0] * len(prompts)
+        if len(shared) != len(prompts) or any(not 0 <= k < len(p) for k, p in zip(shared, prompts)):
+            raise LettingoError("generate: `shared` needs one prefix length per prompt, shorter than it")
         # prompts with the same prefix next to each other, so they share a chunk
         order = sorted(range(len(prompts)),
                        key=lambda i: (shared[i], prompts[i][:shared[i]], len(prompts[i])))

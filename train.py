@@ -217,7 +217,7 @@ def completion_logprobs(model, seqs: list[tuple[list[int], list[int]]], device, 
         share_prompts = shares_prompts(model)
     row = pack_row(seqs, share_prompts, device)
     # completion token j is predicted at position j - 1; its first token, at its prompt's last
-    index = [j for last, start, n in row.spans for j in (last, *range(start, start + n - 1))]
+    index = [j for last, start, n in row.spans for j in ((last, *range(start, start + n - 1)) if n else ())]
     ids = [t for _, comp in seqs for t in comp]
     out = model.logprobs(row.tokens, torch.tensor(index, device=device), torch.tensor(ids, device=device),
                          **row.inputs(), temperature=temperature, with_entropy=with_entropy)

@@ -193,8 +193,9 @@ def test_shared_prefixes_pack_fewest_tokens():
             for cut, p in zip(cuts, prompts[1:]):
                 groups, cur = (groups + [cur], [p]) if cut else (groups, cur + [p])
             groups.append(cur)
-            sizes = [sum(map(len, g)) - (len(g) - 1) * (common(g) if len(g) > 1 else 0) for g in groups]
-            if all(len(g) == 1 or size <= max_tokens for g, size in zip(groups, sizes)):
+            shared = [common(g) if len(g) > 1 else 0 for g in groups]
+            sizes = [sum(map(len, g)) - (len(g) - 1) * c for g, c in zip(groups, shared)]
+            if all(len(g) == 1 or size - c <= max_tokens for g, size, c in zip(groups, sizes, shared)):
                 best = sum(sizes) if best is None else min(best, sum(sizes))
         return best
 
@@ -330,6 +331,8 @@ class VLLMStub(JSONHandler):
                                      "prompt_tokens_details": None},
                            "prompt_logprobs": None, "kv_transfer_params": None}).encode()
         self.send(data)
+        if mode == "drop":       # closes the connection without saying so, as an idle timeout does
+            self.close_connection = True
 
 
 def test_http_expect_judge_against_a_vllm_shaped_server():
@@ -343,7 +346,7 @@ def test_http_expect_judge_against_a_vllm_shaped_server():
         preds = j.predict(msgs, "rating")
         # digits 4 (.5 + .1 for " 4"), 3 (.2), 5 (.05 as "5."): mass .85, E = (4*.6 + 3*.2 + 5*.05) / .85
         assert preds == pytest.approx([(4 * .6 + 3 * .2 + 5 * .05) / .85] * 40)
-        assert j.masses == pytest.approx([.85] * 40) and j.fallbacks == 0 and j.failures == 0
+        assert j.mass_n == 40 and j.mass_sum == pytest.approx(.85 * 40) and j.fallbacks == j.failures == 0
         body = VLLMStub.bodies[0]
         assert (body["messages"][-1] == {"role": "assistant", "content": "<rating>"}
                 and body["continue_final_message"] is True and body["add_generation_prompt"] is False
@@ -356,6 +359,8 @@ def test_http_expect_judge_against_a_vllm_shaped_server():
         assert j.predict([predictor_messages(SAMPLE, "p", "sentiment")], "sentiment") == ["dislike"]
         j = make_judge("judge", f"{base}/lowmass", mode="expect")
         assert j.predict(msgs[:3], "rating") == [2.0] * 3 and j.fallbacks == 3     # the parsed greedy answer
+        j = HTTPJudge(f"{base}/drop", mode="decode", concurrency=1, retries=0)
+        assert j.predict(msgs[:3], "rating") == [2.0] * 3 and j.retried == j.failures == 0   # reopened at once
         with pytest.raises(LettingoError, match="--judge-mode decode"):
             make_judge("judge", f"{base}/nologprobs", mode="expect")
         assert make_judge("judge", f"{base}/nologprobs", mode="decode").predict(msgs[:1], "rating") == [2.0]
@@ -380,7 +385,7 @@ def test_http_expect_judge_equals_the_local_judge(smol):
                                min_mass=0.0)
             got = remote.predict(msgs, task)
             want = LocalJudge(model, tok, "expect").predict(msgs, task)
-            assert remote.failures == remote.fallbacks == 0 and min(remote.masses) > 0
+            assert remote.failures == remote.fallbacks == 0 and remote.mass_n == len(msgs)
             if task == "rating":
                 assert max(abs(a - b) for a, b in zip(got, want)) < 1e-3
             else:

@@ -23,8 +23,9 @@ from tools.cli import ArgParser, at_least, cli  # noqa: E402
 
 def check_request(req):
     """A chat request this server can answer, with its defaults filled in; else ValueError (-> HTTP 400)."""
-    if not isinstance(req, dict) or not isinstance(req.get("messages"), list) or not req["messages"]:
-        raise ValueError("`messages` must be a non-empty list")
+    if (not isinstance(req, dict) or not isinstance(req.get("messages"), list) or not req["messages"]
+            or not all(isinstance(m, dict) for m in req["messages"])):
+        raise ValueError("`messages` must be a non-empty list of messages")
     if req.get("stream"):
         raise ValueError("streaming is not supported by this server; send \"stream\": false")
     if req.get("n", 1) != 1:
@@ -147,10 +148,15 @@ def serve(model_name: str, host: str, port: int, batch_size: int, device: str | 
             self.reply(404, {"error": {"message": "not found"}})
 
         def do_POST(self):
+            try:   # the body is read whatever the reply: on a kept-alive connection the next request follows
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            except ValueError:
+                self.close_connection = True
+                return self.reply(400, {"error": {"message": "bad request: no valid Content-Length"}})
             if not self.path.rstrip("/").endswith("/chat/completions"):
                 return self.reply(404, {"error": {"message": "only /v1/chat/completions"}})
             try:
-                req = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                req = json.loads(body)
                 check_request(req)
             except ValueError as e:
                 return self.reply(400, {"error": {"message": f"bad request: {e}"}})
