@@ -265,7 +265,7 @@ class HTTPJudge:
 
     def predict(self, messages, task):
         texts = ["".join(m["content"] for m in ms) for ms in messages]
-        common = [0] + [len(os.path.commonprefix(p)) for p in zip(texts, texts[1:])]    # with the previous one
+        common = [0] + [len(os.path.commonprefix(p)) for p in zip(texts, texts[1:])]   # with the previous
         # a group (a profile's targets) starts where the beginning shared with the previous prompt shrinks
         first = [i for i in range(len(messages)) if i == 0 or (i > 1 and common[i] < common[i - 1])]
         rest = sorted(set(range(len(messages))) - set(first))

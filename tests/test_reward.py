@@ -360,7 +360,7 @@ def test_http_expect_judge_against_a_vllm_shaped_server():
         j = make_judge("judge", f"{base}/lowmass", mode="expect")
         assert j.predict(msgs[:3], "rating") == [2.0] * 3 and j.fallbacks == 3     # the parsed greedy answer
         j = HTTPJudge(f"{base}/drop", mode="decode", concurrency=1, retries=0)
-        assert j.predict(msgs[:3], "rating") == [2.0] * 3 and j.retried == j.failures == 0   # reopened at once
+        assert j.predict(msgs[:3], "rating") == [2.0] * 3 and j.retried == j.failures == 0   # reopened
         with pytest.raises(LettingoError, match="--judge-mode decode"):
             make_judge("judge", f"{base}/nologprobs", mode="expect")
         assert make_judge("judge", f"{base}/nologprobs", mode="decode").predict(msgs[:1], "rating") == [2.0]
