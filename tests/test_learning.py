@@ -77,3 +77,10 @@ def test_dpo_start_picks_the_model_and_the_explored_profiles(tmp_path):
     assert config(train).model.endswith(os.path.join("explore-base", "sft", "ckpt-000016", "model"))
     assert (out(train) == out(warm["DPO: pairs"]) == out(warm["DPO: explore with the warm start"])
             == "explore-warm")
+
+
+def test_the_judge_flags_reach_every_stage(tmp_path):
+    stages = recipe(tmp_path, "--judge-url", "http://judge:8008", "--judge", "big", "--judge-mode", "decode")
+    configs = [config(st) for st in stages.values() if st.script in ("grpo.py", "dpo.py")]
+    assert len(configs) >= 5
+    assert {(c.judge_url, c.judge, c.judge_mode) for c in configs} == {("http://judge:8008", "big", "decode")}

@@ -54,7 +54,9 @@ def recipe(args, out) -> list[Stage]:
     # start it explores again with the warm start, since its pairs must be of what that writer writes
     dpo_dir = eb if args.dpo_start == "base" else ew
     dpo_model = os.path.join(dpo_dir, "train", f"ckpt-{args.dpo_steps:06d}", "model")
-    run = lambda preset, **kw: to_argv(dataclasses.replace(preset, max_new_tokens=args.max_new_tokens, **kw))
+    judging = dict(judge=args.judge, judge_url=args.judge_url, judge_mode=args.judge_mode)
+    run = lambda preset, **kw: to_argv(dataclasses.replace(preset, max_new_tokens=args.max_new_tokens,
+                                                           **judging, **kw))
     stage = lambda stage, **kw: [stage] + run(dpo.LEARNING, data=tr, **kw)
     prep = [args.dataset, "--out", data, "--test-users", str(args.test_users),
             "--val-users", str(args.val_users), "--reward-targets", str(args.reward_targets)] + (
@@ -123,7 +125,7 @@ def run_recipe(args):
     for kinds, name in (("none", "template without genres"), ("swapped", "template, likes/dislikes swapped")):
         # what the judge reads of the template
         profiles[name] = [[f"{PROFILE_OPEN}{template_profile(s, kinds)}{PROFILE_CLOSE}"] for s in test]
-    judge = make_judge("smollm2-135m", mode="expect")
+    judge = make_judge(args.judge, args.judge_url, args.judge_mode)
     rows = judge_conditions(test, judge, "rating", profiles)
     pairs = [("base", "warm"), ("warm", "grpo"), ("warm", "dpo"), ("base", "grpo"), ("base", "dpo")]
     summary = summarize("rating", test, rows, compare=(
@@ -160,6 +162,11 @@ def parse_args(argv=None):
     a("--raw", help="the dataset as data/prepare.py reads it (folder or file)")
     a("--meta", help="amazon: metadata file")
     a("--out", default="runs/learning", help="run folder (stages found done there are skipped)")
+    a("--judge", default=g.judge,
+      help="the judge of every stage and of the test users: a local model, or the name sent to --judge-url")
+    a("--judge-url", help="an OpenAI-compatible judge server (vLLM, SGLang, tools/serve.py) for every stage")
+    a("--judge-mode", choices=["expect", "decode"], default=g.judge_mode,
+      help="expect: expected rating (a server must return top_logprobs); decode: greedy answer, parsed")
     a("--test-users", type=at_least(1), default=100, help="held-out users every writer is judged on")
     a("--val-users", type=at_least(1), default=d.val_users, help="the only users settings are chosen on")
     a("--max-new-tokens", type=at_least(1), default=d.max_new_tokens, help="profile budget of every stage")
