@@ -110,7 +110,7 @@ def decode_worker(sampler: Sampler, tok, pending: queue.Queue, batch_size: int):
                 for i, lp in zip(scored, token_logprobs_json(
                         sampler.model, tok, [(prompts[i], outs[i].tokens) for i in scored],
                         max(jobs[i]["req"].get("top_logprobs") or 0 for i in scored)) if scored else []):
-                    jobs[i]["logprobs"] = lp[:len(outs[i].tokens)]
+                    jobs[i]["logprobs"] = lp
                 for j, o in zip(jobs, outs):
                     j["result"] = o
                     j["done"].set()
@@ -118,6 +118,19 @@ def decode_worker(sampler: Sampler, tok, pending: queue.Queue, batch_size: int):
             for job in batch:
                 job["error"] = str(e)
                 job["done"].set()
+
+
+def completion_json(model_name: str, req: dict, s, logprobs: list[dict] | None) -> dict:
+    """A chat.completion in OpenAI's shape; logprobs: the request's token entries, if it asked."""
+    choice = {"index": 0, "message": {"role": "assistant", "content": s.text},
+              "finish_reason": "length" if s.finish == "length" else "stop"}
+    if logprobs is not None:
+        k = req.get("top_logprobs") or 0      # the batch computed the most any request asked for
+        choice["logprobs"] = {"content": [{**c, "top_logprobs": c["top_logprobs"][:k]} for c in logprobs]}
+    return {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion", "created": int(time.time()),
+            "model": model_name, "choices": [choice],
+            "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": len(s.tokens),
+                      "total_tokens": s.prompt_tokens + len(s.tokens)}}
 
 
 def serve(model_name: str, host: str, port: int, batch_size: int, device: str | None):
@@ -165,17 +178,7 @@ def serve(model_name: str, host: str, port: int, batch_size: int, device: str | 
             job["done"].wait()
             if "error" in job:
                 return self.reply(500, {"error": {"message": job["error"]}})
-            s = job["result"]
-            choice = {"index": 0, "message": {"role": "assistant", "content": s.text},
-                      "finish_reason": "length" if s.finish == "length" else "stop"}
-            if "logprobs" in job:
-                k = req.get("top_logprobs") or 0
-                choice["logprobs"] = {"content": [{**c, "top_logprobs": c["top_logprobs"][:k]}
-                                                  for c in job["logprobs"]]}
-            self.reply(200, {"id": f"chatcmpl-{time.time_ns()}", "object": "chat.completion",
-                             "created": int(time.time()), "model": model_name, "choices": [choice],
-                             "usage": {"prompt_tokens": s.prompt_tokens, "completion_tokens": len(s.tokens),
-                                       "total_tokens": s.prompt_tokens + len(s.tokens)}})
+            self.reply(200, completion_json(model_name, req, job["result"], job.get("logprobs")))
 
         def log_message(self, *a):
             pass
