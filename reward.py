@@ -323,19 +323,21 @@ def make_judge(judge: str | None = None, judge_url: str | None = None, mode="exp
 @dataclass
 class Scored:
     reward: float | None        # None: the judge failed -> leave the sample out, never score it
-    prediction: object = None
+    prediction: object = None   # for the sample's own target
     status: str = "ok"          # ok | format (no complete profile tag) | judge_failed
+    predictions: list | None = None   # for every target of the sample (sample_targets order)
 
 
 def sample_targets(sample) -> list[dict]:
-    """The sample, then one copy per extra target (prepare.py --reward-targets): same user, same
-    history, the next items instead of the target."""
-    return [sample] + [{**sample, **t} for t in sample.get("more_targets", ())]
+    """The sample, then one copy per extra target (prepare.py --reward-targets, --eval-targets): same
+    user, same history, the next items instead of the target; none of them carries more_targets."""
+    own = {k: v for k, v in sample.items() if k != "more_targets"}
+    return [own] + [{**own, **t} for t in sample.get("more_targets", ())]
 
 
 def target_rewards(samples, profiles, judge, task) -> list[tuple[float | None, object]]:
     """Ask the judge with profiles[i] (None = no profile) about every target of samples[i].
-    -> per sample (mean task reward over its targets, prediction for the sample's own target);
+    -> per sample (mean task reward over its targets, predictions for its targets);
     (None, None) when the judge failed on any of them."""
     flat = [(i, t) for i, s in enumerate(samples) for t in sample_targets(s)]
     preds = judge.predict([predictor_messages(t, profiles[i], task) for i, t in flat], task) if flat else []
@@ -347,7 +349,8 @@ def target_rewards(samples, profiles, judge, task) -> list[tuple[float | None, o
         if any(p is None for _, p in per[i]):
             out.append((None, None))
         else:
-            out.append((sum(task_reward(task, p, t) for t, p in per[i]) / len(per[i]), per[i][0][1]))
+            reward = sum(task_reward(task, p, t) for t, p in per[i]) / len(per[i])
+            out.append((reward, [p for _, p in per[i]]))
     return out
 
 
@@ -358,48 +361,119 @@ def score_profiles(samples, texts, judge, task) -> list[Scored]:
     ask = [i for i, p in enumerate(profiles) if p]
     judged = target_rewards([samples[i] for i in ask], [profiles[i] for i in ask], judge, task)
     out = [Scored(FORMAT_PENALTY, None, "format") for _ in texts]
-    for i, (reward, pred) in zip(ask, judged):
-        out[i] = Scored(None, None, "judge_failed") if reward is None else Scored(reward, pred)
+    for i, (reward, preds) in zip(ask, judged):
+        out[i] = (Scored(None, None, "judge_failed") if reward is None
+                  else Scored(reward, preds[0], "ok", preds))
     return out
 
 
 def profile_predictions(samples, texts, judge, task):
     """Predictions with each generated profile, for metrics: a text without a complete profile tag
     carries no information, so the judge answers for it as if it had no profile.
-    -> (predictions, scored) where a prediction is None only when the judge failed."""
+    -> (predictions, scored): predictions[i] for every target of samples[i] (sample_targets order),
+    None where the judge failed."""
     scored = score_profiles(samples, texts, judge, task)
-    failed = [i for i, sc in enumerate(scored) if sc.status == "format"]
-    fallback = (judge.predict([predictor_messages(samples[i], None, task) for i in failed], task)
-                if failed else [])
-    preds = [sc.prediction for sc in scored]
-    for i, p in zip(failed, fallback):
-        preds[i] = p
+    failed = [(i, t) for i, sc in enumerate(scored) if sc.status == "format"
+              for t in sample_targets(samples[i])]
+    fallback = judge.predict([predictor_messages(t, None, task) for _, t in failed], task) if failed else []
+    preds = [sc.predictions or [None] * len(sample_targets(samples[i])) if sc.status != "format" else []
+             for i, sc in enumerate(scored)]
+    for (i, _), p in zip(failed, fallback):
+        preds[i].append(p)
     return preds, scored
 
 
-def metrics(task, preds, samples, boot=1000, seed=0) -> dict:
-    """rating: MAE, RMSE; sentiment: accuracy, macro-F1 -- each with a bootstrap 95% interval."""
-    pairs = [(p, s) for p, s in zip(preds, samples) if p is not None]
-    if not pairs:
+def metrics(task, preds, targets, boot=1000, seed=0) -> dict:
+    """rating: MAE, RMSE, mean prediction, Pearson r over all predictions, and what a constant cannot
+    win -- GAUC and Spearman within each user, like/neutral/dislike macro-F1 and balanced accuracy;
+    sentiment: accuracy, macro-F1. Each with a bootstrap 95% interval over users (a user's targets
+    are resampled together)."""
+    users = defaultdict(list)                          # user -> [(prediction, target), ...]
+    for p, t in zip(preds, targets):
+        if p is not None:
+            users[t["user_id"]].append((p, t))
+    if not users:
         return {"n": 0}
+    flat = lambda us: [x for u in us for x in u]
     if task == "rating":
-        fns = {"MAE": lambda ps: sum(abs(p - s["rating"]) for p, s in ps) / len(ps),
-               "RMSE": lambda ps: math.sqrt(sum((p - s["rating"]) ** 2 for p, s in ps) / len(ps)),
+        label = lambda r: "like" if r >= 3.5 else "dislike" if r < 2.5 else "neutral"   # nearest star's
+        fns = {"MAE": lambda us: mean(abs(p - t["rating"]) for p, t in flat(us)),
+               "RMSE": lambda us: math.sqrt(mean((p - t["rating"]) ** 2 for p, t in flat(us))),
                # a judge can lower MAE by moving all its predictions towards the ratings' typical level
-               # (no user content needed); r, the correlation with the truth, is what content buys
-               "mean_pred": lambda ps: sum(p for p, _ in ps) / len(ps),
-               "r": lambda ps: pearson([p for p, _ in ps], [s["rating"] for _, s in ps])}
+               # (no user content needed); r and the within-user metrics are what content buys
+               "mean_pred": lambda us: mean(p for p, _ in flat(us)),
+               "r": lambda us: pearson([p for p, _ in flat(us)], [t["rating"] for _, t in flat(us)]),
+               "GAUC": lambda us: mean_defined(user_gauc(u) for u in us),
+               "Spearman": lambda us: mean_defined(user_spearman(u) for u in us),
+               "macro_F1": lambda us: macro_f1([(label(p), t) for p, t in flat(us)]),
+               "balanced_acc": lambda us: balanced_accuracy([(label(p), t) for p, t in flat(us)])}
     else:
-        fns = {"accuracy": lambda ps: sum(p == s["label"] for p, s in ps) / len(ps), "macro_F1": macro_f1}
-    rng = random.Random(seed)
-    out = {"n": len(pairs)}
+        fns = {"accuracy": lambda us: mean(p == t["label"] for p, t in flat(us)),
+               "macro_F1": lambda us: macro_f1(flat(us)),
+               "balanced_acc": lambda us: balanced_accuracy(flat(us))}
+    groups, rng = list(users.values()), random.Random(seed)
+    out = {"n": sum(map(len, groups)), "users": len(groups)}
+    draws = [[groups[rng.randrange(len(groups))] for _ in groups] for _ in range(boot)]
     for name, fn in fns.items():
-        if not boot:
-            out[name] = (fn(pairs), None, None)
+        value = fn(groups)
+        if value is None:
             continue
-        draws = sorted(fn([pairs[rng.randrange(len(pairs))] for _ in pairs]) for _ in range(boot))
-        out[name] = (fn(pairs), draws[int(0.025 * boot)], draws[int(0.975 * boot) - 1])
+        ds = sorted(d for d in map(fn, draws) if d is not None)
+        out[name] = ((value, ds[int(0.025 * len(ds))], ds[int(0.975 * len(ds)) - 1]) if ds
+                     else (value, None, None))
     return out
+
+
+def mean(xs):
+    xs = list(xs)
+    return sum(xs) / len(xs)
+
+
+def mean_defined(xs):
+    """Mean of the values that are not None (users without a pair of different ratings); None if none."""
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def user_gauc(pairs) -> float | None:
+    """One user's [(prediction, target)]: the fraction of target pairs with different ratings that
+    the predictions order the same way, a tie counting 1/2. None without such a pair."""
+    right, n = 0.0, 0
+    for (pa, ta), (pb, tb) in ((x, y) for k, x in enumerate(pairs) for y in pairs[k + 1:]):
+        if ta["rating"] != tb["rating"]:
+            n += 1
+            d = (pa - pb) * (ta["rating"] - tb["rating"])
+            right += 1.0 if d > 0 else 0.5 if d == 0 else 0.0
+    return right / n if n else None
+
+
+def ranks(xs):
+    """1-based ranks, ties given their mean rank."""
+    order = sorted(range(len(xs)), key=lambda k: xs[k])
+    out, k = [0.0] * len(xs), 0
+    while k < len(order):
+        j = k
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[k]]:
+            j += 1
+        for m in range(k, j + 1):
+            out[order[m]] = (k + j) / 2 + 1
+        k = j + 1
+    return out
+
+
+def user_spearman(pairs) -> float | None:
+    """Spearman correlation of one user's predictions and ratings (0 for constant predictions);
+    None when the user's ratings are all equal."""
+    ys = [t["rating"] for _, t in pairs]
+    if len(set(ys)) < 2:
+        return None
+    return pearson(ranks([p for p, _ in pairs]), ranks(ys))
+
+
+def balanced_accuracy(pairs):
+    """Mean recall over the labels present in the truth: a constant label gets 1/(labels present)."""
+    present = [c for c in LABELS if any(t["label"] == c for _, t in pairs)]
+    return mean(mean(p == c for p, t in pairs if t["label"] == c) for c in present)
 
 
 def pearson(x, y) -> float:
@@ -413,6 +487,7 @@ def pearson(x, y) -> float:
 
 
 def macro_f1(pairs):
+    """Mean F1 over like / neutral / dislike of [(predicted label, target)]."""
     f1s = []
     for c in LABELS:
         tp = sum(p == c and s["label"] == c for p, s in pairs)
@@ -488,15 +563,19 @@ def sample_errors(task, preds, samples):
 
 
 def baseline_predictions(task, samples):
-    """No LLM at all: the global mean and median (majority label) of all history ratings, and the
-    user's own mean. The median is the constant with the lowest MAE: on skewed ratings it shows how
-    much of an MAE is the level of the predictions rather than anything known about the user."""
+    """No LLM at all: the global mean and median (majority label) of all history ratings, the
+    user's own mean, and the item's mean over the training users (prepare.py's item_mean; the global
+    mean for an item none of them rated). The median is the constant with the lowest MAE: on skewed
+    ratings it shows how much of an MAE is the level of the predictions rather than anything known
+    about the user; the user mean orders no user's items (GAUC 1/2), the item mean does."""
     hist = [h for s in samples for h in s["history"] + s.get("recent", [])]
     if task == "rating":
         g = sum(h["rating"] for h in hist) / max(1, len(hist))
         med = statistics.median(h["rating"] for h in hist) if hist else g
         return {"global mean (no LLM)": [g] * len(samples), "global median (no LLM)": [med] * len(samples),
-                "user mean (no LLM)": [s["user_mean"] for s in samples]}
+                "user mean (no LLM)": [s["user_mean"] for s in samples],
+                **({"item mean (no LLM)": [g if s["item_mean"] is None else s["item_mean"] for s in samples]}
+                   if all("item_mean" in s for s in samples) else {})}
     # prepare.py's default thresholds
     lab = lambda r: "like" if r >= 4 else "dislike" if r <= 2 else "neutral"
     glob = Counter(lab(h["rating"]) for h in hist).most_common(1)[0][0]
@@ -507,7 +586,7 @@ def baseline_predictions(task, samples):
 
 @dataclass
 class Condition:
-    """One row of a results table: predictions for samples[idx[k]], with the profile's status
+    """One row of a results table: predictions for targets[idx[k]], with the profile's status
     (ok | format | judge_failed) when the row judges written profiles."""
     preds: list
     idx: list[int]
@@ -516,7 +595,7 @@ class Condition:
 
 
 class Counted:
-    """A judge that advances a progress bar by the samples it answers (asked 64 at a time)."""
+    """A judge that advances a progress bar by the targets it answers (asked 64 at a time)."""
 
     def __init__(self, judge, bar):
         self.judge, self.bar = judge, bar
@@ -529,34 +608,46 @@ class Counted:
         return out
 
 
+def eval_targets(samples) -> list[dict]:
+    """Every target of every sample (prepare.py --eval-targets), a user's consecutively."""
+    return [t for s in samples for t in sample_targets(s)]
+
+
 def judge_conditions(samples, judge, task, profiles: dict | None = None) -> dict[str, Condition]:
-    """Every condition of an evaluation on the same samples: no-LLM baselines, no profile, raw
-    history, the template profile, the oracle profile (synthetic data), and each set of written
-    profiles ({name: [[text, ...] per sample]}; an unclosed profile is judged as no profile)."""
+    """Every condition of an evaluation on every target of the samples (eval_targets): no-LLM
+    baselines, no profile, raw history, the template profile, the oracle profile (synthetic data),
+    and each set of written profiles ({name: [[text, ...] per sample]}, each asked about all of its
+    sample's targets; an unclosed profile is judged as no profile)."""
     from tqdm import tqdm
-    n = len(samples)
+    targets = eval_targets(samples)
+    first = [0]                                    # sample i's targets: targets[first[i]:first[i + 1]]
+    for s in samples:
+        first.append(first[-1] + len(sample_targets(s)))
+    n = len(targets)
     rows = {name: Condition(preds, list(range(n)))
-            for name, preds in baseline_predictions(task, samples).items()}
-    conditions = {NO_PROFILE: [predictor_messages(s, None, task) for s in samples],
-                  "raw history": [predictor_messages(s, None, task, format_interactions(s["history"]))
-                                  for s in samples],
-                  "template profile (code, no LLM)": [predictor_messages(s, template_profile(s), task)
-                                                      for s in samples]}
-    if all(s.get("oracle_profile") for s in samples):
-        conditions["oracle profile"] = [predictor_messages(s, s["oracle_profile"], task) for s in samples]
+            for name, preds in baseline_predictions(task, targets).items()}
+    conditions = {NO_PROFILE: [predictor_messages(t, None, task) for t in targets],
+                  "raw history": [predictor_messages(t, None, task, format_interactions(t["history"]))
+                                  for t in targets],
+                  "template profile (code, no LLM)": [predictor_messages(t, template_profile(t), task)
+                                                      for t in targets]}
+    if all(t.get("oracle_profile") for t in targets):
+        conditions["oracle profile"] = [predictor_messages(t, t["oracle_profile"], task) for t in targets]
     flats = {name: [(i, t) for i, ts in enumerate(texts) for t in ts]
              for name, texts in (profiles or {}).items()}
-    total = n * len(conditions) + sum(len(sample_targets(samples[i])) for f in flats.values() for i, _ in f)
-    bar = tqdm(total=total, desc="judge", unit="sample", file=sys.stderr)
+    total = n * len(conditions) + sum(first[i + 1] - first[i] for f in flats.values() for i, _ in f)
+    bar = tqdm(total=total, desc="judge", unit="target", file=sys.stderr)
     judge = Counted(judge, bar)
     for name, msgs in conditions.items():
         rows[name] = Condition(judge.predict(msgs, task), list(range(n)))
-        bar.write(f"judged: {name} ({n} samples)", file=sys.stderr)
+        bar.write(f"judged: {name} ({n} targets)", file=sys.stderr)
     for name, flat in flats.items():
         preds, scored = profile_predictions([samples[i] for i, _ in flat], [t for _, t in flat], judge,
                                             task)
         ok = [extract_tag(t, "user_profile") for (_, t), sc in zip(flat, scored) if sc.status != "format"]
-        rows[name] = Condition(preds, [i for i, _ in flat], [sc.status for sc in scored],
+        span = lambda i: range(first[i], first[i + 1])
+        rows[name] = Condition([p for ps in preds for p in ps], [k for i, _ in flat for k in span(i)],
+                               [sc.status for (i, _), sc in zip(flat, scored) for _ in span(i)],
                                sum(len(p.split()) for p in ok) / max(len(ok), 1))
         bar.write(f"judged: {name} ({len(flat)} profiles)", file=sys.stderr)
     bar.close()
@@ -566,63 +657,103 @@ def judge_conditions(samples, judge, task, profiles: dict | None = None) -> dict
 NO_PROFILE = "no profile"
 
 
+def per_user(values, targets) -> dict:
+    """{user: mean of its values} over the values that are not None."""
+    users = defaultdict(list)
+    for v, t in zip(values, targets):
+        if v is not None:
+            users[t["user_id"]].append(v)
+    return {u: sum(v) / len(v) for u, v in users.items()}
+
+
+def user_gaucs(preds, targets) -> dict:
+    """{user: GAUC} for the users with a pair of targets rated differently."""
+    users = defaultdict(list)
+    for p, t in zip(preds, targets):
+        if p is not None:
+            users[t["user_id"]].append((p, t))
+    return {u: g for u, g in ((u, user_gauc(ps)) for u, ps in users.items()) if g is not None}
+
+
+def paired(a: dict, b: dict, boot=1000, seed=0):
+    """paired_difference of two {user: value} over the users both have."""
+    common = [u for u in a if u in b]
+    return paired_difference([a[u] for u in common], [b[u] for u in common], boot, seed)
+
+
 def summarize(task, samples, rows: dict[str, Condition], compare: list[tuple[str, str]] = ()) -> dict:
-    """Metrics of every row; for profile rows also the format rate and the metric on the samples
-    whose profile closed next to no-profile on those same samples; paired differences for
-    `compare` ((a, b): error(a) - error(b), > 0 means b is better) and for every profile row
+    """Metrics of every row over eval_targets(samples); for profile rows also the format rate and the
+    metric on the targets whose profile closed next to no-profile on those same targets; paired
+    differences over users for `compare` ((a, b): a - b, of the user's mean error -- > 0 means b is
+    better -- and of its GAUC under "paired_GAUC" -- < 0 means b is better) and for every profile row
     against no profile."""
-    err = {name: sample_errors(task, c.preds, [samples[i] for i in c.idx]) for name, c in rows.items()}
-    base = err[NO_PROFILE]
-    out = {"task": task, "n_samples": len(samples), "rows": {}, "paired": {}}
+    targets = eval_targets(samples)
+    tg = lambda c: [targets[i] for i in c.idx]
+    err = {name: per_user(sample_errors(task, c.preds, tg(c)), tg(c)) for name, c in rows.items()
+           if len(c.idx) == len(targets)}          # one prediction per target: pairable
+    gauc = ({name: user_gaucs(rows[name].preds, targets) for name in err} if task == "rating" else {})
+    out = {"task": task, "n_samples": len(samples), "n_targets": len(targets), "rows": {}, "paired": {},
+           "paired_GAUC": {}}
     if task == "rating":
-        out["truth_mean"] = sum(s["rating"] for s in samples) / max(len(samples), 1)
+        out["truth_mean"] = sum(t["rating"] for t in targets) / max(len(targets), 1)
     for name, c in rows.items():
-        r = {"all": metrics(task, c.preds, [samples[i] for i in c.idx])}
+        r = {"all": metrics(task, c.preds, tg(c))}
         if c.status is not None:
             closed = [k for k, st in enumerate(c.status) if st == "ok"]
             r["format_rate"] = len(closed) / max(len(c.status), 1)
             r["words"] = c.words
-            r["closed"] = metrics(task, [c.preds[k] for k in closed], [samples[c.idx[k]] for k in closed])
+            r["closed"] = metrics(task, [c.preds[k] for k in closed], [targets[c.idx[k]] for k in closed])
             r["no_profile_on_closed"] = metrics(task, [rows[NO_PROFILE].preds[c.idx[k]] for k in closed],
-                                                [samples[c.idx[k]] for k in closed])
+                                                [targets[c.idx[k]] for k in closed])
         out["rows"][name] = r
-        # one prediction per sample: paired with no profile
-        if name != NO_PROFILE and len(c.idx) == len(samples):
-            out["paired"][f"{NO_PROFILE} -> {name}"] = paired_difference(base, err[name])
-    for a, b in compare:
-        if a in rows and b in rows and len(rows[a].idx) == len(rows[b].idx) == len(samples):
-            out["paired"][f"{a} -> {b}"] = paired_difference(err[a], err[b])
+    pairs = [(NO_PROFILE, name) for name in err if name != NO_PROFILE] + list(compare)
+    for a, b in pairs:
+        if a in err and b in err:
+            out["paired"][f"{a} -> {b}"] = paired(err[a], err[b])
+            if gauc:
+                out["paired_GAUC"][f"{a} -> {b}"] = paired(gauc[a], gauc[b])
     return out
 
 
 def print_summary(summary):
     task = summary["task"]
     names = ("MAE", "RMSE") if task == "rating" else ("accuracy", "macro_F1")
-    cell = lambda m, n: f"{m[n][0]:>7.3f} [{m[n][1]:.3f},{m[n][2]:.3f}]" if n in m else f"{'-':>21}"
+    cell = lambda m, n: (f"{m[n][0]:>7.3f} [{m[n][1]:.3f},{m[n][2]:.3f}]" if n in m and m[n][1] is not None
+                         else f"{m[n][0]:>7.3f}{'':14}" if n in m else f"{'-':>21}")
     level = task == "rating"        # the judge's mean prediction and its correlation with the truth
     print(f"\n{'condition':<44}" + "".join(f"{n:>22}" for n in names)
-          + (f"{'pred':>6}{'r':>22}" if level else "")
+          + (f"{'pred':>6}" if level else "")
           + f"{'closed':>8}{'words':>6}" + f"{'on closed: ' + names[0]:>24}{'no profile there':>22}")
     for name, r in summary["rows"].items():
         m = r["all"]
         line = f"{name[:44]:<44}" + "".join(f" {cell(m, n)}" for n in names)
-        if level:        # r is undefined (shown as -) for a constant prediction such as the global mean
+        if level:
             line += f"{m['mean_pred'][0]:>6.2f}" if "mean_pred" in m else f"{'-':>6}"
-            line += f" {cell(m, 'r')}" if m.get("r", (0,))[0] else f" {'-':>21}"
         if "format_rate" in r:
             line += (f"{r['format_rate']:>8.0%}{r['words']:>6.0f} {cell(r['closed'], names[0]):>23} "
                      f"{cell(r['no_profile_on_closed'], names[0]):>21}")
         print(line)
-    print(f"({summary['n_samples']} samples; [95% bootstrap interval]; "
+    ranking = ("GAUC", "Spearman", "r", "macro_F1", "balanced_acc") if level else ("balanced_acc",)
+    print(f"\n{'what a constant cannot win':<44}" + "".join(f"{n:>22}" for n in ranking))
+    for name, r in summary["rows"].items():
+        # undefined (-) where no user has two differently rated targets or predictions are constant
+        print(f"{name[:44]:<44}" + "".join(f" {cell(r['all'], n) if r['all'].get(n, (0,))[0] else '-':>21}"
+                                          for n in ranking))
+    print(f"({summary['n_samples']} users, {summary['n_targets']} targets; "
+          f"[95% bootstrap interval over users]; "
           f"closed = format rate (profile tag closed); "
           f"an unclosed profile is judged as no profile"
           + (f"; pred = mean prediction (true ratings' mean {summary['truth_mean']:.2f}), "
-             f"r = its correlation with the true rating" if level else "") + ")")
-    if summary["paired"]:
-        what = "MAE" if task == "rating" else "error rate"
-        print(f"\npaired differences of {what} (a -> b: a minus b, > 0 = b better) [95% paired bootstrap]")
-        for k, v in summary["paired"].items():
-            print(f"  {k:<70} {v[0]:+.3f} [{v[1]:+.3f},{v[2]:+.3f}]" if v else f"  {k:<70} -")
+             f"r = Pearson over all predictions, GAUC / Spearman within each user (constant: 1/2 / 0), "
+             f"macro-F1 / balanced accuracy of the nearest star's like/neutral/dislike"
+             if level else "") + ")")
+    for key, what in (("paired", "MAE" if task == "rating" else "error rate"), ("paired_GAUC", "GAUC")):
+        if summary.get(key):
+            better = "b better" if key == "paired" else "b worse"
+            print(f"\npaired differences of {what} per user (a -> b: a minus b, > 0 = {better}) "
+                  f"[95% paired bootstrap]")
+            for k, v in summary[key].items():
+                print(f"  {k:<70} {v[0]:+.3f} [{v[1]:+.3f},{v[2]:+.3f}]" if v else f"  {k:<70} -")
 
 
 def run_eval(args):
@@ -639,10 +770,10 @@ def run_eval(args):
     print_summary(summary)
     if args.out:
         with open(args.out, "w") as f:
-            for i, s in enumerate(samples):
+            for i, t in enumerate(eval_targets(samples)):
                 preds = {k: [c.preds[j] for j, x in enumerate(c.idx) if x == i] for k, c in rows.items()}
-                f.write(json.dumps({"user_id": s["user_id"], "item_id": s["item_id"],
-                                    "truth": s["rating"] if args.task == "rating" else s["label"],
+                f.write(json.dumps({"user_id": t["user_id"], "item_id": t["item_id"],
+                                    "truth": t["rating"] if args.task == "rating" else t["label"],
                                     **{k: v[0] if len(v) == 1 else v for k, v in preds.items()}}) + "\n")
     print(f"judge failures: {judge.failures}, unparseable answers: {judge.bad_answers}"
           + (f", retries: {judge.retried}, fallbacks to decode: {judge.fallbacks}"
@@ -692,7 +823,7 @@ def main():
     e.add_argument("--timeout", type=at_least(0.001, float), default=30.0,
                    help="HTTP judge: seconds per request")
     e.add_argument("--retries", type=at_least(0), default=3, help="HTTP judge: retries per request")
-    e.add_argument("--out", help="per-sample predictions JSONL")
+    e.add_argument("--out", help="per-target predictions JSONL")
     run_eval(p.parse_args())
 
 

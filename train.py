@@ -370,7 +370,8 @@ def validate(sampler: Sampler, tok, judge, val: list[dict], task: str, max_new_t
                                             judge, task)
         bare = judge.predict([predictor_messages(s, None, task) for s in mine], task)
         templ = judge.predict([predictor_messages(s, template_profile(s), task) for s in mine], task)
-        rows = [Judged(*r) for r in zip(mine, preds, bare, templ, [sc.status for sc in scored])]
+        own = [p[0] for p in preds]                # the sample's own target: one per user
+        rows = [Judged(*r) for r in zip(mine, own, bare, templ, [sc.status for sc in scored])]
     rows = [r for part in gather_objects(rows) for r in part]
     closed = [r for r in rows if r.status == "ok"]
     key = "MAE" if task == "rating" else "accuracy"

@@ -315,20 +315,8 @@ def build_samples(ratings, items, args, drops, oracle=None):
         seen.add((u, i))
         by_user[u].append((t, i, r, text))
     del seen
-    by_item = defaultdict(list)                     # item -> sorted timestamps + prefix sums of ratings
-    for u, rows in by_user.items():
-        rows.sort()
-        for t, i, r, _ in rows:
-            by_item[i].append((t, r))
-    item_index = {}
-    for i, rows in by_item.items():
-        rows.sort()
-        ts, sums, s = [], [0.0], 0.0
-        for t, r in rows:
-            ts.append(t)
-            s += r
-            sums.append(s)
-        item_index[i] = (ts, sums)
+    for rows in by_user.values():
+        rows.sort()                                 # oldest first
     eligible = []
     for u in sorted(by_user):
         if len(by_user[u]) < args.min_interactions:
@@ -351,15 +339,26 @@ def build_samples(ratings, items, args, drops, oracle=None):
         samples = []
         for u in users:
             rows = by_user[u]
-            k, more = (args.targets_per_user, args.reward_targets - 1) if split == "train" else (1, 0)
+            # train: the last N targets, each with its next reward targets; val/test: one sample whose
+            # targets are the user's last --eval-targets interactions, the history before the first
+            k, more = ((args.targets_per_user, args.reward_targets - 1) if split == "train"
+                       else (1, min(args.eval_targets, len(rows) - args.min_history) - 1))
             for j in range(len(rows) - k - more, len(rows) - more):
-                s = make_sample(u, rows, j, items, item_index, args, drops, oracle)
+                s = make_sample(u, rows, j, items, args, drops, oracle)
                 if s and more:            # the next interactions after the target, also after the history
                     s["more_targets"] = [target_fields(rows[x], items, args)
                                          for x in range(j + 1, j + 1 + more)]
                 if s:
                     samples.append(s)
         out[split] = samples
+    train_ratings = defaultdict(list)              # item -> the training users' ratings of it
+    for u in split_users["train"]:
+        for _, i, r, _ in by_user[u]:
+            train_ratings[i].append(r)
+    for samples in out.values():
+        for t in (t for s in samples for t in [s] + s.get("more_targets", [])):
+            rs = train_ratings.get(t["item_id"])
+            t["item_mean"] = round(sum(rs) / len(rs), 4) if rs else None
     return out, by_user
 
 
@@ -381,7 +380,7 @@ def target_fields(row, items, args) -> dict:
             "timestamp": t}
 
 
-def make_sample(u, rows, j, items, item_index, args, drops, oracle):
+def make_sample(u, rows, j, items, args, drops, oracle):
     t, i, r, _ = rows[j]
     first_same = bisect.bisect_left(rows, (t,))     # rows at the target's timestamp are not "before" it
     earlier = rows[:min(first_same, j)]
@@ -394,13 +393,10 @@ def make_sample(u, rows, j, items, item_index, args, drops, oracle):
                            "rating": row[2], "timestamp": row[0], **({"review": row[3]} if row[3] else {})}
     recent = earlier[len(earlier) - args.recent:] if args.recent else []
     older = earlier[:len(earlier) - args.recent] if args.recent else earlier
-    ts, sums = item_index[i]
-    n_before = bisect.bisect_left(ts, t)            # other users' ratings strictly before the target
     sample = {"user_id": u, **target_fields(rows[j], items, args),
               "history": [as_dict(x) for x in older[-args.profile_history:]],
               "recent": [as_dict(x) for x in recent],
-              "user_mean": round(sum(x[2] for x in earlier) / len(earlier), 4),
-              "item_mean": round(sums[n_before] / n_before, 4) if n_before else None}
+              "user_mean": round(sum(x[2] for x in earlier) / len(earlier), 4)}
     if oracle:
         sample["oracle_profile"] = oracle[u]
     return sample
@@ -434,6 +430,9 @@ def main():
                    help="train users: each sample also carries the next N-1 interactions as "
                         "`more_targets`; a profile's reward is its mean over all N "
                         "(less noisy than one item)")
+    p.add_argument("--eval-targets", type=at_least(1), default=5,
+                   help="val/test users: the last K interactions are targets (the history before the "
+                        "first of them), so per-user orderings can be scored; 1 = one target per user")
     p.add_argument("--like-min", type=float, default=4.0, help="rating >= this is 'like'")
     p.add_argument("--dislike-max", type=float, default=2.0, help="rating <= this is 'dislike'")
     p.add_argument("--review-chars", type=at_least(0), default=200, help="review text kept per interaction")

@@ -6,8 +6,11 @@ import os
 import pytest
 from conftest import ROOT, run
 
+from data.prepare import synthetic
+
 SHARED = os.path.join(ROOT, "..", "shared", "data")
-SMALL = ["--min-interactions", "3", "--min-history", "1", "--test-users", "1", "--val-users", "1"]
+SMALL = ["--min-interactions", "3", "--min-history", "1", "--test-users", "1", "--val-users", "1",
+         "--eval-targets", "1"]
 
 
 def prepare(*args):
@@ -32,8 +35,9 @@ def check_leakage(splits):
             assert all(h["timestamp"] < s["timestamp"] for h in hist)
             assert [h["timestamp"] for h in hist] == sorted(h["timestamp"] for h in hist)   # oldest first
             assert s["item_id"] not in {h["item_id"] for h in hist}
-            later = [s] + s.get("more_targets", [])                      # reward targets: after the target
+            later = [s] + s.get("more_targets", [])          # every target after the whole history
             assert [t["timestamp"] for t in later] == sorted(t["timestamp"] for t in later)
+            assert not {t["item_id"] for t in later} & {h["item_id"] for h in hist}
 
 
 def write_ml100k(d, rows):
@@ -64,7 +68,7 @@ def test_movielens_100k_fields(tmp_path):
     assert [h["genres"] for h in s["history"]] == ["Action", "Comedy"]
     assert [h["item_id"] for h in s["recent"]] == ["3"]                                    # 1 most recent
     assert s["user_mean"] == pytest.approx((5 + 4 + 1) / 3, abs=1e-4)
-    assert s["item_mean"] == pytest.approx(2.0)        # only user 1 rated item 4 earlier (t=104 < 204)
+    assert s["item_mean"] == pytest.approx(2.0)        # the training user's rating of item 4
     check_leakage(splits)
 
 
@@ -200,8 +204,20 @@ def test_reward_targets_are_the_next_interactions(tmp_path):
     assert r.returncode == 0, r.stderr
     splits, _ = load(tmp_path / "a")
     check_leakage(splits)
-    assert not any("more_targets" in s for s in splits["test"] + splits["val"])     # evaluation: one target
     train = splits["train"]
+    ratings, _, _ = synthetic(60)                      # the same users, read directly
+    by_user, train_users = {}, {s["user_id"] for s in train}
+    for u, i, r, t, _ in ratings:
+        by_user.setdefault(u, []).append((t, i, r))
+    for s in splits["test"] + splits["val"]:           # evaluation: the user's last 5 interactions
+        rows = sorted(by_user[s["user_id"]])
+        targets = [(t["timestamp"], t["item_id"]) for t in [s] + s["more_targets"]]
+        assert targets == [(t, i) for t, i, _ in rows[-5:]]
+        assert [h["timestamp"] for h in s["history"]] == [t for t, _, _ in rows[-15:-5]]
+    for s in splits["test"] + splits["val"] + train:   # item mean: over the training users' ratings
+        for t in [s] + s["more_targets"]:
+            rs = [r for u in train_users for _, i, r in by_user[u] if i == t["item_id"]]
+            assert t["item_mean"] == (pytest.approx(sum(rs) / len(rs), abs=1e-4) if rs else None)
     assert train and all(len(s["more_targets"]) == 2 for s in train)
     for u in {s["user_id"] for s in train}:
         mine = sorted((s for s in train if s["user_id"] == u), key=lambda s: s["timestamp"])

@@ -17,13 +17,16 @@ from conftest import ROOT, JSONHandler, run, start_server
 from lettingo import LettingoError, chat_prompt, load_model, predictor_messages
 from reward import (
     FORMAT_PENALTY,
+    Condition,
     HTTPJudge,
     LocalJudge,
+    baseline_predictions,
     make_judge,
     metrics,
     parse_rating,
     parse_sentiment,
     score_profiles,
+    summarize,
     task_reward,
 )
 from rollout import SamplingParams
@@ -98,6 +101,54 @@ def test_metrics_by_hand():
     m = metrics("sentiment", ["dislike", "like", "like", "neutral"], ss, boot=200)
     # like: tp1 fp1 fn1 -> .5; dislike: 1.0; neutral: tp0 -> 0
     assert m["accuracy"][0] == 0.5 and m["macro_F1"][0] == pytest.approx((0.5 + 1.0 + 0.0) / 3)
+
+
+def users_targets(table):
+    """{user: [(rating, prediction), ...]} -> (predictions, targets) as summarize flattens them."""
+    lab = lambda r: "like" if r >= 4 else "dislike" if r <= 2 else "neutral"
+    flat = [(p, dict(SAMPLE, user_id=u, item_id=str(k), rating=r, label=lab(r)))
+            for u, rows in table.items() for k, (r, p) in enumerate(rows)]
+    return [p for p, _ in flat], [t for _, t in flat]
+
+
+def test_ranking_metrics_by_hand():
+    preds, targets = users_targets({
+        "A": [(5, 4.5), (3, 3.0), (1, 2.0)],    # every pair ordered right: GAUC 1, Spearman 1
+        "B": [(4, 2.0), (2, 4.0)],               # reversed: 0, -1
+        "C": [(3, 1.0), (3, 5.0)],               # no pair with different ratings: left out
+        "D": [(5, 3.0), (4, 3.0), (1, 2.0)]})    # (5,4) tied -> 1/2, the others right: 5/6
+    m = metrics("rating", preds, targets, boot=300)
+    assert m["users"] == 4 and m["n"] == 10
+    assert m["GAUC"][0] == pytest.approx((1 + 0 + 5 / 6) / 3)
+    # D: prediction ranks (2.5, 2.5, 1) vs rating ranks (3, 2, 1): 1.5 / sqrt(1.5 * 2)
+    assert m["Spearman"][0] == pytest.approx((1 - 1 + 1.5 / 3 ** 0.5) / 3)
+    assert m["GAUC"][1] <= m["GAUC"][0] <= m["GAUC"][2]
+    # nearest star's label: A like/neutral/dislike right; B both wrong; C: dislike (3 -> neutral), like;
+    # D: neutral, neutral, dislike -> truth like, like, dislike. Per label (tp, fp, fn):
+    # like (1, 2, 3), neutral (1, 2, 2), dislike (2, 2, 1); recall like 1/4, neutral 1/3, dislike 2/3
+    f1 = lambda tp, fp, fn: 2 * tp / (2 * tp + fp + fn)
+    assert m["macro_F1"][0] == pytest.approx((f1(1, 2, 3) + f1(1, 2, 2) + f1(2, 2, 1)) / 3)
+    assert m["balanced_acc"][0] == pytest.approx((1 / 4 + 1 / 3 + 2 / 3) / 3)
+    const = metrics("rating", [3.7] * len(preds), targets, boot=0)    # a constant: ties everywhere
+    assert const["GAUC"][0] == 0.5 and const["Spearman"][0] == 0.0
+    assert const["balanced_acc"][0] == pytest.approx(1 / 3)
+    user_mean = baseline_predictions("rating", [dict(t, user_mean=len(t["user_id"]) + ord(t["user_id"]))
+                                                for t in targets])["user mean (no LLM)"]
+    assert metrics("rating", user_mean, targets, boot=0)["GAUC"][0] == 0.5    # constant within users
+
+
+def test_paired_differences_are_per_user():
+    """Two conditions on 2 users x 3 targets: the paired MAE and GAUC differences are over users."""
+    preds_a, targets = users_targets({"A": [(5, 3.0), (3, 3.0), (1, 3.0)],
+                                      "B": [(4, 4.0), (2, 2.0), (2, 2.0)]})
+    preds_b, _ = users_targets({"A": [(5, 5.0), (3, 3.0), (1, 1.0)], "B": [(4, 2.0), (2, 4.0), (2, 4.0)]})
+    samples = [dict(targets[0], more_targets=targets[1:3]), dict(targets[3], more_targets=targets[4:6])]
+    rows = {name: Condition(p, list(range(6))) for name, p in (("no profile", preds_a), ("b", preds_b))}
+    out = summarize("rating", samples, rows)
+    # user A: MAE 4/3 -> 0, GAUC 1/2 -> 1; user B: MAE 0 -> 2, GAUC 1 -> 0
+    assert out["paired"]["no profile -> b"][0] == pytest.approx(((4 / 3 - 0) + (0 - 2)) / 2)
+    assert out["paired_GAUC"]["no profile -> b"][0] == pytest.approx(((0.5 - 1) + (1 - 0)) / 2)
+    assert out["rows"]["b"]["all"]["GAUC"][0] == pytest.approx(0.5) and out["n_targets"] == 6
 
 
 TARGETS = [dict(SAMPLE, item_id=str(k), title=f"Film {k} " * (k % 3 + 1)) for k in range(4)]

@@ -59,7 +59,8 @@ def recipe(args, out) -> list[Stage]:
                                                            **judging, **kw))
     stage = lambda stage, **kw: [stage] + run(dpo.LEARNING, data=tr, **kw)
     prep = [args.dataset, "--out", data, "--test-users", str(args.test_users),
-            "--val-users", str(args.val_users), "--reward-targets", str(args.reward_targets)] + (
+            "--val-users", str(args.val_users), "--reward-targets", str(args.reward_targets),
+            "--eval-targets", str(args.eval_targets)] + (
             ["--raw", args.raw] if args.raw else []) + (["--meta", args.meta] if args.meta else [])
     explorers = BASE + (",template" if args.explore_template else "")     # code as a second explorer
     test = lambda model, name: Stage(
@@ -148,6 +149,13 @@ def run_recipe(args):
           f"global_median={mae('global median (no LLM)')} "
           f"grpo_gain_ci={ci(names['warm'], names['grpo'])}{dpo_ci} "
           f"start={mae(names['warm'])} start_gain_ci={ci(names['base'], names['warm'])}")
+    # within-user ordering, which no constant wins (1/2); the CI is of GRPO minus the template
+    gauc = lambda n: f"{summary['rows'][n]['all']['GAUC'][0]:.3f}"
+    d, lo, hi = summary["paired_GAUC"][f"template profile (code, no LLM) -> {names['grpo']}"]
+    print(f"ranking grpo_gauc={gauc(names['grpo'])} template_gauc={gauc('template profile (code, no LLM)')} "
+          f"item_mean_gauc={gauc('item mean (no LLM)')} no_profile_gauc={gauc('no profile')} "
+          + ("" if args.no_dpo else f"dpo_gauc={gauc(names['dpo'])} ")
+          + f"grpo_minus_template_gauc_ci=[{-hi:+.3f},{-lo:+.3f}] item_mean={mae('item mean (no LLM)')}")
 
 
 
@@ -172,6 +180,8 @@ def parse_args(argv=None):
     a("--max-new-tokens", type=at_least(1), default=d.max_new_tokens, help="profile budget of every stage")
     a("--reward-targets", type=at_least(1), default=4,
       help="training rewards average the judge over this many next items of the user")
+    a("--eval-targets", type=at_least(1), default=5,
+      help="validation and test users are judged on this many of their last items (1: one target each)")
     a("--explore-users", type=at_least(1), default=d.users, help="training users the base writer explores")
     a("--explore-n", type=at_least(1), default=d.n, help="profiles explored per user")
     a("--explore-template", action=argparse.BooleanOptionalAction, default=True,
