@@ -335,9 +335,25 @@ def sample_targets(sample) -> list[dict]:
     return [own] + [{**own, **t} for t in sample.get("more_targets", ())]
 
 
-def target_rewards(samples, profiles, judge, task) -> list[tuple[float | None, object]]:
+REWARDS = ("rating", "rank", "rating+rank")
+
+
+def sample_reward(kind: str, task: str, judged: list[tuple[dict, object]]) -> float:
+    """A sample's reward from the judge's predictions for its targets [(target, prediction)]:
+    rating = the mean task_reward; rank = user_gauc, the fraction of target pairs rated differently
+    that the predictions order right (ties 1/2; 1/2 without such a pair), which no level wins;
+    rating+rank = their mean."""
+    rating = sum(task_reward(task, p, t) for t, p in judged) / len(judged)
+    if kind == "rating":
+        return rating
+    rank = user_gauc([(p, t) for t, p in judged])
+    rank = 0.5 if rank is None else rank
+    return rank if kind == "rank" else (rating + rank) / 2
+
+
+def target_rewards(samples, profiles, judge, task, reward="rating") -> list[tuple[float | None, object]]:
     """Ask the judge with profiles[i] (None = no profile) about every target of samples[i].
-    -> per sample (mean task reward over its targets, predictions for its targets);
+    -> per sample (sample_reward over its targets, predictions for its targets);
     (None, None) when the judge failed on any of them."""
     flat = [(i, t) for i, s in enumerate(samples) for t in sample_targets(s)]
     preds = judge.predict([predictor_messages(t, profiles[i], task) for i, t in flat], task) if flat else []
@@ -349,17 +365,16 @@ def target_rewards(samples, profiles, judge, task) -> list[tuple[float | None, o
         if any(p is None for _, p in per[i]):
             out.append((None, None))
         else:
-            reward = sum(task_reward(task, p, t) for t, p in per[i]) / len(per[i])
-            out.append((reward, [p for _, p in per[i]]))
+            out.append((sample_reward(reward, task, per[i]), [p for _, p in per[i]]))
     return out
 
 
-def score_profiles(samples, texts, judge, task) -> list[Scored]:
-    """(sample, generated text) -> reward (mean over the sample's targets). Format failures get -1
+def score_profiles(samples, texts, judge, task, reward="rating") -> list[Scored]:
+    """(sample, generated text) -> sample_reward over the sample's targets. Format failures get -1
     without asking the judge."""
     profiles = [extract_tag(t, "user_profile") for t in texts]
     ask = [i for i, p in enumerate(profiles) if p]
-    judged = target_rewards([samples[i] for i in ask], [profiles[i] for i in ask], judge, task)
+    judged = target_rewards([samples[i] for i in ask], [profiles[i] for i in ask], judge, task, reward)
     out = [Scored(FORMAT_PENALTY, None, "format") for _ in texts]
     for i, (reward, preds) in zip(ask, judged):
         out[i] = (Scored(None, None, "judge_failed") if reward is None

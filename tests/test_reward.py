@@ -137,6 +137,33 @@ def test_ranking_metrics_by_hand():
     assert metrics("rating", user_mean, targets, boot=0)["GAUC"][0] == 0.5    # constant within users
 
 
+def test_rank_reward_by_hand():
+    """A profile asked about 4 targets rated 5, 4, 4, 1: the judge's predictions (4, 3, 3.5, 2) order
+    all 5 pairs rated differently right (5 > 4 twice, 5 > 1, 4 > 1 twice; 4 = 4 is no pair) -> 1;
+    (2, 3, 3.5, 4) orders all 5 wrong -> 0; a constant ties them -> 1/2."""
+    ratings = (5.0, 4.0, 4.0, 1.0)
+    sample = dict(SAMPLE, item_id="0", title="Film#0", rating=ratings[0],
+                  more_targets=[dict(item_id=str(k), title=f"Film#{k}", rating=r)
+                                for k, r in enumerate(ratings) if k])
+
+    class ByTitle:
+        def __init__(self, preds):
+            self.preds = preds
+
+        def predict(self, messages, task):
+            return [self.preds[int(m[-1]["content"].split("Film#")[1][0])] for m in messages]
+
+    texts = ["<user_profile>p</user_profile>"]
+    right, wrong, level = (4.0, 3.0, 3.5, 2.0), (2.0, 3.0, 3.5, 4.0), (3.0,) * 4
+    rating = lambda preds: sum(1 - abs(p - r) / 4 for p, r in zip(preds, ratings)) / 4
+    for preds, rank in ((right, 1.0), (wrong, 0.0), (level, 0.5)):
+        assert score_profiles([sample], texts, ByTitle(preds), "rating", "rank")[0].reward == rank
+        mixed = score_profiles([sample], texts, ByTitle(preds), "rating", "rating+rank")[0].reward
+        assert mixed == pytest.approx((rating(preds) + rank) / 2)
+    one = dict(sample, more_targets=[])                 # no pair: 1/2 for every profile
+    assert score_profiles([one], texts, ByTitle(right), "rating", "rank")[0].reward == 0.5
+
+
 def test_paired_differences_are_per_user():
     """Two conditions on 2 users x 3 targets: the paired MAE and GAUC differences are over users."""
     preds_a, targets = users_targets({"A": [(5, 3.0), (3, 3.0), (1, 3.0)],
