@@ -452,7 +452,7 @@ def demo_data(folder):
         here = os.path.dirname(os.path.abspath(__file__))
         subprocess.run([sys.executable, os.path.join(here, "data", "prepare.py"), "synthetic",
                         "--users", "300", "--out", folder, "--test-users", "60", "--val-users", "30",
-                        "--profile-history", "6"], check=True)
+                        "--profile-history", "6", "--eval-targets", "1"], check=True)   # validation: one
 
 
 # ----------------------------------------------------------------------------- logging
