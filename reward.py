@@ -403,27 +403,24 @@ def metrics(task, preds, targets, boot=1000, seed=0) -> dict:
     win -- GAUC and Spearman within each user, like/neutral/dislike macro-F1 and balanced accuracy;
     sentiment: accuracy, macro-F1. Each with a bootstrap 95% interval over users (a user's targets
     are resampled together)."""
-    users = defaultdict(list)                          # user -> [(prediction, target), ...]
-    for p, t in zip(preds, targets):
-        if p is not None:
-            users[t["user_id"]].append((p, t))
+    users = by_user(preds, targets)
     if not users:
         return {"n": 0}
     flat = lambda us: [x for u in us for x in u]
     if task == "rating":
         label = lambda r: "like" if r >= 3.5 else "dislike" if r < 2.5 else "neutral"   # nearest star's
-        fns = {"MAE": lambda us: mean(abs(p - t["rating"]) for p, t in flat(us)),
-               "RMSE": lambda us: math.sqrt(mean((p - t["rating"]) ** 2 for p, t in flat(us))),
+        fns = {"MAE": lambda us: statistics.fmean(abs(p - t["rating"]) for p, t in flat(us)),
+               "RMSE": lambda us: math.sqrt(statistics.fmean((p - t["rating"]) ** 2 for p, t in flat(us))),
                # a judge can lower MAE by moving all its predictions towards the ratings' typical level
                # (no user content needed); r and the within-user metrics are what content buys
-               "mean_pred": lambda us: mean(p for p, _ in flat(us)),
+               "mean_pred": lambda us: statistics.fmean(p for p, _ in flat(us)),
                "r": lambda us: pearson([p for p, _ in flat(us)], [t["rating"] for _, t in flat(us)]),
                "GAUC": lambda us: mean_defined(user_gauc(u) for u in us),
                "Spearman": lambda us: mean_defined(user_spearman(u) for u in us),
                "macro_F1": lambda us: macro_f1([(label(p), t) for p, t in flat(us)]),
                "balanced_acc": lambda us: balanced_accuracy([(label(p), t) for p, t in flat(us)])}
     else:
-        fns = {"accuracy": lambda us: mean(p == t["label"] for p, t in flat(us)),
+        fns = {"accuracy": lambda us: statistics.fmean(p == t["label"] for p, t in flat(us)),
                "macro_F1": lambda us: macro_f1(flat(us)),
                "balanced_acc": lambda us: balanced_accuracy(flat(us))}
     groups, rng = list(users.values()), random.Random(seed)
@@ -439,9 +436,13 @@ def metrics(task, preds, targets, boot=1000, seed=0) -> dict:
     return out
 
 
-def mean(xs):
-    xs = list(xs)
-    return sum(xs) / len(xs)
+def by_user(preds, targets) -> dict:
+    """{user: [(prediction, target), ...]} over the predictions that are not None."""
+    users = defaultdict(list)
+    for p, t in zip(preds, targets):
+        if p is not None:
+            users[t["user_id"]].append((p, t))
+    return users
 
 
 def mean_defined(xs):
@@ -488,7 +489,7 @@ def user_spearman(pairs) -> float | None:
 def balanced_accuracy(pairs):
     """Mean recall over the labels present in the truth: a constant label gets 1/(labels present)."""
     present = [c for c in LABELS if any(t["label"] == c for _, t in pairs)]
-    return mean(mean(p == c for p, t in pairs if t["label"] == c) for c in present)
+    return statistics.fmean(statistics.fmean(p == c for p, t in pairs if t["label"] == c) for c in present)
 
 
 def pearson(x, y) -> float:
@@ -683,11 +684,8 @@ def per_user(values, targets) -> dict:
 
 def user_gaucs(preds, targets) -> dict:
     """{user: GAUC} for the users with a pair of targets rated differently."""
-    users = defaultdict(list)
-    for p, t in zip(preds, targets):
-        if p is not None:
-            users[t["user_id"]].append((p, t))
-    return {u: g for u, g in ((u, user_gauc(ps)) for u, ps in users.items()) if g is not None}
+    gaucs = ((u, user_gauc(ps)) for u, ps in by_user(preds, targets).items())
+    return {u: g for u, g in gaucs if g is not None}
 
 
 def paired(a: dict, b: dict, boot=1000, seed=0):
