@@ -60,11 +60,14 @@ class DPOConfig(TrainConfig):
     max_pairs_per_user: int = option(10, "pairs per user at most (a seeded sample; widest margins first for "
                                      "rating)", min=1)
     sft_min_gain: float = option(0.0, "sft: keep a user's best profile if it beats no profile by more")
-    pairs: str | None = option(None, "train: a pairs JSONL (none: OUT/pairs-TASK.jsonl)", kind=str)
+    pairs: str | None = option(None, "train: a pairs JSONL (none: OUT/pairs-TASK[-REWARD].jsonl)", kind=str)
     beta: float = option(0.1, "DPO temperature beta (common default; the paper does not report it)", min=1e-9)
     loss: str = option("sigmoid", "sigmoid = DPO; ipo = IPO on length-normalised log-probs (TRL); ipo-sum = "
                        "IPO on summed log-probs", choices=("sigmoid", "ipo", "ipo-sum"))
     label_smoothing: float = option(0.0, "conservative DPO epsilon", min=0.0)
+    rpo_alpha: float = option(0.0, "weight of the chosen profiles' token-mean NLL added to the mean pair "
+                              "loss, so DPO keeps raising the text it prefers (TRL's rpo_alpha, RPO; "
+                              "0 = plain DPO; TRL suggests 1.0)", min=0.0)
     epochs: int = option(1, "passes over the pairs (when --steps is 0)", min=1)
     steps: int = option(0, "optimizer steps (0 = --epochs over the pairs)", min=0)
     pairs_per_step: int = option(8, "pairs (or sft profiles) per optimizer step", min=1)
@@ -223,11 +226,18 @@ def gather_rows(rows):
                   key=lambda r: (str(r["user_id"]), str(r["item_id"]), r["model"], r["k"]))
 
 
+def scored_by(cfg: DPOConfig) -> str:
+    """The name of the scores, pairs and SFT picks of a task and reward: rating, rating-rank, sentiment..."""
+    return cfg.task if cfg.reward == "rating" else f"{cfg.task}-{cfg.reward}"
+
+
 def evaluate(cfg: DPOConfig, d: Dist):
     """The task reward of every profile on its user's targets, next to the reward the judge earns
     there with no profile at all (what a profile must beat to carry information)."""
-    src, out = os.path.join(cfg.out, "profiles.jsonl"), os.path.join(cfg.out, f"scores-{cfg.task}.jsonl")
-    fp = fingerprint("evaluate", src, cfg.data, cfg.judge, cfg.judge_url, cfg.judge_mode, cfg.task)
+    src, out = (os.path.join(cfg.out, "profiles.jsonl"),
+                os.path.join(cfg.out, f"scores-{scored_by(cfg)}.jsonl"))
+    fp = fingerprint("evaluate", src, cfg.data, cfg.judge, cfg.judge_url, cfg.judge_mode, cfg.task,
+                     cfg.reward)
     if up_to_date(out, fp):
         return print(f"evaluate: {out} is up to date, skipped") if d.main else None
     samples = {(s["user_id"], s["item_id"]): s for s in read_samples(cfg.data)}
@@ -236,10 +246,11 @@ def evaluate(cfg: DPOConfig, d: Dist):
                        concurrency=cfg.judge_concurrency)
     task = cfg.task
     scored = score_profiles([samples[(r["user_id"], r["item_id"])] for r in rows], [r["text"] for r in rows],
-                            judge, task)
+                            judge, task, cfg.reward)
     keys = sorted({(r["user_id"], r["item_id"]) for r in rows})
     bare = dict(zip(keys, (reward for reward, _ in target_rewards([samples[k] for k in keys],
-                                                                  [None] * len(keys), judge, task))))
+                                                                  [None] * len(keys), judge, task,
+                                                                  cfg.reward))))
     for r, sc in zip(rows, scored):
         r[f"reward_{task}"], r[f"status_{task}"] = sc.reward, sc.status
         r[f"no_profile_reward_{task}"] = bare[(r["user_id"], r["item_id"])]
@@ -256,8 +267,8 @@ def evaluate(cfg: DPOConfig, d: Dist):
 
 
 def build_pairs(cfg: DPOConfig, d: Dist):
-    src, out = (os.path.join(cfg.out, f"scores-{cfg.task}.jsonl"),
-                os.path.join(cfg.out, f"pairs-{cfg.task}.jsonl"))
+    src, out = (os.path.join(cfg.out, f"scores-{scored_by(cfg)}.jsonl"),
+                os.path.join(cfg.out, f"pairs-{scored_by(cfg)}.jsonl"))
     fp = fingerprint("pairs", src, cfg.task, cfg.min_margin, cfg.max_pairs_per_user, cfg.seed)
     if up_to_date(out, fp):
         return print(f"pairs: {out} is up to date, skipped") if d.main else None
@@ -309,10 +320,13 @@ def reference_logprobs(pairs_file, model_path, samples, cfg: DPOConfig, d: Dist)
 
 
 def dpo_step(policy: Policy, batch, pairs, cfg: DPOConfig, d: Dist) -> dict:
-    """One optimizer step of the DPO loss, averaged over the global batch: per micro-batch, chosen
-    and rejected packed behind one prompt copy -> summed log-probs -> dpo_loss -> backward."""
+    """One optimizer step of
+        loss = mean over the global batch's pairs of dpo_loss
+               + rpo_alpha * (- sum of the chosen responses' token log-probs / their token count)
+    (TRL's rpo_alpha: its NLL is a token mean over the chosen responses). Per micro-batch: chosen and
+    rejected packed behind one prompt copy -> summed log-probs -> its share of the loss -> backward."""
     t0 = time.time()
-    n = all_sum({"pairs": len(batch)}, d.device)["pairs"]
+    n = all_sum({"pairs": len(batch), "chosen_tokens": sum(len(c) for _, c, _ in batch)}, d.device)
 
     def loss_of(g):
         seqs = [(batch[i][0], batch[i][j]) for i in g for j in (1, 2)]                   # [2 * pairs]
@@ -322,17 +336,19 @@ def dpo_step(policy: Policy, batch, pairs, cfg: DPOConfig, d: Dist) -> dict:
         length = lambda j: torch.tensor([float(len(batch[i][j])) for i in g], device=pc.device)
         loss, cr, rj = dpo_loss(pc, pr, ref("ref_chosen"), ref("ref_rejected"), cfg.beta, cfg.loss,
                                 cfg.label_smoothing, length(1), length(2))
-        return loss.sum() / n, {"pref_accuracy": (cr > rj).sum().item(),
-                                "reward_margin": (cr - rj).sum().item(),
-                                "chosen_reward": cr.sum().item(), "logp_chosen": pc.sum().item(),
-                                "logp_rejected": pr.sum().item()}
+        nll = -pc.sum() / max(n["chosen_tokens"], 1)
+        return loss.sum() / n["pairs"] + cfg.rpo_alpha * nll, {
+            "pref_accuracy": (cr > rj).sum().item(), "reward_margin": (cr - rj).sum().item(),
+            "chosen_reward": cr.sum().item(), "logp_chosen": pc.sum().item(),
+            "logp_rejected": pr.sum().item(), "nll_chosen": nll.item()}
 
     names = ("pref_accuracy", "reward_margin", "chosen_reward", "logp_chosen", "logp_rejected")
-    sums = all_sum(backward_micro_batches(policy.model, batch, cfg.token_budget, d.device, loss_of, names),
-                   d.device)
+    sums = all_sum(backward_micro_batches(policy.model, batch, cfg.token_budget, d.device, loss_of,
+                                          names + ("nll_chosen",)), d.device)
     norm, ok = apply_update(policy, sums["loss"], cfg.grad_clip, d)
-    return {"loss": sums["loss"], **{k: sums[k] / max(n, 1) for k in names}, "grad_norm": norm,
-            "skipped": not ok, "lr": policy.scheduler.get_last_lr()[0], "time": time.time() - t0}
+    return {"loss": sums["loss"], **{k: sums[k] / max(n["pairs"], 1) for k in names},
+            "nll_chosen": sums["nll_chosen"], "grad_norm": norm, "skipped": not ok,
+            "lr": policy.scheduler.get_last_lr()[0], "time": time.time() - t0}
 
 
 def sft_step(policy: Policy, batch, cfg: DPOConfig, d: Dist) -> dict:
@@ -351,7 +367,7 @@ def sft_step(policy: Policy, batch, cfg: DPOConfig, d: Dist) -> dict:
 
 def train(cfg: DPOConfig, d: Dist):
     """DPO on the pairs, from cfg.model (which is also the reference)."""
-    pairs_file = cfg.pairs or os.path.join(cfg.out, f"pairs-{cfg.task}.jsonl")
+    pairs_file = cfg.pairs or os.path.join(cfg.out, f"pairs-{scored_by(cfg)}.jsonl")
     samples = {(s["user_id"], s["item_id"]): s for s in read_samples(cfg.data)}
     pairs, computed = reference_logprobs(pairs_file, cfg.model, samples, cfg, d)
     if not pairs:
@@ -367,8 +383,8 @@ def train(cfg: DPOConfig, d: Dist):
 def sft(cfg: DPOConfig, d: Dist):
     """Warm start by rejection sampling (the paper's SFT ablation): fine-tune cfg.model on each user's
     best explored profile that beats no profile (OUT/sft-TASK.jsonl), token-mean NLL."""
-    src, out = (os.path.join(cfg.out, f"scores-{cfg.task}.jsonl"),
-                os.path.join(cfg.out, f"sft-{cfg.task}.jsonl"))
+    src, out = (os.path.join(cfg.out, f"scores-{scored_by(cfg)}.jsonl"),
+                os.path.join(cfg.out, f"sft-{scored_by(cfg)}.jsonl"))
     fp = fingerprint("sft", src, cfg.task, cfg.sft_min_gain)
     if not up_to_date(out, fp):
         picks = best_profiles(read_jsonl(src), cfg.task, cfg.sft_min_gain)

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from lettingo import PROFILE_CLOSE, LettingoError, profile_answer, profile_prompt
-from reward import REWARDS, make_judge, score_profiles
+from reward import make_judge, score_profiles
 from rollout import SamplingParams, prompt_seed
 from tools.cli import ArgParser, add_config, cli, config_from, option, output_folder, read_samples
 from train import (Dist, Policy, TrainConfig, all_sum, apply_update, backward_micro_batches,
@@ -49,11 +49,6 @@ class GRPOConfig(TrainConfig):
                            choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
     no_std_scaling: bool = option(False, "Dr. GRPO advantages (no division by the group std)")
     drop_zero_variance: bool = option(False, "DAPO dynamic sampling: drop groups whose rewards are all equal")
-    reward: str = option("rating", "a profile's reward from the judge's predictions over the user's reward "
-                         "targets: rating = mean of 1 - |err|/4 (public code); rank = the fraction of "
-                         "pairs of targets rated differently that the predictions order right, which no "
-                         "level wins (needs --reward-targets >= 2 in data/prepare.py); rating+rank = "
-                         "their mean", choices=REWARDS)
     rollout_batch_size: int = option(64, "max rows decoded together", min=1)
     sample_every: int = option(1, "write sampled profiles to samples.jsonl every N steps", min=1)
     judge_down_steps: int = option(3, "stop after this many steps in a row in which the judge failed on more "
@@ -291,8 +286,6 @@ def run(cfg: GRPOConfig, scorer=None):
     rank_positions(cfg.prompts_per_step, cfg.mini_batches, d)     # a batch that cannot split fails now
     if cfg.data is None:
         raise LettingoError("--data DIR is required (a folder from data/prepare.py)")
-    if cfg.reward != "rating" and cfg.task != "rating":
-        raise LettingoError(f"--reward {cfg.reward} orders ratings: it needs --task rating")
     dist.barrier()
     train = read_samples(os.path.join(cfg.data, "train.jsonl"))
     val = read_samples(os.path.join(cfg.data, "val.jsonl"))[:cfg.val_users or None]

@@ -436,6 +436,19 @@ def metrics(task, preds, targets, boot=1000, seed=0) -> dict:
     return out
 
 
+def affine_fit(preds, targets) -> tuple[float, float]:
+    """(a, b) of the least-squares fit rating ~ a + b * prediction over the predictions that are not
+    None (b = 0 when they are constant): a condition's level and scale, fitted on validation users so
+    that a calibrated MAE on test users no longer rewards the level the judge happens to answer at."""
+    xy = [(p, t["rating"]) for p, t in zip(preds, targets) if p is not None]
+    if not xy:
+        return 0.0, 1.0
+    mx, my = statistics.fmean(x for x, _ in xy), statistics.fmean(y for _, y in xy)
+    var = sum((x - mx) ** 2 for x, _ in xy)
+    b = sum((x - mx) * (y - my) for x, y in xy) / var if var > 0 else 0.0
+    return my - b * mx, b
+
+
 def by_user(preds, targets) -> dict:
     """{user: [(prediction, target), ...]} over the predictions that are not None."""
     users = defaultdict(list)
@@ -694,12 +707,20 @@ def paired(a: dict, b: dict, boot=1000, seed=0):
     return paired_difference([a[u] for u in common], [b[u] for u in common], boot, seed)
 
 
-def summarize(task, samples, rows: dict[str, Condition], compare: list[tuple[str, str]] = ()) -> dict:
+def calibrations(samples, rows: dict[str, Condition]) -> dict[str, tuple[float, float]]:
+    """{condition: affine_fit of its predictions} on these (validation) samples' targets."""
+    targets = eval_targets(samples)
+    return {name: affine_fit(c.preds, [targets[i] for i in c.idx]) for name, c in rows.items()}
+
+
+def summarize(task, samples, rows: dict[str, Condition], compare: list[tuple[str, str]] = (),
+              calibration: dict[str, tuple[float, float]] | None = None) -> dict:
     """Metrics of every row over eval_targets(samples); for profile rows also the format rate and the
     metric on the targets whose profile closed next to no-profile on those same targets; paired
     differences over users for `compare` ((a, b): a - b, of the user's mean error -- > 0 means b is
     better -- and of its GAUC under "paired_GAUC" -- < 0 means b is better) and for every profile row
-    against no profile."""
+    against no profile; for the rows in `calibration` ({name: (a, b)} from validation users) the
+    calibrated MAE, of a + b * prediction."""
     targets = eval_targets(samples)
     tg = lambda c: [targets[i] for i in c.idx]
     err = {name: per_user(sample_errors(task, c.preds, tg(c)), tg(c)) for name, c in rows.items()
@@ -711,6 +732,10 @@ def summarize(task, samples, rows: dict[str, Condition], compare: list[tuple[str
         out["truth_mean"] = sum(t["rating"] for t in targets) / max(len(targets), 1)
     for name, c in rows.items():
         r = {"all": metrics(task, c.preds, tg(c))}
+        if name in (calibration or {}) and task == "rating":
+            a, b = calibration[name]
+            cal = metrics(task, [None if p is None else a + b * p for p in c.preds], tg(c))
+            r["all"]["calibrated_MAE"], r["calibration"] = cal["MAE"], (a, b)
         if c.status is not None:
             closed = [k for k, st in enumerate(c.status) if st == "ok"]
             r["format_rate"] = len(closed) / max(len(c.status), 1)
@@ -746,7 +771,8 @@ def print_summary(summary):
             line += (f"{r['format_rate']:>8.0%}{r['words']:>6.0f} {cell(r['closed'], names[0]):>23} "
                      f"{cell(r['no_profile_on_closed'], names[0]):>21}")
         print(line)
-    ranking = ("GAUC", "Spearman", "r", "macro_F1", "balanced_acc") if level else ("balanced_acc",)
+    ranking = (("calibrated_MAE",) * any("calibration" in r for r in summary["rows"].values())
+               + ("GAUC", "Spearman", "r", "macro_F1", "balanced_acc") if level else ("balanced_acc",))
     print(f"\n{'what a constant cannot win':<44}" + "".join(f"{n:>22}" for n in ranking))
     for name, r in summary["rows"].items():
         # undefined (-) where no user has two differently rated targets or predictions are constant
@@ -757,8 +783,10 @@ def print_summary(summary):
           f"closed = format rate (profile tag closed); "
           f"an unclosed profile is judged as no profile"
           + (f"; pred = mean prediction (true ratings' mean {summary['truth_mean']:.2f}), "
-             f"r = Pearson over all predictions, GAUC / Spearman within each user (constant: 1/2 / 0), "
-             f"macro-F1 / balanced accuracy of the nearest star's like/neutral/dislike"
+             + ("calibrated_MAE of a + b * prediction, a and b fitted on the validation users' predictions "
+                "of the same condition; " if "calibrated_MAE" in ranking else "")
+             + "r = Pearson over all predictions, GAUC / Spearman within each user (constant: 1/2 / 0), "
+             "macro-F1 / balanced accuracy of the nearest star's like/neutral/dislike"
              if level else "") + ")")
     for key, what in (("paired", "MAE" if task == "rating" else "error rate"), ("paired_GAUC", "GAUC")):
         if summary.get(key):
@@ -775,11 +803,22 @@ def run_eval(args):
         output_file(args.out)
     # checked before judging
     profiles = {f"profiles: {path}": profile_texts(path, samples) for path in args.profiles or []}
+    if args.val_profiles and not args.val_data:
+        raise LettingoError("--val-profiles needs --val-data (the samples they were written for)")
+    if args.val_data and len(args.val_profiles or []) != len(profiles):
+        raise LettingoError(f"--val-profiles: one file per --profiles file ({len(profiles)}), in the same "
+                            f"order, got {len(args.val_profiles or [])}")
+    val = read_samples(args.val_data)[:args.limit or None] if args.val_data else []
+    val_profiles = {name: profile_texts(path, val) for name, path in zip(profiles, args.val_profiles or [])}
     judge = make_judge(args.judge, args.judge_url, args.mode, args.token_budget, timeout=args.timeout,
                        retries=args.retries, concurrency=args.concurrency)
+    # the affine calibration of every condition, fitted on the validation users' predictions
+    calibration = (calibrations(val, judge_conditions(val, judge, args.task, val_profiles))
+                   if val and args.task == "rating" else None)
     rows = judge_conditions(samples, judge, args.task, profiles)
     names = list(profiles)
-    summary = summarize(args.task, samples, rows, compare=[(names[0], b) for b in names[1:]])
+    summary = summarize(args.task, samples, rows, compare=[(names[0], b) for b in names[1:]],
+                        calibration=calibration)
     print_summary(summary)
     if args.out:
         with open(args.out, "w") as f:
@@ -836,6 +875,11 @@ def main():
     e.add_argument("--timeout", type=at_least(0.001, float), default=30.0,
                    help="HTTP judge: seconds per request")
     e.add_argument("--retries", type=at_least(0), default=3, help="HTTP judge: retries per request")
+    e.add_argument("--val-data", help="validation samples (DIR/val.jsonl): each condition's predictions "
+                                      "there fit the affine map a + b * prediction of its calibrated MAE")
+    e.add_argument("--val-profiles", nargs="+",
+                   help="with --val-data: the same writers' profiles of the validation users, one file per "
+                        "--profiles file, in its order")
     e.add_argument("--out", help="per-target predictions JSONL")
     run_eval(p.parse_args())
 

@@ -29,7 +29,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from lettingo import (ATTENTION, PROFILE_CLOSE, TREE_BACKENDS, LettingoError, TokenLogprobs, Transformer,
                       attention_backend, load_model, micro_batches, pack_row, predictor_messages,
                       profile_answer, profile_prompt, save_model, shares_prompts)
-from reward import metrics, profile_predictions, template_profile
+from reward import REWARDS, metrics, profile_predictions, sample_targets, template_profile
 from rollout import Sampler, SamplingParams, cpu_decode_layout
 from tools.cli import ArgParser, cli, option
 
@@ -61,6 +61,11 @@ class TrainConfig:
     wandb: str | None = option(None, "also log to this Weights & Biases project (when installed)", kind=str)
     task: str = option("rating", "rating: 1 - |err|/4 (the public code); sentiment: correct = 1 (the paper)",
                        choices=("rating", "sentiment"))
+    reward: str = option("rating", "a profile's reward from the judge's predictions over the user's reward "
+                         "targets: rating = mean of 1 - |err|/4 (public code); rank = the fraction of "
+                         "pairs of targets rated differently that the predictions order right, which no "
+                         "level wins (needs --reward-targets >= 2 in data/prepare.py); rating+rank = "
+                         "their mean", choices=REWARDS)
     judge: str = option("smollm2-135m", "local judge model (or the model name sent to --judge-url)")
     judge_url: str | None = option(None, "OpenAI-compatible judge server (recommended for big judges)",
                                    kind=str)
@@ -69,6 +74,10 @@ class TrainConfig:
                              choices=("expect", "decode"))
     judge_concurrency: int = option(64, "HTTP judge: requests in flight", min=1)
     max_new_tokens: int = option(256, "profile budget (sampling and validation)", min=1)
+
+    def __post_init__(self):
+        if self.reward != "rating" and self.task != "rating":
+            raise LettingoError(f"--reward {self.reward} orders ratings: it needs --task rating")
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -347,9 +356,9 @@ def fit(cfg: TrainConfig, d: Dist, policy: Policy, run_dir: str, steps: int, n_e
 
 @dataclass
 class Judged:
-    """One validation user: the judge's prediction with the written profile, with no profile and
-    with the template profile, and the written profile's status (ok | format | judge_failed)."""
-    sample: dict
+    """One validation target: the judge's prediction with the user's written profile, with no profile
+    and with the template profile, and the written profile's status (ok | format | judge_failed)."""
+    target: dict
     profile: object
     no_profile: object
     template: object
@@ -358,8 +367,10 @@ class Judged:
 
 def validate(sampler: Sampler, tok, judge, val: list[dict], task: str, max_new_tokens: int, batch_size: int,
              d: Dist) -> dict:
-    """Greedy profiles for the validation users, judged: the task metric on all users, on the users
-    whose profile closed, and -- to separate content from format -- no profile on those same users."""
+    """Greedy profiles for the validation users, judged on every target of each (prepare.py
+    --eval-targets): the task metric on all users, on the users whose profile closed, and -- to
+    separate content from format -- no profile on those same users; for ratings also the within-user
+    ordering (GAUC), which no level of the predictions wins."""
     mine, rows = val[d.rank::d.world], []
     if mine:
         outs = sampler.generate([profile_prompt(tok, s) for s in mine],
@@ -368,22 +379,30 @@ def validate(sampler: Sampler, tok, judge, val: list[dict], task: str, max_new_t
                                 tokenizer=tok, batch_size=batch_size, progress=d.main)
         preds, scored = profile_predictions(mine, [profile_answer(o[0].text, o[0].finish) for o in outs],
                                             judge, task)
-        bare = judge.predict([predictor_messages(s, None, task) for s in mine], task)
-        templ = judge.predict([predictor_messages(s, template_profile(s), task) for s in mine], task)
-        own = [p[0] for p in preds]                # the sample's own target: one per user
-        rows = [Judged(*r) for r in zip(mine, own, bare, templ, [sc.status for sc in scored])]
+        per_user = [sample_targets(s) for s in mine]
+        targets = [t for ts in per_user for t in ts]                  # a user's targets consecutively
+        bare = judge.predict([predictor_messages(t, None, task) for t in targets], task)
+        templ = judge.predict([predictor_messages(t, template_profile(t), task) for t in targets], task)
+        status = [sc.status for sc, ts in zip(scored, per_user) for _ in ts]
+        rows = [Judged(*r) for r in zip(targets, [p for ps in preds for p in ps], bare, templ, status)]
     rows = [r for part in gather_objects(rows) for r in part]
     closed = [r for r in rows if r.status == "ok"]
     key = "MAE" if task == "rating" else "accuracy"
-    value = lambda rs, pred: (metrics(task, [pred(r) for r in rs], [r.sample for r in rs], boot=0)
-                              .get(key, (None,))[0])
-    return {"val_" + key: value(rows, lambda r: r.profile),
-            "val_format_rate": len(closed) / max(len(rows), 1),
-            f"val_{key}_closed": value(closed, lambda r: r.profile),
-            f"val_no_profile_{key}_closed": value(closed, lambda r: r.no_profile),
-            f"val_no_profile_{key}": value(rows, lambda r: r.no_profile),
-            f"val_template_{key}": value(rows, lambda r: r.template),
-            "val_judge_failures": sum(r.status == "judge_failed" for r in rows)}
+    users = lambda rs: len({r.target["user_id"] for r in rs})
+    value = lambda rs, pred, name=key: (metrics(task, [pred(r) for r in rs], [r.target for r in rs], boot=0)
+                                        .get(name, (None,))[0])
+    out = {"val_" + key: value(rows, lambda r: r.profile),
+           "val_format_rate": users(closed) / max(users(rows), 1),
+           f"val_{key}_closed": value(closed, lambda r: r.profile),
+           f"val_no_profile_{key}_closed": value(closed, lambda r: r.no_profile),
+           f"val_no_profile_{key}": value(rows, lambda r: r.no_profile),
+           f"val_template_{key}": value(rows, lambda r: r.template),
+           "val_judge_failures": users([r for r in rows if r.status == "judge_failed"])}
+    if task == "rating" and len(rows) > users(rows):           # GAUC needs users with two targets
+        out |= {"val_GAUC": value(rows, lambda r: r.profile, "GAUC"),
+                "val_no_profile_GAUC": value(rows, lambda r: r.no_profile, "GAUC"),
+                "val_template_GAUC": value(rows, lambda r: r.template, "GAUC")}
+    return out
 
 
 # ----------------------------------------------------------------------------- checkpoints

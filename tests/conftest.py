@@ -112,6 +112,13 @@ def checkpoint_weights(folder):
     return load_file(os.path.join(folder, "model", "model.safetensors"))
 
 
+def optimized(model, lr):
+    """A Policy around `model` as train.load_policy makes it: AdamW, constant lr."""
+    from train import Policy
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    return Policy(model, None, None, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+
+
 def max_diff(a, b):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 

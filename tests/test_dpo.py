@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 from conftest import checkpoint_weights as weights
-from conftest import max_diff, run, tiny_run_folder
+from conftest import make_model, max_diff, optimized, run, tiny_run_folder
 
-from dpo import best_profiles, dpo_loss, make_pairs
+from dpo import DPOConfig, best_profiles, dpo_loss, dpo_step, make_pairs
 
 
 @pytest.mark.parametrize("loss_type,eps", [("sigmoid", 0.0), ("sigmoid", 0.1), ("ipo-sum", 0.0),
@@ -38,6 +38,40 @@ def test_dpo_loss_by_hand_and_finite_differences(loss_type, eps):
         e[i] = h
         f = lambda v: dpo_loss(v[0], v[1], f64(rc), f64(rr), beta, loss_type, eps, f64(nc), f64(nr))[0].item()
         assert g[i].item() == pytest.approx((f(x.detach() + e) - f(x.detach() - e)) / (2 * h), rel=1e-6)
+
+
+def test_rpo_adds_the_chosen_token_mean_nll(tmp_path, monkeypatch):
+    """dpo_step's loss against transformers' log-probs on the same weights, by hand: the mean over
+    pairs of -log sigmoid(beta delta), plus rpo_alpha x the chosen responses' NLL per token over the
+    whole batch (TRL's rpo_alpha) -- with the two pairs in separate micro-batches."""
+    import torch.nn.functional as F
+
+    import train
+    from lettingo import load_model
+    hf = make_model(str(tmp_path / "m"), "llama")
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):   # setup_distributed sets them
+        monkeypatch.delenv(k, raising=False)
+    d = train.setup_distributed()
+    model, _ = load_model(str(tmp_path / "m"), device="cpu")
+    policy = optimized(train.shard(model, torch.float32), 0.0)
+    batch = [([11, 5, 7], [9, 4, 20, 3], [8, 6]), ([3, 30], [5], [7, 17, 27])]    # (prompt, chosen, rejected)
+    refs = [{"ref_chosen": -5.0, "ref_rejected": -4.0}, {"ref_chosen": -2.0, "ref_rejected": -9.0}]
+
+    def logp(prompt, response):                      # transformers: summed log-probs of the response
+        with torch.no_grad():
+            lp = hf(torch.tensor([prompt + response])).logits[0].log_softmax(-1)
+        return sum(lp[len(prompt) - 1 + k, t].item() for k, t in enumerate(response))
+    beta, chosen = 0.1, [logp(p, c) for p, c, _ in batch]
+    delta = [(c - r["ref_chosen"]) - (logp(p, rj) - r["ref_rejected"])
+             for c, (p, _, rj), r in zip(chosen, batch, refs)]
+    dpo_mean = sum(-F.logsigmoid(torch.tensor(beta * x, dtype=torch.float64)).item() for x in delta) / 2
+    nll = -sum(chosen) / (4 + 1)                      # over the batch's 5 chosen tokens
+    for alpha in (0.0, 0.7):
+        out = dpo_step(policy, batch, refs, DPOConfig(beta=beta, rpo_alpha=alpha, token_budget=12), d)
+        assert out["loss"] == pytest.approx(dpo_mean + alpha * nll, abs=1e-5)
+        assert out["nll_chosen"] == pytest.approx(nll, abs=1e-5)
+    import torch.distributed as dist
+    dist.destroy_process_group()
 
 
 def rows(user, rewards, task="sentiment"):

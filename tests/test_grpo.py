@@ -10,11 +10,12 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, JSONHandler, clean_env, make_model, max_diff, run, start_server, tiny_run_folder
+from conftest import (ROOT, JSONHandler, clean_env, make_model, max_diff, optimized, run, start_server,
+                      tiny_run_folder)
 from conftest import checkpoint_weights as weights
 
 from grpo import clipped_policy_loss, group_advantages, kl_k3, token_weights
-from train import Dist, Policy, apply_update, latest_checkpoint
+from train import Dist, apply_update, latest_checkpoint
 
 
 def test_group_advantages_by_hand():
@@ -66,12 +67,6 @@ def test_aggregation_modes_by_hand():
     assert agg("seq-mean-token-mean").item() == pytest.approx((1.5 + 4.5) / 2)
     # Dr. GRPO / TRL dr_grpo: the constant generation budget (16), not the longest response (4)
     assert agg("seq-mean-token-sum-norm").item() == pytest.approx(21 / (2 * 16))
-
-
-def optimized(model, lr):
-    """A Policy around `model` as train.load_policy makes it: AdamW, constant lr."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    return Policy(model, None, None, None, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
 
 
 def test_non_finite_step_is_skipped():

@@ -66,6 +66,14 @@ def test_dpo_pairs_stage_takes_the_margin_flag(tmp_path):
     assert config(recipe(tmp_path, "--dpo-min-margin", "0.03")["DPO: pairs"]).min_margin == 0.03
 
 
+def test_reward_and_rpo_flags_reach_their_stages_and_every_writer_writes_val_profiles(tmp_path):
+    stages = recipe(tmp_path, "--grpo-reward", "rating+rank", "--dpo-rpo-alpha", "0.5")
+    assert config(stages["GRPO from the warm start"]).reward == "rating+rank"
+    assert config(stages["DPO from the base writer"]).rpo_alpha == 0.5
+    assert ({n for n in stages if n.startswith("val profiles: ")}
+            == {f"val profiles: {w}" for w in ("base", "warm", "grpo", "dpo")})
+
+
 def test_dpo_start_picks_the_model_and_the_explored_profiles(tmp_path):
     out = lambda st: os.path.basename(config(st).out)
     base = recipe(tmp_path)             # the paper: the base writer on the first exploration's pairs

@@ -18,9 +18,11 @@ from lettingo import LettingoError, chat_prompt, load_model, predictor_messages
 from reward import (
     FORMAT_PENALTY,
     Condition,
+    affine_fit,
     HTTPJudge,
     LocalJudge,
     baseline_predictions,
+    calibrations,
     make_judge,
     metrics,
     parse_rating,
@@ -176,6 +178,27 @@ def test_paired_differences_are_per_user():
     assert out["paired"]["no profile -> b"][0] == pytest.approx(((4 / 3 - 0) + (0 - 2)) / 2)
     assert out["paired_GAUC"]["no profile -> b"][0] == pytest.approx(((0.5 - 1) + (1 - 0)) / 2)
     assert out["rows"]["b"]["all"]["GAUC"][0] == pytest.approx(0.5) and out["n_targets"] == 6
+
+
+def test_calibrated_mae_by_hand():
+    """The affine map is fitted on validation predictions and applied to test ones: a condition that
+    reads its users but answers one star low and at half the scale gets a calibrated MAE of 0; a
+    constant gets the validation ratings' mean."""
+    rated = lambda rs: [dict(SAMPLE, user_id=str(k // 2), item_id=str(k), rating=r) for k, r in enumerate(rs)]
+    assert affine_fit([1.0, 1.5, 2.0, None], rated([1, 2, 3, 5])) == pytest.approx((-1.0, 2.0))
+    assert affine_fit([3.0, 3.0], rated([2, 5])) == (3.5, 0.0)               # no spread: the mean
+    val, test = rated([2, 4, 1, 5]), rated([5, 3, 4, 1])
+    val_samples = [dict(val[0], more_targets=val[1:2]), dict(val[2], more_targets=val[3:4])]
+    test_samples = [dict(test[0], more_targets=test[1:2]), dict(test[2], more_targets=test[3:4])]
+    fits = calibrations(val_samples, {"reads": Condition([1.5, 2.5, 1.0, 3.0], list(range(4))),
+                                      "constant": Condition([2.0] * 4, list(range(4)))})
+    assert fits["reads"] == pytest.approx((-1.0, 2.0)) and fits["constant"] == (3.0, 0.0)
+    out = summarize("rating", test_samples, {"reads": Condition([3.0, 2.0, 2.5, 1.0], list(range(4))),
+                                             "constant": Condition([2.0] * 4, list(range(4)))},
+                    calibration=fits)
+    assert out["rows"]["reads"]["all"]["MAE"][0] == pytest.approx((2 + 1 + 1.5 + 0) / 4)
+    assert out["rows"]["reads"]["all"]["calibrated_MAE"][0] == pytest.approx(0.0)
+    assert out["rows"]["constant"]["all"]["calibrated_MAE"][0] == pytest.approx((2 + 0 + 1 + 2) / 4)
 
 
 TARGETS = [dict(SAMPLE, item_id=str(k), title=f"Film {k} " * (k % 3 + 1)) for k in range(4)]
@@ -482,12 +505,20 @@ def test_eval_cli_on_synthetic(tiny, tmp_path):
     prof.write_text("".join(json.dumps({"user_id": r["user_id"], "item_id": r["item_id"], "generations": [
         {"text": f"<user_profile>{r['oracle_profile']}</user_profile>"}, {"text": "broken"}]}) + "\n"
         for r in rows))
-    r = run("reward.py", "eval", "--data", tmp_path / "test.jsonl", "--profiles", prof, "--judge", folder)
+    val = tmp_path / "v.jsonl"                       # the same writer on the validation users
+    val.write_text("".join(json.dumps({"user_id": r["user_id"], "item_id": r["item_id"],
+                                       "text": f"<user_profile>{r['oracle_profile']}</user_profile>"}) + "\n"
+                           for r in map(json.loads, open(tmp_path / "val.jsonl"))))
+    r = run("reward.py", "eval", "--data", tmp_path / "test.jsonl", "--profiles", prof, "--judge", folder,
+            "--val-data", tmp_path / "val.jsonl", "--val-profiles", val)
     assert r.returncode == 0, r.stderr
     for row in ("global mean (no LLM)", "user mean (no LLM)", "no profile", "raw history", "oracle profile",
                 "profiles: ", "template profile (code, no LLM)", "paired differences",
-                "no profile -> template profile"):
+                "no profile -> template profile", "calibrated_MAE"):
         assert row in r.stdout
+    bad = run("reward.py", "eval", "--data", tmp_path / "test.jsonl", "--profiles", prof, "--judge", folder,
+              "--val-data", tmp_path / "val.jsonl")
+    assert bad.returncode != 0 and bad.stderr.startswith("error: --val-profiles: one file per --profiles")
     line = [x for x in r.stdout.splitlines() if x.startswith("profiles: ")][0]
     assert " 50% " in line                                                # one of two generations has no tag
 

@@ -24,8 +24,8 @@ sys.path.insert(0, HERE)
 import dpo  # noqa: E402
 import grpo  # noqa: E402
 from lettingo import PROFILE_CLOSE, PROFILE_OPEN, LettingoError  # noqa: E402
-from reward import (judge_conditions, make_judge, print_summary, profile_texts, summarize,  # noqa: E402
-                    template_profile)
+from reward import (REWARDS, calibrations, judge_conditions, make_judge, print_summary, profile_texts,  # noqa: E402
+                    summarize, template_profile)
 from tools.cli import ArgParser, at_least, cli, read_jsonl, to_argv  # noqa: E402
 
 BASE = "smollm2-135m"                         # the untrained writer: explorer, DPO's start, a test row
@@ -63,12 +63,11 @@ def recipe(args, out) -> list[Stage]:
             "--eval-targets", str(args.eval_targets)] + (
             ["--raw", args.raw] if args.raw else []) + (["--meta", args.meta] if args.meta else [])
     explorers = BASE + (",template" if args.explore_template else "")     # code as a second explorer
-    test = lambda model, name: Stage(
-        f"test profiles: {name}", "rollout.py", ["--model", model, "--data", te, "--temperature", "0",
-                                                 "--max-new-tokens", str(args.max_new_tokens),
-                                                 "--batch-size", "64", "--dtype", "bfloat16",
-                                                 "--out", os.path.join(out, f"test-{name}.jsonl")],
-        os.path.join(out, f"test-{name}.jsonl"))
+    written = lambda split, model, name: Stage(
+        f"{split} profiles: {name}", "rollout.py",
+        ["--model", model, "--data", os.path.join(data, f"{split}.jsonl"), "--temperature", "0",
+         "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "64", "--dtype", "bfloat16",
+         "--out", os.path.join(out, f"{split}-{name}.jsonl")], os.path.join(out, f"{split}-{name}.jsonl"))
     stages = [
         Stage("prepare data", "data/prepare.py", prep, te),
         Stage("explore: " + explorers.replace(",", " + "), "dpo.py",
@@ -81,7 +80,8 @@ def recipe(args, out) -> list[Stage]:
               warm),
         Stage("GRPO from the warm start", "grpo.py",
               run(grpo.LEARNING, model=warm, data=data, out=os.path.join(out, "grpo"), steps=args.grpo_steps,
-                  lr=args.grpo_lr, kl_coef=args.grpo_kl, seed=args.grpo_seed, eval_every=args.grpo_steps // 3,
+                  lr=args.grpo_lr, kl_coef=args.grpo_kl, seed=args.grpo_seed, reward=args.grpo_reward,
+                  eval_every=args.grpo_steps // 3,
                   save_every=args.grpo_steps, val_users=args.val_users), grpo_model)]
     if not args.no_dpo:
         if args.dpo_start == "warm":
@@ -95,9 +95,12 @@ def recipe(args, out) -> list[Stage]:
                    Stage(f"DPO from the {DPO_START[args.dpo_start]}", "dpo.py",
                          stage("train", out=dpo_dir, model=BASE if args.dpo_start == "base" else warm,
                                val_data=va, steps=args.dpo_steps, eval_every=args.dpo_steps // 2,
+                               rpo_alpha=args.dpo_rpo_alpha,
                                save_every=args.dpo_steps, val_users=args.val_users), dpo_model)]
-    return stages + [test(BASE, "base"), test(warm, "warm"), test(grpo_model, "grpo")] + (
-        [] if args.no_dpo else [test(dpo_model, "dpo")])
+    writers = [(BASE, "base"), (warm, "warm"), (grpo_model, "grpo")] + (
+        [] if args.no_dpo else [(dpo_model, "dpo")])
+    # the validation users' profiles fit each writer's calibration (reward.affine_fit)
+    return stages + [written(split, m, name) for split in ("test", "val") for m, name in writers]
 
 
 def run_recipe(args):
@@ -118,22 +121,26 @@ def run_recipe(args):
         print(f"     {times[st.name] / 60:.1f} min", flush=True)
         if rc != 0 or not os.path.exists(st.done):
             raise SystemExit(f"error: stage '{st.name}' failed (exit {rc}); see {log}")
-    test = read_jsonl(os.path.join(out, "data", "test.jsonl"))
     names = {"base": "base writer (untrained)", "warm": "warm start (SFT on best explored)",
              "grpo": "GRPO (from the warm start)",
              **({} if args.no_dpo else {"dpo": f"DPO (from the {DPO_START[args.dpo_start]})"})}
-    profiles = {names[k]: profile_texts(os.path.join(out, f"test-{k}.jsonl"), test) for k in names}
-    for kinds, name in (("none", "template without genres"), ("swapped", "template, likes/dislikes swapped")):
-        # what the judge reads of the template
-        profiles[name] = [[f"{PROFILE_OPEN}{template_profile(s, kinds)}{PROFILE_CLOSE}"] for s in test]
+
+    def conditions(split):
+        samples = read_jsonl(os.path.join(out, "data", f"{split}.jsonl"))
+        profiles = {names[k]: profile_texts(os.path.join(out, f"{split}-{k}.jsonl"), samples) for k in names}
+        for kinds, name in (("none", "template without genres"),
+                            ("swapped", "template, likes/dislikes swapped")):       # what the judge reads
+            profiles[name] = [[f"{PROFILE_OPEN}{template_profile(s, kinds)}{PROFILE_CLOSE}"] for s in samples]
+        return samples, judge_conditions(samples, judge, "rating", profiles)
     judge = make_judge(args.judge, args.judge_url, args.judge_mode)
-    rows = judge_conditions(test, judge, "rating", profiles)
+    calibration = calibrations(*conditions("val"))
+    test, rows = conditions("test")
     pairs = [("base", "warm"), ("warm", "grpo"), ("warm", "dpo"), ("base", "grpo"), ("base", "dpo")]
     summary = summarize("rating", test, rows, compare=(
         [(names[a], names[b]) for a, b in pairs if b in names] +
         [("template profile (code, no LLM)", names[k]) for k in ("grpo", "dpo") if k in names] +
         [("template profile (code, no LLM)", "template without genres"),
-         ("template profile (code, no LLM)", "template, likes/dislikes swapped")]))
+         ("template profile (code, no LLM)", "template, likes/dislikes swapped")]), calibration=calibration)
     summary["stage_minutes"] = {k: round(v / 60, 2) for k, v in times.items()}
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
@@ -156,6 +163,13 @@ def run_recipe(args):
           f"item_mean_gauc={gauc('item mean (no LLM)')} no_profile_gauc={gauc('no profile')} "
           + ("" if args.no_dpo else f"dpo_gauc={gauc(names['dpo'])} ")
           + f"grpo_minus_template_gauc_ci=[{-hi:+.3f},{-lo:+.3f}] item_mean={mae('item mean (no LLM)')}")
+    # MAE after each condition's affine map fitted on the validation users: level no longer counts
+    cal = lambda n: f"{summary['rows'][n]['all']['calibrated_MAE'][0]:.3f}"
+    print(f"calibrated grpo={cal(names['grpo'])} " + ("" if args.no_dpo else f"dpo={cal(names['dpo'])} ")
+          + f"start={cal(names['warm'])} base={cal(names['base'])} "
+          f"template={cal('template profile (code, no LLM)')} no_profile={cal('no profile')} "
+          f"item_mean={cal('item mean (no LLM)')} user_mean={cal('user mean (no LLM)')} "
+          f"global_median={cal('global median (no LLM)')}")
 
 
 
@@ -193,6 +207,7 @@ def parse_args(argv=None):
     a("--grpo-kl", type=at_least(0.0, float), default=g.kl_coef,
       help="GRPO's k3 KL-to-the-warm-start weight (0: no reference model)")
     a("--grpo-seed", type=int, default=g.seed, help="GRPO's data order and sampling seed")
+    a("--grpo-reward", choices=REWARDS, default=g.reward, help="GRPO's reward (grpo.py --reward)")
     a("--dpo-start", choices=sorted(DPO_START), default="base",
       help="DPO's start, and the start its gain is measured over: base = the paper (the base writer, "
            "on pairs of the first exploration); warm = the warm start, on pairs of a second exploration "
@@ -204,6 +219,8 @@ def parse_args(argv=None):
     a("--dpo-min-margin", type=at_least(0.0, float), default=d.min_margin,
       help="DPO: a pair's least reward gap (1 star = 0.25)")
     a("--dpo-steps", type=at_least(2), default=d.steps, help="DPO steps (validated every half)")
+    a("--dpo-rpo-alpha", type=at_least(0.0, float), default=d.rpo_alpha,
+      help="DPO: weight of the chosen profiles' NLL (dpo.py --rpo-alpha; 0 = plain DPO)")
     a("--no-dpo", action="store_true", help="the GRPO branch only (about half the time)")
     return p.parse_args(argv)
 
