@@ -56,7 +56,8 @@ class DPOConfig(TrainConfig):
     batch_size: int = option(32, "rows decoded together (explore, validation)", min=1)
     task: str = option("sentiment", "which task's outcome scores and pairs profiles", source="paper",
                        choices=("sentiment", "rating"))
-    min_margin: float = option(0.125, "rating pairs: least reward gap (0.125 = half a star)", min=0.0)
+    min_margin: float = option(0.125, "rating pairs: least reward gap (0.125 = half a star of the rating "
+                               "reward)", min=0.0)
     max_pairs_per_user: int = option(10, "pairs per user at most (a seeded sample; widest margins first for "
                                      "rating)", min=1)
     sft_min_gain: float = option(0.0, "sft: keep a user's best profile if it beats no profile by more")
@@ -228,7 +229,13 @@ def gather_rows(rows):
 
 def scored_by(cfg: DPOConfig) -> str:
     """The name of the scores, pairs and SFT picks of a task and reward: rating, rating-rank, sentiment..."""
-    return cfg.task if cfg.reward == "rating" else f"{cfg.task}-{cfg.reward}"
+    return cfg.task + reward_suffix(cfg)
+
+
+def reward_suffix(cfg: DPOConfig) -> str:
+    """What a non-default --reward adds to the names of a stage's outputs ('' for rating): runs on
+    different rewards share an --out folder without overwriting each other."""
+    return "" if cfg.reward == "rating" else f"-{cfg.reward}"
 
 
 def evaluate(cfg: DPOConfig, d: Dist):
@@ -236,8 +243,7 @@ def evaluate(cfg: DPOConfig, d: Dist):
     there with no profile at all (what a profile must beat to carry information)."""
     src, out = (os.path.join(cfg.out, "profiles.jsonl"),
                 os.path.join(cfg.out, f"scores-{scored_by(cfg)}.jsonl"))
-    fp = fingerprint("evaluate", src, cfg.data, cfg.judge, cfg.judge_url, cfg.judge_mode, cfg.task,
-                     cfg.reward)
+    fp = fingerprint("evaluate", src, cfg.data, cfg.judge, cfg.judge_url, cfg.judge_mode, scored_by(cfg))
     if up_to_date(out, fp):
         return print(f"evaluate: {out} is up to date, skipped") if d.main else None
     samples = {(s["user_id"], s["item_id"]): s for s in read_samples(cfg.data)}
@@ -376,13 +382,13 @@ def train(cfg: DPOConfig, d: Dist):
             f"{pairs_file.replace('.jsonl', '.ref.jsonl')}")
     tokenize = lambda tok, end: [tokenize_pair(tok, samples[(p["user_id"], p["item_id"])], p, end)
                                  for p in pairs]
-    train_on(cfg, d, os.path.join(cfg.out, "train"), pairs, tokenize,
+    train_on(cfg, d, os.path.join(cfg.out, "train" + reward_suffix(cfg)), pairs, tokenize,
              lambda policy, batch, picked: dpo_step(policy, batch, picked, cfg, d), note)
 
 
 def sft(cfg: DPOConfig, d: Dist):
     """Warm start by rejection sampling (the paper's SFT ablation): fine-tune cfg.model on each user's
-    best explored profile that beats no profile (OUT/sft-TASK.jsonl), token-mean NLL."""
+    best explored profile that beats no profile (OUT/sft-TASK[-REWARD].jsonl), token-mean NLL."""
     src, out = (os.path.join(cfg.out, f"scores-{scored_by(cfg)}.jsonl"),
                 os.path.join(cfg.out, f"sft-{scored_by(cfg)}.jsonl"))
     fp = fingerprint("sft", src, cfg.task, cfg.sft_min_gain)
@@ -399,7 +405,7 @@ def sft(cfg: DPOConfig, d: Dist):
     samples = {(s["user_id"], s["item_id"]): s for s in read_samples(cfg.data)}
     tokenize = lambda tok, end: [(profile_prompt(tok, samples[(p["user_id"], p["item_id"])]),
                                   response_ids(tok, p["chosen"], end)) for p in picks]
-    train_on(cfg, d, os.path.join(cfg.out, "sft"), picks, tokenize,
+    train_on(cfg, d, os.path.join(cfg.out, "sft" + reward_suffix(cfg)), picks, tokenize,
              lambda policy, batch, picked: sft_step(policy, batch, cfg, d), f"{len(picks)} best profiles")
 
 

@@ -436,13 +436,14 @@ def metrics(task, preds, targets, boot=1000, seed=0) -> dict:
     return out
 
 
-def affine_fit(preds, targets) -> tuple[float, float]:
+def affine_fit(preds, targets) -> tuple[float, float] | None:
     """(a, b) of the least-squares fit rating ~ a + b * prediction over the predictions that are not
-    None (b = 0 when they are constant): a condition's level and scale, fitted on validation users so
-    that a calibrated MAE on test users no longer rewards the level the judge happens to answer at."""
+    None (b = 0 when they are constant; None without any): a condition's level and scale, fitted on
+    validation users so that a calibrated MAE on test users no longer rewards the level the judge
+    happens to answer at. (A constant maps to the validation mean, not the median MAE would pick.)"""
     xy = [(p, t["rating"]) for p, t in zip(preds, targets) if p is not None]
     if not xy:
-        return 0.0, 1.0
+        return None
     mx, my = statistics.fmean(x for x, _ in xy), statistics.fmean(y for _, y in xy)
     var = sum((x - mx) ** 2 for x, _ in xy)
     b = sum((x - mx) * (y - my) for x, y in xy) / var if var > 0 else 0.0
@@ -708,9 +709,11 @@ def paired(a: dict, b: dict, boot=1000, seed=0):
 
 
 def calibrations(samples, rows: dict[str, Condition]) -> dict[str, tuple[float, float]]:
-    """{condition: affine_fit of its predictions} on these (validation) samples' targets."""
+    """{condition: affine_fit of its predictions} on these (validation) samples' targets, for the
+    conditions with any prediction."""
     targets = eval_targets(samples)
-    return {name: affine_fit(c.preds, [targets[i] for i in c.idx]) for name, c in rows.items()}
+    fits = {name: affine_fit(c.preds, [targets[i] for i in c.idx]) for name, c in rows.items()}
+    return {name: fit for name, fit in fits.items() if fit is not None}
 
 
 def summarize(task, samples, rows: dict[str, Condition], compare: list[tuple[str, str]] = (),
@@ -735,7 +738,8 @@ def summarize(task, samples, rows: dict[str, Condition], compare: list[tuple[str
         if name in (calibration or {}) and task == "rating":
             a, b = calibration[name]
             cal = metrics(task, [None if p is None else a + b * p for p in c.preds], tg(c))
-            r["all"]["calibrated_MAE"], r["calibration"] = cal["MAE"], (a, b)
+            if "MAE" in cal:                                  # not when every prediction failed
+                r["all"]["calibrated_MAE"], r["calibration"] = cal["MAE"], (a, b)
         if c.status is not None:
             closed = [k for k, st in enumerate(c.status) if st == "ok"]
             r["format_rate"] = len(closed) / max(len(c.status), 1)
@@ -803,6 +807,8 @@ def run_eval(args):
         output_file(args.out)
     # checked before judging
     profiles = {f"profiles: {path}": profile_texts(path, samples) for path in args.profiles or []}
+    if args.val_data and args.task != "rating":
+        raise LettingoError("--val-data fits the calibrated MAE of ratings: it needs --task rating")
     if args.val_profiles and not args.val_data:
         raise LettingoError("--val-profiles needs --val-data (the samples they were written for)")
     if args.val_data and len(args.val_profiles or []) != len(profiles):
@@ -813,8 +819,7 @@ def run_eval(args):
     judge = make_judge(args.judge, args.judge_url, args.mode, args.token_budget, timeout=args.timeout,
                        retries=args.retries, concurrency=args.concurrency)
     # the affine calibration of every condition, fitted on the validation users' predictions
-    calibration = (calibrations(val, judge_conditions(val, judge, args.task, val_profiles))
-                   if val and args.task == "rating" else None)
+    calibration = calibrations(val, judge_conditions(val, judge, args.task, val_profiles)) if val else None
     rows = judge_conditions(samples, judge, args.task, profiles)
     names = list(profiles)
     summary = summarize(args.task, samples, rows, compare=[(names[0], b) for b in names[1:]],
@@ -879,7 +884,7 @@ def main():
                                       "there fit the affine map a + b * prediction of its calibrated MAE")
     e.add_argument("--val-profiles", nargs="+",
                    help="with --val-data: the same writers' profiles of the validation users, one file per "
-                        "--profiles file, in its order")
+                        "--profiles file, in its order (--limit applies to the validation users too)")
     e.add_argument("--out", help="per-target predictions JSONL")
     run_eval(p.parse_args())
 

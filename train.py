@@ -356,8 +356,10 @@ def fit(cfg: TrainConfig, d: Dist, policy: Policy, run_dir: str, steps: int, n_e
 
 @dataclass
 class Judged:
-    """One validation target: the judge's prediction with the user's written profile, with no profile
-    and with the template profile, and the written profile's status (ok | format | judge_failed)."""
+    """One validation target of sample `sample` (its index in the validation list): the judge's
+    prediction with the written profile, with no profile and with the template profile, and the
+    written profile's status (ok | format | judge_failed)."""
+    sample: int
     target: dict
     profile: object
     no_profile: object
@@ -379,26 +381,27 @@ def validate(sampler: Sampler, tok, judge, val: list[dict], task: str, max_new_t
                                 tokenizer=tok, batch_size=batch_size, progress=d.main)
         preds, scored = profile_predictions(mine, [profile_answer(o[0].text, o[0].finish) for o in outs],
                                             judge, task)
-        per_user = [sample_targets(s) for s in mine]
-        targets = [t for ts in per_user for t in ts]                  # a user's targets consecutively
+        per_sample = [sample_targets(s) for s in mine]
+        targets = [t for ts in per_sample for t in ts]              # a sample's targets consecutively
         bare = judge.predict([predictor_messages(t, None, task) for t in targets], task)
         templ = judge.predict([predictor_messages(t, template_profile(t), task) for t in targets], task)
-        status = [sc.status for sc, ts in zip(scored, per_user) for _ in ts]
-        rows = [Judged(*r) for r in zip(targets, [p for ps in preds for p in ps], bare, templ, status)]
+        status = [sc.status for sc, ts in zip(scored, per_sample) for _ in ts]
+        index = [d.rank + k * d.world for k, ts in enumerate(per_sample) for _ in ts]      # in `val`
+        rows = [Judged(*r) for r in zip(index, targets, [p for ps in preds for p in ps], bare, templ, status)]
     rows = [r for part in gather_objects(rows) for r in part]
     closed = [r for r in rows if r.status == "ok"]
     key = "MAE" if task == "rating" else "accuracy"
-    users = lambda rs: len({r.target["user_id"] for r in rs})
+    samples = lambda rs: len({r.sample for r in rs})
     value = lambda rs, pred, name=key: (metrics(task, [pred(r) for r in rs], [r.target for r in rs], boot=0)
                                         .get(name, (None,))[0])
     out = {"val_" + key: value(rows, lambda r: r.profile),
-           "val_format_rate": users(closed) / max(users(rows), 1),
+           "val_format_rate": samples(closed) / max(samples(rows), 1),
            f"val_{key}_closed": value(closed, lambda r: r.profile),
            f"val_no_profile_{key}_closed": value(closed, lambda r: r.no_profile),
            f"val_no_profile_{key}": value(rows, lambda r: r.no_profile),
            f"val_template_{key}": value(rows, lambda r: r.template),
-           "val_judge_failures": users([r for r in rows if r.status == "judge_failed"])}
-    if task == "rating" and len(rows) > users(rows):           # GAUC needs users with two targets
+           "val_judge_failures": samples([r for r in rows if r.status == "judge_failed"])}
+    if task == "rating" and len(rows) > samples(rows):         # GAUC needs samples with two targets
         out |= {"val_GAUC": value(rows, lambda r: r.profile, "GAUC"),
                 "val_no_profile_GAUC": value(rows, lambda r: r.no_profile, "GAUC"),
                 "val_template_GAUC": value(rows, lambda r: r.template, "GAUC")}

@@ -47,6 +47,8 @@ def data(tmp_path_factory):
     (["reward.py", "eval", "--data", "D/data/test.jsonl", "--profiles", "D/profiles.jsonl",
       "--judge", NOMODEL],
      ["no profile for user"]),
+    (["reward.py", "eval", "--data", "D/data/test.jsonl", "--val-data", "D/data/val.jsonl",
+      "--task", "sentiment", "--judge", NOMODEL], ["--val-data", "--task rating"]),
     (["reward.py", "eval", "--data", "D/data/test.jsonl", "--judge-url", "http://127.0.0.1:9",
       "--retries", "0"],
      ["does not answer"]),

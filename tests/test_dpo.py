@@ -49,11 +49,10 @@ def test_rpo_adds_the_chosen_token_mean_nll(tmp_path, monkeypatch):
     import train
     from lettingo import load_model
     hf = make_model(str(tmp_path / "m"), "llama")
-    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):   # setup_distributed sets them
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):    # a plain 1-rank group, not torchrun's
         monkeypatch.delenv(k, raising=False)
     d = train.setup_distributed()
     model, _ = load_model(str(tmp_path / "m"), device="cpu")
-    policy = optimized(train.shard(model, torch.float32), 0.0)
     batch = [([11, 5, 7], [9, 4, 20, 3], [8, 6]), ([3, 30], [5], [7, 17, 27])]    # (prompt, chosen, rejected)
     refs = [{"ref_chosen": -5.0, "ref_rejected": -4.0}, {"ref_chosen": -2.0, "ref_rejected": -9.0}]
 
@@ -66,12 +65,15 @@ def test_rpo_adds_the_chosen_token_mean_nll(tmp_path, monkeypatch):
              for c, (p, _, rj), r in zip(chosen, batch, refs)]
     dpo_mean = sum(-F.logsigmoid(torch.tensor(beta * x, dtype=torch.float64)).item() for x in delta) / 2
     nll = -sum(chosen) / (4 + 1)                      # over the batch's 5 chosen tokens
-    for alpha in (0.0, 0.7):
-        out = dpo_step(policy, batch, refs, DPOConfig(beta=beta, rpo_alpha=alpha, token_budget=12), d)
-        assert out["loss"] == pytest.approx(dpo_mean + alpha * nll, abs=1e-5)
-        assert out["nll_chosen"] == pytest.approx(nll, abs=1e-5)
-    import torch.distributed as dist
-    dist.destroy_process_group()
+    try:
+        policy = optimized(train.shard(model, torch.float32), 0.0)
+        for alpha in (0.0, 0.7):
+            out = dpo_step(policy, batch, refs, DPOConfig(beta=beta, rpo_alpha=alpha, token_budget=12), d)
+            assert out["loss"] == pytest.approx(dpo_mean + alpha * nll, abs=1e-5)
+            assert out["nll_chosen"] == pytest.approx(nll, abs=1e-5)
+    finally:
+        import torch.distributed as dist
+        dist.destroy_process_group()
 
 
 def rows(user, rewards, task="sentiment"):

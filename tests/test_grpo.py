@@ -69,6 +69,49 @@ def test_aggregation_modes_by_hand():
     assert agg("seq-mean-token-sum-norm").item() == pytest.approx(21 / (2 * 16))
 
 
+def test_validation_judges_every_target(monkeypatch):
+    """train.validate on 2 users x 3 targets, a scripted writer (user a's profile closes, user b's
+    runs out of tokens) and a scripted judge, against the metrics by hand: MAE over all 6 targets,
+    format rate per user, GAUC per user (b's profile is judged as no profile)."""
+    from types import SimpleNamespace
+
+    import train
+    from reward import template_profile
+    hist = [{"title": "Up (2009)", "rating": 5.0, "genres": "Comedy"}]
+    target = lambda u, k, r: {"user_id": u, "item_id": f"T{k}", "title": f"T{k}", "rating": r,
+                              "history": hist, "recent": [], "user_mean": 4.0,
+                              "label": "like" if r >= 4 else "dislike" if r <= 2 else "neutral"}
+    val = [dict(target("a", 1, 5.0), more_targets=[target("a", 2, 3.0), target("a", 3, 1.0)]),
+           dict(target("b", 4, 2.0), more_targets=[target("b", 5, 4.0), target("b", 6, 4.0)])]
+    writes = [SimpleNamespace(text="likes T1 most", finish="eos"),             # closes
+              SimpleNamespace(text="rambl", finish="length")]                  # runs out of tokens
+    sampler = SimpleNamespace(generate=lambda prompts, *a, **k: [[w] for w in writes[:len(prompts)]])
+    template = template_profile(val[0])
+
+    class Judge:
+        def predict(self, messages, task):
+            out = []
+            for m in messages:
+                text, item = m[0]["content"], m[0]["content"].rsplit("New item: ", 1)[1]
+                out.append({"T1": 4.5, "T2": 3.5, "T3": 2.0}[item] if "likes T1 most" in text
+                           else 4.0 if template in text else 3.0)
+            return out
+    monkeypatch.setattr(train, "profile_prompt", lambda tok, s: [0])
+    for k in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):    # a plain 1-rank group, not torchrun's
+        monkeypatch.delenv(k, raising=False)
+    d = train.setup_distributed()
+    try:
+        got = train.validate(sampler, None, Judge(), val, "rating", 8, 4, d)
+    finally:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    want = {"val_MAE": (0.5 + 0.5 + 1 + 1 + 1 + 1) / 6, "val_format_rate": 0.5, "val_MAE_closed": 2 / 3,
+            "val_no_profile_MAE_closed": 4 / 3, "val_no_profile_MAE": 7 / 6, "val_template_MAE": 7 / 6,
+            "val_judge_failures": 0, "val_GAUC": (1.0 + 0.5) / 2, "val_no_profile_GAUC": 0.5,
+            "val_template_GAUC": 0.5}
+    assert got == pytest.approx(want)
+
+
 def test_non_finite_step_is_skipped():
     model = torch.nn.Linear(3, 2)
     policy, d = optimized(model, 0.1), Dist(0, 1, torch.device("cpu"))
