@@ -29,7 +29,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_f
 from lettingo import (ATTENTION, PROFILE_CLOSE, TREE_BACKENDS, LettingoError, TokenLogprobs, Transformer,
                       attention_backend, load_model, micro_batches, pack_row, predictor_messages,
                       profile_answer, profile_prompt, save_model, shares_prompts)
-from reward import REWARDS, metrics, profile_predictions, sample_targets, template_profile
+from reward import REWARDS, eval_targets, metrics, profile_predictions, sample_targets, template_profile
 from rollout import Sampler, SamplingParams, cpu_decode_layout
 from tools.cli import ArgParser, cli, option
 
@@ -382,7 +382,7 @@ def validate(sampler: Sampler, tok, judge, val: list[dict], task: str, max_new_t
         preds, scored = profile_predictions(mine, [profile_answer(o[0].text, o[0].finish) for o in outs],
                                             judge, task)
         per_sample = [sample_targets(s) for s in mine]
-        targets = [t for ts in per_sample for t in ts]              # a sample's targets consecutively
+        targets = eval_targets(mine)                               # a sample's targets consecutively
         bare = judge.predict([predictor_messages(t, None, task) for t in targets], task)
         templ = judge.predict([predictor_messages(t, template_profile(t), task) for t in targets], task)
         status = [sc.status for sc, ts in zip(scored, per_sample) for _ in ts]

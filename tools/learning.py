@@ -24,8 +24,8 @@ sys.path.insert(0, HERE)
 import dpo  # noqa: E402
 import grpo  # noqa: E402
 from lettingo import PROFILE_CLOSE, PROFILE_OPEN, LettingoError  # noqa: E402
-from reward import (REWARDS, calibrations, judge_conditions, make_judge, print_summary, profile_texts,  # noqa: E402
-                    summarize, template_profile)
+from reward import (REWARDS, calibrations, judge_conditions, make_judge, print_summary,  # noqa: E402
+                    profile_texts, summarize, template_profile)
 from tools.cli import ArgParser, at_least, cli, read_jsonl, to_argv  # noqa: E402
 
 BASE = "smollm2-135m"                         # the untrained writer: explorer, DPO's start, a test row
@@ -145,6 +145,11 @@ def run_recipe(args):
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print_summary(summary)
+    print_closing_lines(summary, names, args)
+
+
+def print_closing_lines(summary, names, args):
+    """The recipe's three closing lines: MAE with the paired gains, within-user ordering, calibrated MAE."""
     mae = lambda n: f"{summary['rows'][n]['all']['MAE'][0]:.3f}"
     ci = lambda a, b: "[{1:+.3f},{2:+.3f}]".format(*summary["paired"][f"{a} -> {b}"])
     dpo = "" if args.no_dpo else f" dpo={mae(names['dpo'])}"
