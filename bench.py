@@ -338,13 +338,13 @@ def bench_judge(args):
     """The judge of one GRPO step (expect mode): packed (a profile's prompt once for all its targets)
     vs left-padded batches of 16 prompts, one per (profile, target) -- the same model, same run; then
     over HTTP against tools/serve.py at 8 requests in flight vs the judge's default."""
-    from reward import HTTPJudge, LocalJudge
+    from reward import HTTPJudge, LocalJudge, answer_tokens
     from rollout import left_pad
     msgs = judge_prompts(args)
     model, tok = load_model(args.model, device=args.device)
     judge = LocalJudge(model, tok, "expect")
     prompts = [chat_prompt(tok, m, answer_prefix="<rating>") for m in msgs]
-    cand = torch.tensor(judge.answer_tokens("<rating>", [str(k) for k in range(1, 6)]))
+    cand = torch.tensor(answer_tokens(tok, "<rating>", [str(k) for k in range(1, 6)]))
     pairs = split_shared_prefixes(prompts)
     packed_tokens = sum(len(r) for _, r in pairs) + sum(len(pairs[i][0]) for i in range(len(pairs))
                                                          if i == 0 or pairs[i][0] != pairs[i - 1][0])

@@ -256,6 +256,13 @@ class Transformer(nn.Module):
         return TokenLogprobs(lp, token_entropy(h, self.lm_head.weight, index, temperature)
                                  if with_entropy else None)
 
+    def answer_logits(self, tokens, index, answer_ids, *, doc_ids=None, branch_ids=None,
+                      positions=None) -> torch.Tensor:
+        """The logits of a few answer tokens (a judge's "1".."5") at positions `index` of the flattened
+        [B*T] batch -> [M, len(answer_ids)] fp32, without the rest of the vocabulary."""
+        h = self.hidden(tokens, doc_ids=doc_ids, branch_ids=branch_ids, positions=positions)
+        return (h.flatten(0, 1)[index] @ self.lm_head.weight[answer_ids].T).float()
+
     def hidden(self, tokens, *, mask=None, doc_ids=None, branch_ids=None, positions=None,
                cache: KVCache | None = None) -> torch.Tensor:
         """-> the final (normed) hidden states [B, T, D]."""

@@ -84,33 +84,15 @@ class LocalJudge:
         self.sampler = Sampler(model) if mode == "decode" else None
         self.failures, self.bad_answers = 0, 0
 
-    def answer_tokens(self, prefix: str, answers) -> list[int]:
-        """The token each answer starts with right after the forced prefix (checked to be distinct)."""
-        base = self.tok(prefix, add_special_tokens=False)["input_ids"]
-        ids = []
-        for a in answers:
-            full = self.tok(prefix + a, add_special_tokens=False)["input_ids"]
-            if full[:len(base)] != base:
-                raise LettingoError(f"the judge's tokenizer merges {prefix!r} with the answer {a!r}")
-            ids.append(full[len(base)])
-        if len(set(ids)) != len(ids):
-            raise LettingoError("the judge's tokenizer does not give each answer its own first token")
-        return ids
-
     @torch.no_grad()
     def probabilities(self, messages, task):
         """[N, len(answers)] probabilities of the answers, renormalised over them."""
         prefix, answers = ANSWERS[task]
-        pairs = split_shared_prefixes([chat_prompt(self.tok, m, answer_prefix=prefix) for m in messages])
-        device = self.model.lm_head.weight.device
-        head = self.model.lm_head.weight[torch.tensor(self.answer_tokens(prefix, answers), device=device)]
-        share = shares_prompts(self.model)
+        pairs = answer_prompts(self.tok, messages, task)
+        ids = answer_tokens(self.tok, prefix, answers)
         out = torch.empty(len(pairs), len(answers))
-        for g in micro_batches(pairs, self.token_budget, share):
-            row = pack_row([pairs[i] for i in g], share, device)
-            h = self.model.hidden(row.tokens, **row.inputs())[0]                       # [N, D]
-            last = torch.tensor([start + n - 1 for _, start, n in row.spans], device=device)
-            out[g] = torch.softmax((h[last] @ head.T).float().cpu(), -1)    # each prompt's last token
+        for g in micro_batches(pairs, self.token_budget, shares_prompts(self.model)):
+            out[g] = torch.softmax(packed_answer_logits(self.model, [pairs[i] for i in g], ids).cpu(), -1)
         return out
 
     def predict(self, messages, task):
@@ -128,6 +110,36 @@ class LocalJudge:
         preds = [parse(o[0].text) for o in outs]
         self.bad_answers += sum(p is None for p in preds)   # no valid tag: no prediction, never a score
         return preds
+
+
+def answer_tokens(tokenizer, prefix: str, answers) -> list[int]:
+    """The token each answer starts with right after the forced prefix (checked to be distinct)."""
+    base = tokenizer(prefix, add_special_tokens=False)["input_ids"]
+    ids = []
+    for a in answers:
+        full = tokenizer(prefix + a, add_special_tokens=False)["input_ids"]
+        if full[:len(base)] != base:
+            raise LettingoError(f"the judge's tokenizer merges {prefix!r} with the answer {a!r}")
+        ids.append(full[len(base)])
+    if len(set(ids)) != len(ids):
+        raise LettingoError("the judge's tokenizer does not give each answer its own first token")
+    return ids
+
+
+def answer_prompts(tokenizer, messages, task) -> list[tuple[list[int], list[int]]]:
+    """The judge's prompts, each ending in the forced answer tag, as (shared prefix, rest) pairs:
+    consecutive prompts (one profile's targets) share their common beginning."""
+    prefix = ANSWERS[task][0]
+    return split_shared_prefixes([chat_prompt(tokenizer, m, answer_prefix=prefix) for m in messages])
+
+
+def packed_answer_logits(model, pairs, answer_ids: list[int]) -> torch.Tensor:
+    """[len(pairs), len(answer_ids)] logits of the answer tokens after each (prefix, rest) prompt,
+    packed into one row with one copy of each shared prefix (training the judge and judging alike)."""
+    device = model.lm_head.weight.device
+    row = pack_row(pairs, shares_prompts(model), device)
+    last = torch.tensor([start + n - 1 for _, start, n in row.spans], device=device)   # each prompt's last
+    return model.answer_logits(row.tokens, last, torch.tensor(answer_ids, device=device), **row.inputs())
 
 
 class JudgeFailure(Exception):
@@ -592,6 +604,9 @@ def sample_errors(task, preds, samples):
     return [None if p is None else float(p != s["label"]) for p, s in zip(preds, samples)]
 
 
+ITEM_MEAN, ITEM_KNN = "item mean (no LLM)", "item kNN of the history (no LLM)"
+
+
 def baseline_predictions(task, samples):
     """No LLM at all: the global mean and median (majority label) of all history ratings, the
     user's own mean, and the item's mean over the training users (prepare.py's item_mean; the global
@@ -604,8 +619,12 @@ def baseline_predictions(task, samples):
         med = statistics.median(h["rating"] for h in hist) if hist else g
         return {"global mean (no LLM)": [g] * len(samples), "global median (no LLM)": [med] * len(samples),
                 "user mean (no LLM)": [s["user_mean"] for s in samples],
-                **({"item mean (no LLM)": [g if s["item_mean"] is None else s["item_mean"] for s in samples]}
-                   if all("item_mean" in s for s in samples) else {})}
+                **({ITEM_MEAN: [g if s["item_mean"] is None else s["item_mean"] for s in samples]}
+                   if all("item_mean" in s for s in samples) else {}),
+                # the shown history read by collaborative filtering (prepare.py's ItemKNN)
+                **({ITEM_KNN: [g if s["item_knn"] is None else s["item_knn"]
+                                                         for s in samples]}
+                   if all("item_knn" in s for s in samples) else {})}
     # prepare.py's default thresholds
     lab = lambda r: "like" if r >= 4 else "dislike" if r <= 2 else "neutral"
     glob = Counter(lab(h["rating"]) for h in hist).most_common(1)[0][0]
@@ -643,6 +662,26 @@ def eval_targets(samples) -> list[dict]:
     return [t for s in samples for t in sample_targets(s)]
 
 
+NO_PROFILE = "no profile"
+# what the judge is shown besides the item: the contexts that tell whether it reads a profile
+CONTEXTS = {"none": NO_PROFILE, "history": "raw history", "template": "template profile (code, no LLM)",
+            "swapped": "template, likes/dislikes swapped"}
+
+
+def context_messages(target, kind: str, task: str) -> list[dict]:
+    """The judge's prompt for a target with one of CONTEXTS: no profile, the raw history the writer is
+    shown, the template profile, or the template with likes and dislikes exchanged (what a judge that
+    reads the profile must answer differently to)."""
+    if kind == "history":
+        return predictor_messages(target, None, task, format_interactions(target["history"]))
+    if kind in ("template", "swapped"):
+        return predictor_messages(target, template_profile(target, "right" if kind == "template" else kind),
+                                  task)
+    if kind == "none":
+        return predictor_messages(target, None, task)
+    raise LettingoError(f"unknown context {kind!r} ({' | '.join(CONTEXTS)})")
+
+
 def judge_conditions(samples, judge, task, profiles: dict | None = None) -> dict[str, Condition]:
     """Every condition of an evaluation on every target of the samples (eval_targets): no-LLM
     baselines, no profile, raw history, the template profile, the oracle profile (synthetic data),
@@ -656,11 +695,9 @@ def judge_conditions(samples, judge, task, profiles: dict | None = None) -> dict
     n = len(targets)
     rows = {name: Condition(preds, list(range(n)))
             for name, preds in baseline_predictions(task, targets).items()}
-    conditions = {NO_PROFILE: [predictor_messages(t, None, task) for t in targets],
-                  "raw history": [predictor_messages(t, None, task, format_interactions(t["history"]))
-                                  for t in targets],
-                  "template profile (code, no LLM)": [predictor_messages(t, template_profile(t), task)
-                                                      for t in targets]}
+    if judge is None:                              # the no-LLM rows only
+        return rows
+    conditions = {name: [context_messages(t, kind, task) for t in targets] for kind, name in CONTEXTS.items()}
     if all(t.get("oracle_profile") for t in targets):
         conditions["oracle profile"] = [predictor_messages(t, t["oracle_profile"], task) for t in targets]
     flats = {name: [(i, t) for i, ts in enumerate(texts) for t in ts]
@@ -682,9 +719,6 @@ def judge_conditions(samples, judge, task, profiles: dict | None = None) -> dict
         bar.write(f"judged: {name} ({len(flat)} profiles)", file=sys.stderr)
     bar.close()
     return rows
-
-
-NO_PROFILE = "no profile"
 
 
 def per_user(values, targets) -> dict:
@@ -816,13 +850,17 @@ def run_eval(args):
                             f"order, got {len(args.val_profiles or [])}")
     val = read_samples(args.val_data)[:args.limit or None] if args.val_data else []
     val_profiles = {name: profile_texts(path, val) for name, path in zip(profiles, args.val_profiles or [])}
-    judge = make_judge(args.judge, args.judge_url, args.mode, args.token_budget, timeout=args.timeout,
-                       retries=args.retries, concurrency=args.concurrency)
+    if args.judge == "none" and (profiles or args.judge_url):
+        raise LettingoError("--judge none gives the no-LLM rows only: it judges no --profiles")
+    judge = None if args.judge == "none" else make_judge(
+        args.judge, args.judge_url, args.mode, args.token_budget, timeout=args.timeout, retries=args.retries,
+        concurrency=args.concurrency)
     # the affine calibration of every condition, fitted on the validation users' predictions
     calibration = calibrations(val, judge_conditions(val, judge, args.task, val_profiles)) if val else None
     rows = judge_conditions(samples, judge, args.task, profiles)
     names = list(profiles)
-    summary = summarize(args.task, samples, rows, compare=[(names[0], b) for b in names[1:]],
+    headroom = [(ITEM_MEAN, ITEM_KNN)] if ITEM_KNN in rows else []    # what reading the history can add
+    summary = summarize(args.task, samples, rows, compare=[(names[0], b) for b in names[1:]] + headroom,
                         calibration=calibration)
     print_summary(summary)
     if args.out:
@@ -832,6 +870,8 @@ def run_eval(args):
                 f.write(json.dumps({"user_id": t["user_id"], "item_id": t["item_id"],
                                     "truth": t["rating"] if args.task == "rating" else t["label"],
                                     **{k: v[0] if len(v) == 1 else v for k, v in preds.items()}}) + "\n")
+    if judge is None:
+        return summary
     print(f"judge failures: {judge.failures}, unparseable answers: {judge.bad_answers}"
           + (f", retries: {judge.retried}, fallbacks to decode: {judge.fallbacks}"
              + (f", answer tokens' mean mass: {judge.mass_sum / judge.mass_n:.3f}" if judge.mass_n else "")
@@ -866,7 +906,8 @@ def main():
     e.add_argument("--profiles", nargs="+",
                    help="profiles JSONL file(s) from rollout.py (matched by user_id, item_id)")
     e.add_argument("--judge", default="smollm2-135m",
-                   help="local judge model (or the model name sent to --judge-url)")
+                   help="local judge model (or the model name sent to --judge-url); none: only the rows "
+                        "without an LLM")
     e.add_argument("--judge-url", help="OpenAI-compatible server instead of a local judge")
     e.add_argument("--task", default="rating", choices=["rating", "sentiment"],
                    help="rating: MAE/RMSE; sentiment: like/neutral/dislike accuracy")

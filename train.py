@@ -156,7 +156,8 @@ def shard(model: Transformer, dtype: torch.dtype) -> Transformer:
     for block in model.model.layers:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
-    register_fsdp_forward_method(model, "logprobs")   # the root's weights are gathered for it too
+    for method in ("logprobs", "answer_logits"):      # the root's weights are gathered for them too
+        register_fsdp_forward_method(model, method)
     for m in model.modules():
         if hasattr(m, "set_gradient_divide_factor"):
             m.set_gradient_divide_factor(1.0)

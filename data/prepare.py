@@ -15,6 +15,7 @@ import csv
 import glob
 import gzip
 import json
+import math
 import os
 import random
 import sys
@@ -332,34 +333,99 @@ def build_samples(ratings, items, args, drops, oracle=None):
         raise LettingoError(f"only {len(eligible)} users have >= {args.min_interactions} interactions; "
                             f"--test-users {n_test} + --val-users {n_val} leaves none for training "
                             f"(lower those, or --min-interactions)")
+    # judge users: training users the writer never sees, for fine-tuning the recommender
+    rest = eligible[need + args.judge_users:]
     split_users = {"test": eligible[:n_test], "val": eligible[n_test:need],
-                   "train": eligible[need:need + args.train_users] if args.train_users else eligible[need:]}
-    out = {}
-    for split, users in split_users.items():
-        samples = []
-        for u in users:
-            rows = by_user[u]
-            # train: the last N targets, each with its next reward targets; val/test: one sample whose
-            # targets are the user's last --eval-targets interactions, the history before the first
-            k, more = ((args.targets_per_user, args.reward_targets - 1) if split == "train"
-                       else (1, min(args.eval_targets, len(rows) - args.min_history) - 1))
-            for j in range(len(rows) - k - more, len(rows) - more):
-                s = make_sample(u, rows, j, items, args, drops, oracle)
-                if s and more:            # the next interactions after the target, also after the history
-                    s["more_targets"] = [target_fields(rows[x], items, args)
-                                         for x in range(j + 1, j + 1 + more)]
-                if s:
-                    samples.append(s)
-        out[split] = samples
-    train_ratings = defaultdict(list)              # item -> the training users' ratings of it
-    for u in split_users["train"]:
-        for _, i, r, _ in by_user[u]:
-            train_ratings[i].append(r)
-    for samples in out.values():
-        for t in (t for s in samples for t in [s] + s.get("more_targets", [])):
-            rs = train_ratings.get(t["item_id"])
-            t["item_mean"] = round(sum(rs) / len(rs), 4) if rs else None
+                   "judge": eligible[need:need + args.judge_users],
+                   "train": rest[:args.train_users] if args.train_users else rest}
+    if args.judge_users and not split_users["train"]:
+        raise LettingoError(f"--judge-users {args.judge_users} leaves no training users for the writer")
+    out = {split: [s for u in users for s in user_samples(split, u, by_user[u], items, args, drops, oracle)]
+           for split, users in split_users.items()}
+    # what the training users (writer's and judge's) rated: the item mean and kNN baselines
+    train_ratings = {u: {i: r for _, i, r, _ in by_user[u]} for u in split_users["train"] + split_users["judge"]}
+    knn = ItemKNN(train_ratings)
+    for split, samples in out.items():
+        for s in samples:
+            shown = s["history"] + s["recent"]
+            for t in [s] + s.get("more_targets", []):
+                t["item_mean"] = knn.item_mean(t["item_id"])
+                if split in ("val", "test"):
+                    t["item_knn"] = knn.predict(t["item_id"], shown)
     return out, by_user
+
+
+def user_samples(split, u, rows, items, args, drops, oracle) -> list[dict]:
+    """train: the last --targets-per-user targets, each with its next reward targets; val/test: one
+    sample whose targets are the user's last --eval-targets interactions, the history before the
+    first; judge: consecutive blocks of --judge-targets targets from the newest back (at most
+    --judge-contexts), each with the history before it."""
+    if split == "train":
+        blocks = [(j, args.reward_targets - 1) for j in range(len(rows) - args.targets_per_user
+                                                               - args.reward_targets + 1,
+                                                               len(rows) - args.reward_targets + 1)]
+    elif split == "judge":
+        k = args.judge_targets
+        starts = range(len(rows) - k, args.min_history - 1, -k)
+        blocks = [(j, k - 1) for j in list(starts)[:args.judge_contexts or None]][::-1]
+    else:
+        more = min(args.eval_targets, len(rows) - args.min_history) - 1
+        blocks = [(len(rows) - 1 - more, more)]
+    samples = []
+    for j, more in blocks:
+        s = make_sample(u, rows, j, items, args, drops, oracle)
+        if s and more:                # the next interactions after the target, also after the history
+            s["more_targets"] = [target_fields(rows[x], items, args) for x in range(j + 1, j + 1 + more)]
+        if s:
+            samples.append(s)
+    return samples
+
+
+class ItemKNN:
+    """A no-LLM recommender that reads only the history the writer is shown: item-based collaborative
+    filtering (Sarwar et al. 2001) fitted on the training users' ratings. The prediction for item j is
+    its mean plus the user's deviations from the means of the shown items i, weighted by sim(i, j):
+    the adjusted cosine over the training users who rated both (each rating minus that user's mean),
+    shrunk by n / (n + shrink) for n co-raters. Its within-user ordering beyond the item mean's is what
+    any profile of that history could add."""
+
+    def __init__(self, ratings: dict, shrink: float = 10.0):
+        self.shrink = shrink
+        self.raters = defaultdict(dict)                   # item -> {user: rating - the user's mean}
+        by_item = defaultdict(list)
+        for u, rs in ratings.items():
+            mean = sum(rs.values()) / len(rs)
+            for i, r in rs.items():
+                self.raters[i][u] = r - mean
+                by_item[i].append(r)
+        self.means = {i: sum(v) / len(v) for i, v in by_item.items()}
+
+    def item_mean(self, item) -> float | None:
+        m = self.means.get(item)
+        return None if m is None else round(m, 4)
+
+    def similarity(self, i, j) -> float:
+        a, b = self.raters.get(i, {}), self.raters.get(j, {})
+        if len(a) > len(b):
+            a, b = b, a
+        common = [u for u in a if u in b]
+        if len(common) < 2:
+            return 0.0
+        dot = sum(a[u] * b[u] for u in common)
+        norm = math.sqrt(sum(a[u] ** 2 for u in common) * sum(b[u] ** 2 for u in common))
+        return dot / norm * len(common) / (len(common) + self.shrink) if norm else 0.0
+
+    def predict(self, item, shown: list[dict]) -> float | None:
+        """None for an item no training user rated (the item mean's fallback applies)."""
+        if item not in self.means:
+            return None
+        num = den = 0.0
+        for h in shown:
+            if h["item_id"] in self.means:
+                s = self.similarity(h["item_id"], item)
+                num += s * (h["rating"] - self.means[h["item_id"]])
+                den += abs(s)
+        return round(min(5.0, max(1.0, self.means[item] + (num / den if den else 0.0))), 4)
 
 
 def genres_of(description: str) -> str:
@@ -424,6 +490,14 @@ def main():
                    help="none: 5%% of eligible users, at most 50")
     p.add_argument("--train-users", type=at_least(0), default=0,
                    help="cap on training users (0 = all the rest)")
+    p.add_argument("--judge-users", type=at_least(0), default=0,
+                   help="training users set aside for fine-tuning the judge (tools/judge.py), never seen "
+                        "by the writer: judge.jsonl")
+    p.add_argument("--judge-contexts", type=at_least(0), default=0,
+                   help="judge users: at most this many samples per user, each a block of --judge-targets "
+                        "targets with the history before it, newest first (0 = all)")
+    p.add_argument("--judge-targets", type=at_least(1), default=10,
+                   help="judge users: targets per sample (they share one copy of the context in training)")
     p.add_argument("--targets-per-user", type=at_least(1), default=1,
                    help="train users: last N interactions as targets")
     p.add_argument("--reward-targets", type=at_least(1), default=1,
@@ -475,6 +549,8 @@ def main():
     splits, by_user = build_samples(ratings, items, args, drops, oracle)
     os.makedirs(args.out, exist_ok=True)
     for split, samples in splits.items():
+        if split == "judge" and not args.judge_users:
+            continue
         with open(os.path.join(args.out, f"{split}.jsonl"), "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in samples)
     stats = {"source": args.source, "raw": args.raw, "options": vars(args),
@@ -491,6 +567,7 @@ def main():
     print(f"{stats['ratings_read']:,} ratings, {stats['users_read']:,} users, "
           f"{stats['items_rated']:,} items rated -> train {len(splits['train'])} / "
           f"val {len(splits['val'])} / test {len(splits['test'])} samples "
+          + (f"/ judge {len(splits['judge'])} " if args.judge_users else "") +
           f"in {args.out} ({stats['seconds']} s)")
     for reason, d in drops.report().items():
         print(f"dropped {d['count']:,} ({reason}), e.g. {'; '.join(map(str, d['examples'][:3]))}")

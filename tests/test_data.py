@@ -228,6 +228,57 @@ def test_reward_targets_are_the_next_interactions(tmp_path):
         assert len(mine[1]["history"]) >= len(mine[0]["history"])
 
 
+def test_judge_users_are_their_own_split_and_the_item_means_keep_counting_them(tmp_path):
+    common = ["--users", 80, "--test-users", 5, "--val-users", 5, "--reward-targets", 2]
+    prepare("synthetic", *common, "--out", tmp_path / "a")
+    r = prepare("synthetic", *common, "--out", tmp_path / "b", "--judge-users", 20, "--judge-targets", 4,
+                "--judge-contexts", 3)
+    assert r.returncode == 0, r.stderr
+    before, _ = load(tmp_path / "a")
+    splits, stats = load(tmp_path / "b")
+    judge = [json.loads(x) for x in open(tmp_path / "b" / "judge.jsonl")]
+    check_leakage({**splits, "judge": judge})
+    users = {s: {x["user_id"] for x in v} for s, v in {**splits, "judge": judge}.items()}
+    assert len(users["judge"]) == 20 == stats["judge_users"]
+    assert all(not (users["judge"] & users[s]) for s in ("train", "val", "test"))
+    # the judge users are taken from the writer's training users; evaluation users do not move
+    assert users["judge"] | users["train"] == {x["user_id"] for x in before["train"]}
+    assert splits["test"] == before["test"] and splits["val"] == before["val"]
+    ratings, _, _ = synthetic(80)
+    by_user = {}
+    for u, i, r, t, _ in ratings:
+        by_user.setdefault(u, []).append((t, i, r))
+    for u in users["judge"]:        # blocks of 4 consecutive targets from the newest back, at most 3
+        rows = sorted(by_user[u])
+        mine = [s for s in judge if s["user_id"] == u]
+        assert len(mine) == min(3, (len(rows) - 5) // 4)
+        for k, s in enumerate(reversed(mine)):
+            block = rows[len(rows) - 4 * (k + 1):len(rows) - 4 * k]
+            assert [(t["timestamp"], t["item_id"]) for t in [s] + s["more_targets"]] == [(t, i) for t, i, _ in
+                                                                                          block]
+            assert [h["timestamp"] for h in s["history"]] == [t for t, _, _ in rows[:len(rows) - 4 * (k + 1)][-10:]]
+
+
+def test_item_knn_against_the_formula_by_hand(tmp_path):
+    from data.prepare import ItemKNN
+    ratings = {"u1": {"a": 5.0, "b": 4.0, "c": 1.0}, "u2": {"a": 4.0, "b": 5.0, "c": 2.0},
+               "u3": {"a": 1.0, "b": 2.0}, "u4": {"c": 5.0}}
+    knn = ItemKNN(ratings, shrink=1.0)
+    # deviations from each user's mean: u1 (mean 10/3), u2 (11/3), u3 (3/2)
+    da = {"u1": 5 - 10 / 3, "u2": 4 - 11 / 3, "u3": 1 - 1.5}
+    db = {"u1": 4 - 10 / 3, "u2": 5 - 11 / 3, "u3": 2 - 1.5}
+    dot = sum(da[u] * db[u] for u in da)
+    cos = dot / (sum(v * v for v in da.values()) * sum(v * v for v in db.values())) ** 0.5
+    assert knn.similarity("a", "b") == pytest.approx(cos * 3 / (3 + 1.0))
+    assert knn.similarity("a", "x") == 0.0
+    mean = {"a": 10 / 3, "b": 11 / 3, "c": 8 / 3}
+    sac, sbc = knn.similarity("a", "c"), knn.similarity("b", "c")
+    shown = [{"item_id": "a", "rating": 5.0}, {"item_id": "b", "rating": 3.0}]
+    want = mean["c"] + (sac * (5 - mean["a"]) + sbc * (3 - mean["b"])) / (abs(sac) + abs(sbc))
+    assert knn.predict("c", shown) == pytest.approx(min(5, max(1, want)), abs=1e-4)
+    assert knn.predict("x", shown) is None and knn.item_mean("c") == pytest.approx(8 / 3, abs=1e-4)
+
+
 def test_bad_input(tmp_path):
     raw = tmp_path / "raw"
     write_ml100k(raw, ROWS)

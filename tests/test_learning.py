@@ -9,7 +9,7 @@ from conftest import run
 
 import dpo
 import grpo
-from tools import learning
+from tools import judge, learning
 
 
 def recipe(tmp_path, *flags):
@@ -21,16 +21,18 @@ def config(stage):
     """The config a stage's command line gives, through its CLI's own parser."""
     if stage.script == "grpo.py":
         return grpo.parse_config(stage.argv)
+    if stage.script == "tools/judge.py":
+        return judge.parse_config(stage.argv)
     return dpo.parse_config(stage.argv)[1]
 
 
-@pytest.mark.parametrize("flags", [[], ["--dpo-start", "warm"],
+@pytest.mark.parametrize("flags", [[], ["--dpo-start", "warm"], ["--train-judge", "--judge-users", "40", "--profile-history", "30"],
                                    ["--no-explore-template", "--no-dpo", "--grpo-kl", "0.1"]])
 def test_every_stage_command_is_accepted_by_its_cli(tmp_path, flags):
     stages = recipe(tmp_path, *flags)
     assert ("DPO: pairs" in stages) == ("--no-dpo" not in flags)
     for name, st in stages.items():
-        if st.script in ("grpo.py", "dpo.py"):
+        if st.script in ("grpo.py", "dpo.py", "tools/judge.py"):
             config(st)                                   # raises SystemExit on an unknown or invalid flag
         elif st.script == "rollout.py":                  # runs until it loads the model, which does not exist
             argv = [("/nonexistent/model" if a == st.argv[st.argv.index("--model") + 1] else a)
@@ -92,3 +94,17 @@ def test_the_judge_flags_reach_every_stage(tmp_path):
     configs = [config(st) for st in stages.values() if st.script in ("grpo.py", "dpo.py")]
     assert len(configs) >= 5
     assert {(c.judge_url, c.judge, c.judge_mode) for c in configs} == {("http://judge:8008", "big", "decode")}
+
+
+def test_a_trained_judge_is_the_judge_of_every_later_stage(tmp_path):
+    stages = recipe(tmp_path, "--train-judge", "--judge-users", "50", "--judge-steps", "7")
+    names = list(stages)
+    assert names[:2] == ["prepare data", "fine-tune the judge"]
+    prep, tuned = stages["prepare data"].argv, config(stages["fine-tune the judge"])
+    assert prep[prep.index("--judge-users") + 1] == "50"
+    assert tuned.steps == 7 and tuned.data.endswith(os.path.join("data", "judge.jsonl"))
+    path = stages["fine-tune the judge"].done
+    assert path.endswith(os.path.join("judge", "ckpt-000007", "model"))
+    configs = [config(st) for st in stages.values() if st.script in ("grpo.py", "dpo.py")]
+    assert len(configs) >= 5 and {c.judge for c in configs} == {path}
+    assert "--judge-users" not in recipe(tmp_path)["prepare data"].argv    # the zero-shot judge: no split

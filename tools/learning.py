@@ -27,6 +27,7 @@ from lettingo import PROFILE_CLOSE, PROFILE_OPEN, LettingoError  # noqa: E402
 from reward import (REWARDS, calibrations, judge_conditions, make_judge, print_summary,  # noqa: E402
                     profile_texts, summarize, template_profile)
 from tools.cli import ArgParser, at_least, cli, read_jsonl, to_argv  # noqa: E402
+from tools.judge import JUDGE  # noqa: E402
 
 BASE = "smollm2-135m"                         # the untrained writer: explorer, DPO's start, a test row
 DPO_START = {"base": "base writer", "warm": "warm start"}
@@ -54,13 +55,15 @@ def recipe(args, out) -> list[Stage]:
     # start it explores again with the warm start, since its pairs must be of what that writer writes
     dpo_dir = eb if args.dpo_start == "base" else ew
     dpo_model = os.path.join(dpo_dir, "train", f"ckpt-{args.dpo_steps:06d}", "model")
-    judging = dict(judge=args.judge, judge_url=args.judge_url, judge_mode=args.judge_mode)
+    judging = dict(judge=judge_of(args), judge_url=args.judge_url, judge_mode=args.judge_mode)
     run = lambda preset, **kw: to_argv(dataclasses.replace(preset, max_new_tokens=args.max_new_tokens,
                                                            **judging, **kw))
     stage = lambda stage, **kw: [stage] + run(dpo.LEARNING, data=tr, **kw)
     prep = [args.dataset, "--out", data, "--test-users", str(args.test_users),
             "--val-users", str(args.val_users), "--reward-targets", str(args.reward_targets),
-            "--eval-targets", str(args.eval_targets)] + (
+            "--eval-targets", str(args.eval_targets), "--profile-history", str(args.profile_history),
+            "--recent", str(args.recent)] + (
+            ["--judge-users", str(args.judge_users)] if args.train_judge else []) + (
             ["--raw", args.raw] if args.raw else []) + (["--meta", args.meta] if args.meta else [])
     explorers = BASE + (",template" if args.explore_template else "")     # code as a second explorer
     written = lambda split, model, name: Stage(
@@ -68,8 +71,13 @@ def recipe(args, out) -> list[Stage]:
         ["--model", model, "--data", os.path.join(data, f"{split}.jsonl"), "--temperature", "0",
          "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "64", "--dtype", "bfloat16",
          "--out", os.path.join(out, f"{split}-{name}.jsonl")], os.path.join(out, f"{split}-{name}.jsonl"))
-    stages = [
-        Stage("prepare data", "data/prepare.py", prep, te),
+    stages = [Stage("prepare data", "data/prepare.py", prep, te)]
+    if args.train_judge:                  # on judge users the writer never sees; every later stage uses it
+        stages.append(Stage("fine-tune the judge", "tools/judge.py", to_argv(dataclasses.replace(
+            JUDGE, data=os.path.join(data, "judge.jsonl"), val_data=va, out=os.path.join(out, "judge"),
+            steps=args.judge_steps, eval_every=args.judge_steps, save_every=args.judge_steps,
+            val_users=args.val_users)), judge_of(args)))
+    stages += [
         Stage("explore: " + explorers.replace(",", " + "), "dpo.py",
               stage("explore", out=eb, models=explorers, users=args.explore_users, n=args.explore_n),
               f"{eb}/profiles.jsonl"),
@@ -103,6 +111,13 @@ def recipe(args, out) -> list[Stage]:
     return stages + [written(split, m, name) for split in ("test", "val") for m, name in writers]
 
 
+def judge_of(args) -> str:
+    """The judge of every stage after the data: the fine-tuned one (--train-judge), or --judge."""
+    if args.train_judge:
+        return os.path.join(args.out, "judge", f"ckpt-{args.judge_steps:06d}", "model")
+    return args.judge
+
+
 def run_recipe(args):
     """Prepare -> explore -> warm start -> GRPO and DPO -> judge every condition on the test users."""
     out = args.out
@@ -128,11 +143,10 @@ def run_recipe(args):
     def conditions(split):
         samples = read_jsonl(os.path.join(out, "data", f"{split}.jsonl"))
         profiles = {names[k]: profile_texts(os.path.join(out, f"{split}-{k}.jsonl"), samples) for k in names}
-        for kinds, name in (("none", "template without genres"),
-                            ("swapped", "template, likes/dislikes swapped")):       # what the judge reads
-            profiles[name] = [[f"{PROFILE_OPEN}{template_profile(s, kinds)}{PROFILE_CLOSE}"] for s in samples]
+        profiles["template without genres"] = [[f"{PROFILE_OPEN}{template_profile(s, 'none')}{PROFILE_CLOSE}"]
+                                               for s in samples]                # what the judge reads
         return samples, judge_conditions(samples, judge, "rating", profiles)
-    judge = make_judge(args.judge, args.judge_url, args.judge_mode)
+    judge = make_judge(judge_of(args), args.judge_url, args.judge_mode)
     calibration = calibrations(*conditions("val"))
     test, rows = conditions("test")
     pairs = [("base", "warm"), ("warm", "grpo"), ("warm", "dpo"), ("base", "grpo"), ("base", "dpo")]
@@ -194,6 +208,15 @@ def parse_args(argv=None):
     a("--judge-url", help="an OpenAI-compatible judge server (vLLM, SGLang, tools/serve.py) for every stage")
     a("--judge-mode", choices=["expect", "decode"], default=g.judge_mode,
       help="expect: expected rating (a server must return top_logprobs); decode: greedy answer, parsed")
+    a("--train-judge", action="store_true",
+      help="fine-tune the judge first (tools/judge.py) on --judge-users training users the writer never "
+           "sees; every later stage and the test judging use it")
+    a("--judge-users", type=at_least(1), default=300, help="--train-judge: training users kept for the judge")
+    a("--judge-steps", type=at_least(1), default=JUDGE.steps, help="--train-judge: the judge's steps")
+    a("--profile-history", type=at_least(1), default=10,
+      help="interactions the profile is written from (data/prepare.py; the paper: 30)")
+    a("--recent", type=at_least(0), default=0,
+      help="most recent interactions shown raw to the judge (data/prepare.py; the paper: 10)")
     a("--test-users", type=at_least(1), default=100, help="held-out users every writer is judged on")
     a("--val-users", type=at_least(1), default=d.val_users, help="the only users settings are chosen on")
     a("--max-new-tokens", type=at_least(1), default=d.max_new_tokens, help="profile budget of every stage")
@@ -234,6 +257,9 @@ def main():
     args = parse_args()
     if not args.raw and args.dataset != "synthetic":
         raise LettingoError("--raw DATASET is required (or --dataset synthetic)")
+    if args.train_judge and args.judge_url:
+        raise LettingoError("--train-judge fine-tunes a local judge: serve it (tools/serve.py --model "
+                            "OUT/judge/ckpt-STEP/model) and pass --judge-url in a second run, or drop --judge-url")
     run_recipe(args)
 
 
