@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from lettingo import (PROFILE_CLOSE, PROFILE_OPEN, LettingoError, load_model, profile_answer,
                       profile_messages, profile_prompt)
 from reward import HTTPJudge, make_judge, score_profiles, target_rewards, template_profile
-from rollout import Sampler, SamplingParams, cpu_decode_layout, end_token_ids, prompt_seed
+from rollout import Sampler, SamplingParams, cpu_decode_layout, prompt_seed, turn_end_id
 from tools.cli import ArgParser, add_config, cli, config_from, option, output_folder, read_jsonl, read_samples
 from tools.stages import fingerprint, finish_stage, up_to_date
 from train import (Dist, Policy, TrainConfig, all_sum, apply_update, backward_micro_batches,
-                   close_distributed, completion_logprobs, demo_data, fit, gather_objects, load_policy,
-                   logprobs_no_grad, resolve_start, setup_distributed, validate)
+                   close_distributed, completion_logprobs, compute_dtype, demo_data, fit, gather_objects,
+                   load_policy, logprobs_no_grad, resolve_start, setup_distributed, validate)
 
 STAGES = ("explore", "evaluate", "pairs", "train", "sft")
 
@@ -304,11 +304,13 @@ def reference_logprobs(pairs_file, model_path, samples, cfg: DPOConfig, d: Dist)
     """Summed log-probs of chosen and rejected under the starting model, computed once and stored
     beside the pairs (pairs-*.ref.jsonl); training never runs the reference model."""
     out = pairs_file.replace(".jsonl", ".ref.jsonl")
-    fp = fingerprint("ref", pairs_file, model_path)
+    fp = fingerprint("ref", pairs_file, model_path, cfg.dtype, "turn end")
     if up_to_date(out, fp):
         return read_jsonl(out), False
-    ref, tok = load_model(model_path, dtype=torch.float32, device=d.device)
-    end = min(end_token_ids(tok))
+    # in the dtype the policy computes in (TRL's way), so the implicit rewards start at 0
+    ref, tok = load_model(model_path, dtype=compute_dtype(cfg.dtype, d.device), device=d.device)
+    ref.attention = cfg.attention
+    end = turn_end_id(tok)
     rows = read_jsonl(pairs_file)
     mine = rows[d.rank::d.world]
     seqs = []
@@ -413,7 +415,7 @@ def train_on(cfg: DPOConfig, d: Dist, run_dir, examples, tokenize, step_fn, note
     """train.fit over `examples` ([pair or pick]) with step_fn(policy, tokenized batch, examples of it)."""
     weights, ckpt = resolve_start(run_dir, cfg.model, cfg.resume)
     policy = load_policy(weights, cfg, d)
-    data = tokenize(policy.tok, min(end_token_ids(policy.tok)))
+    data = tokenize(policy.tok, turn_end_id(policy.tok))
     judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_mode, device=d.device,
                        concurrency=cfg.judge_concurrency) if cfg.val_data else None
     val = read_samples(cfg.val_data)[:cfg.val_users or None] if cfg.val_data else []

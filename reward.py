@@ -158,7 +158,7 @@ class HTTPJudge:
     prefix-caching server computes the shared prefix once. Each request is retried with exponential
     backoff; after the last retry the prediction is None (counted in `failures`), never a made-up score."""
 
-    def __init__(self, url, model="judge", mode="decode", timeout=30.0, retries=3, concurrency=64,
+    def __init__(self, url, model="judge", mode="expect", timeout=30.0, retries=3, concurrency=64,
                  backoff=0.5, min_mass=0.5):
         if mode not in ("expect", "decode"):
             raise LettingoError(f"unknown judge mode {mode!r} (expect | decode)")

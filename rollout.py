@@ -39,6 +39,24 @@ def end_token_ids(tokenizer) -> set[int]:
     return ids | {vocab[t] for t in END_TOKENS if t in vocab}
 
 
+def turn_end_id(tokenizer) -> int:
+    """The token that ends an assistant turn in the tokenizer's chat template (<|im_end|> in ChatML,
+    <|eot_id|> in Llama 3): what the writer emits after a complete profile, so what SFT and DPO train
+    and score it with -- not any other end token the vocabulary has (SmolLM2's <|endoftext|>)."""
+    mark = "lettingo-turn"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "a"},
+                                          {"role": "assistant", "content": mark}], tokenize=False)
+    after = tokenizer(text[text.rindex(mark) + len(mark):], add_special_tokens=False)["input_ids"]
+    ends = end_token_ids(tokenizer)
+    found = [t for t in after if t in ends]
+    if found:
+        return found[0]
+    if tokenizer.eos_token_id is None:
+        raise LettingoError("the tokenizer's chat template ends a turn with no known end token, "
+                            "and it has no EOS")
+    return tokenizer.eos_token_id
+
+
 def prompt_seed(seed: int, step: int, index: int) -> int:
     """The sampling seed of example `index` at training step `step` (exploration: step 0):
     independent of rank count and batch layout."""
@@ -168,7 +186,8 @@ class Sampler:
             end_ids = end_token_ids(tokenizer) if tokenizer is not None else set()
         if seed is None:
             seed = int(torch.randint(0, 2**62, ()))           # follows torch.manual_seed
-        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed + i for i in range(len(prompts))]
+        seeds = (list(seed) if isinstance(seed, (list, tuple))
+                 else [prompt_seed(seed, 0, i) for i in range(len(prompts))])    # as dpo.py explore's
         shared = shared or [0] * len(prompts)
         if len(shared) != len(prompts) or any(not 0 <= k < len(p) for k, p in zip(shared, prompts)):
             raise LettingoError("generate: `shared` needs one prefix length per prompt, shorter than it")

@@ -207,7 +207,9 @@ def load_policy(path: str, cfg: TrainConfig, d: Dist) -> Policy:
 
 def load_reference(path: str, cfg: TrainConfig, d: Dist) -> Transformer:
     """A frozen copy of the starting model (KL reference), sharded like the policy."""
-    ref = shard(load_model(path, dtype=torch.float32, device=d.device)[0], compute_dtype(cfg.dtype, d.device))
+    ref = load_model(path, dtype=torch.float32, device=d.device)[0]
+    ref.attention = cfg.attention                          # the policy's kernel, and its packing
+    ref = shard(ref, compute_dtype(cfg.dtype, d.device))
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref.eval()
@@ -308,12 +310,17 @@ def rank_positions(per_step: int, mini_batches: int, d: Dist) -> list[tuple[int,
 
 
 def step_examples(seed: int, step: int, per_step: int, n: int, positions) -> list[tuple[int, int]]:
-    """The data position is the step: step s takes positions [s*P, (s+1)*P) of a seeded permutation
-    per epoch, so a resumed run sees exactly the examples it would have seen.
+    """The data position is the step: step s takes positions [s*P, (s+1)*P) of the stream that
+    concatenates one seeded permutation per epoch, so every epoch shows each example once and a
+    resumed run sees exactly the examples it would have seen.
     -> (example index, mini-batch) for this rank's positions."""
-    pos = step * per_step
-    perm = random.Random(seed * 7_919 + pos // n).sample(range(n), n)
-    return [(perm[(pos + k) % n], mb) for k, mb in positions]
+    out, perms = [], {}
+    for k, mb in positions:
+        epoch, offset = divmod(step * per_step + k, n)       # a step may end one epoch and start the next
+        if epoch not in perms:
+            perms[epoch] = random.Random(seed * 7_919 + epoch).sample(range(n), n)
+        out.append((perms[epoch][offset], mb))
+    return out
 
 
 def fit(cfg: TrainConfig, d: Dist, policy: Policy, run_dir: str, steps: int, n_examples: int, per_step: int,

@@ -1,6 +1,7 @@
 """dpo.py: the loss by hand and by finite differences, pair rules, learning, 2 ranks, resume."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -128,6 +129,38 @@ def test_it_learns_and_reference_is_computed_once(setup, tmp_path):
     assert m[-1]["logp_chosen"] > m[0]["logp_chosen"] or m[-1]["logp_rejected"] < m[0]["logp_rejected"]
     r = run_dpo(setup, tmp_path / "again", "--steps", "1", "--save-every", "100")
     assert "reference log-probs loaded" in r.stdout         # stored with the pairs, not recomputed
+
+
+def test_reference_logprobs_end_a_complete_profile_with_the_turn_end(setup, tmp_path):
+    """The tiny tokenizer knows two end tokens (<|endoftext|> 0, <|im_end|> 2); its chat template ends a
+    turn with <|im_end|>: the reference scores chosen + <|im_end|>, as transformers does here."""
+    from transformers import AutoModelForCausalLM
+    from dpo import profile_prompt
+    from lettingo import load_model
+    run_dpo(setup, tmp_path, "--steps", "1", "--save-every", "100")
+    hf = AutoModelForCausalLM.from_pretrained(setup / "model").eval()
+    _, tok = load_model(str(setup / "model"), device="cpu")
+    samples = {(s["user_id"], s["item_id"]): s for s in map(json.loads, open(setup / "data" / "train.jsonl"))}
+    pair = json.loads(open(setup / "pairs.ref.jsonl").readline())
+    prompt = profile_prompt(tok, samples[(pair["user_id"], pair["item_id"])])
+    chosen = tok(pair["chosen"][len("<user_profile>"):], add_special_tokens=False)["input_ids"]
+    chosen += [tok.convert_tokens_to_ids("<|im_end|>")]
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([prompt + chosen])).logits[0].double(), -1)
+    want = sum(logp[len(prompt) - 1 + k, t].item() for k, t in enumerate(chosen))
+    assert pair["ref_chosen"] == pytest.approx(want, abs=1e-3)
+
+
+def test_bf16_reference_gives_zero_implicit_rewards_at_step_0(setup, tmp_path):
+    """The reference computes in the policy's dtype (TRL's way): at step 0 the policy is the reference,
+    so the implicit rewards beta (log pi - log ref) are 0 in bf16 too."""
+    pairs = tmp_path / "pairs.jsonl"
+    shutil.copy(setup / "pairs.jsonl", pairs)                     # its own reference file
+    run("dpo.py", "train", "--data", setup / "data" / "train.jsonl", "--pairs", pairs, "--out", tmp_path,
+        "--model", setup / "model", "--lr", "0", "--pairs-per-step", "4", "--steps", "1", "--save-every", "100",
+        "--dtype", "bfloat16", check=True)
+    m = json.loads(open(tmp_path / "train" / "metrics.jsonl").readline())
+    assert abs(m["chosen_reward"]) < 1e-6 and abs(m["reward_margin"]) < 1e-6, m     # fp32 ref: ~1e-4
 
 
 def test_two_ranks_match_one_and_resume(setup, tmp_path):

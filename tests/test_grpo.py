@@ -112,6 +112,28 @@ def test_validation_judges_every_target(monkeypatch):
     assert got == pytest.approx(want)
 
 
+def test_every_epoch_shows_each_example_once_even_when_steps_cross_epochs():
+    from train import rank_positions, step_examples
+    n, per_step = 10, 4
+    positions = rank_positions(per_step, 1, Dist(0, 1, torch.device("cpu")))
+    stream = [i for s in range(10) for i, _ in step_examples(3, s, per_step, n, positions)]   # 40 positions
+    assert all(sorted(stream[e * n:(e + 1) * n]) == list(range(n)) for e in range(4))
+    # two ranks together take the same examples as one
+    two = [step_examples(3, 2, per_step, n, rank_positions(per_step, 1, Dist(r, 2, torch.device("cpu"))))
+           for r in (0, 1)]
+    assert sorted(i for part in two for i, _ in part) == sorted(stream[8:12])
+
+
+def test_the_reference_runs_the_policys_attention_kernel(tiny):
+    from train import TrainConfig, close_distributed, load_reference, setup_distributed
+    d = setup_distributed()
+    try:
+        for kernel in ("sdpa", "flex"):                 # a forced kernel, also one that is not the default
+            assert load_reference(tiny[0], TrainConfig(attention=kernel), d).attention == kernel
+    finally:
+        close_distributed()
+
+
 def test_non_finite_step_is_skipped():
     model = torch.nn.Linear(3, 2)
     policy, d = optimized(model, 0.1), Dist(0, 1, torch.device("cpu"))

@@ -1,5 +1,6 @@
 """reward.py: parsing and rewards by hand, expect mode vs brute force, HTTP judge vs the real server
 and a fault-injecting one."""
+import inspect
 import json
 import math
 import os
@@ -325,7 +326,7 @@ def test_http_judge_against_real_server(tiny):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert "serving" in proc.stdout.readline()
-        judge = HTTPJudge(f"http://127.0.0.1:{port}", timeout=30, retries=1)
+        judge = HTTPJudge(f"http://127.0.0.1:{port}", mode="decode", timeout=30, retries=1)
         msgs = [predictor_messages(SAMPLE, f"profile {k}", "rating") for k in range(5)]
         preds = judge.predict(msgs, "rating")
         assert judge.failures == 0 and len(preds) == 5
@@ -379,20 +380,26 @@ class Faulty(JSONHandler):
         self.send(body)
 
 
+def test_the_http_judge_defaults_to_expect_as_every_cli():
+    from reward import make_judge
+    assert HTTPJudge("http://127.0.0.1:1").mode == "expect"
+    assert inspect.signature(make_judge).parameters["mode"].default == "expect"
+
+
 def test_http_judge_faults():
     server = start_server(Faulty)
     base = f"http://127.0.0.1:{server.server_address[1]}"
     msgs = [predictor_messages(SAMPLE, "p", "rating")] * 2
     try:
         for mode in ("err500", "hang", "badjson"):
-            j = HTTPJudge(f"{base}/{mode}", timeout=0.5, retries=2, backoff=0.01)
+            j = HTTPJudge(f"{base}/{mode}", mode="decode", timeout=0.5, retries=2, backoff=0.01)
             assert j.predict(msgs, "rating") == [None, None]            # failures, not scores
             assert j.failures == 2 and j.retried == 4
         assert Faulty.hits["err500"] == 6                               # 1 try + 2 retries, per request
-        j = HTTPJudge(f"{base}/flaky", timeout=2, retries=2, backoff=0.01, concurrency=1)
+        j = HTTPJudge(f"{base}/flaky", mode="decode", timeout=2, retries=2, backoff=0.01, concurrency=1)
         assert j.predict(msgs, "rating") == [4.0, 4.0] and j.failures == 0 and j.retried == 2
         out = score_profiles([SAMPLE], ["<user_profile>x</user_profile>"],
-                             HTTPJudge(f"{base}/err500", timeout=0.5, retries=0), "rating")
+                             HTTPJudge(f"{base}/err500", mode="decode", timeout=0.5, retries=0), "rating")
         assert out[0].reward is None and out[0].status == "judge_failed"
     finally:
         server.shutdown()

@@ -220,6 +220,32 @@ def test_cli_skips_bad_lines(tiny, tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith("error: model 'nope' not found")
 
 
+def test_the_cli_seeds_prompts_as_exploration_does(tiny, tmp_path):
+    """One seeding rule for every caller: rollout.py --seed S samples prompt i with prompt_seed(S, 0, i),
+    as dpo.py explore does, so the same writer on the same users explores the same profiles."""
+    from rollout import Sampler, SamplingParams, prompt_seed
+    folder, _ = tiny
+    rows = [{"messages": [{"role": "user", "content": f"rate {k}"}]} for k in range(3)]
+    data, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run("rollout.py", "--model", folder, "--data", data, "--out", out, "--n", 2, "--max-new-tokens", 6,
+        "--temperature", 1.0, "--seed", 5, check=True)
+    model, tok = load_model(folder, device="cpu")
+    prompts = [chat_prompt(tok, r["messages"]) for r in rows]
+    want = Sampler(model).generate(prompts, SamplingParams(n=2, max_new_tokens=6, temperature=1.0),
+                                   seed=[prompt_seed(5, 0, i) for i in range(3)], tokenizer=tok)
+    got = [[g["text"] for g in json.loads(x)["generations"]] for x in out.read_text().splitlines()]
+    assert got == [[o.text for o in group] for group in want]
+
+
+def test_turn_end_is_the_chat_templates_not_the_smallest_end_id(tiny):
+    from rollout import end_token_ids, turn_end_id
+    _, tok = load_model(tiny[0], device="cpu")
+    ids = tok.get_vocab()
+    assert min(end_token_ids(tok)) == ids["<|endoftext|>"] != ids["<|im_end|>"]     # the two differ here
+    assert turn_end_id(tok) == ids["<|im_end|>"]
+
+
 def test_graph_path_bookkeeping_changes_nothing(tiny, monkeypatch):
     """The CUDA-graph path's bookkeeping -- rows padded to power-of-two buckets, tokens looked at
     every 8 steps, finished rows compacted away -- run eagerly on the CPU (Sampler(bucketed=True)),

@@ -14,7 +14,7 @@ from reward import HTTPJudge, Scored  # noqa: E402
 LOW = 100   # reward: the share of response tokens whose id is below LOW (single bytes in the tiny BPE)
 DIES_AFTER = int(os.environ.get("TOY_JUDGE_DIES_AFTER", -1))
 URL = os.environ.get("TOY_JUDGE_URL")
-judge = HTTPJudge(URL, timeout=2, retries=1, backoff=0.05) if URL else None
+judge = HTTPJudge(URL, mode="decode", timeout=2, retries=1, backoff=0.05) if URL else None
 calls = []
 
 
