@@ -3,13 +3,15 @@ downstream task, pair better with worse profiles of the same user, align the wri
 
     python dpo.py                                    # the demo (DEMO): every stage
                                                        on SmolLM2 + synthetic users
-    python dpo.py explore  --data runs/ml/train.jsonl --models smollm2-135m,http://gpu:8000 --out runs/dpo
-    python dpo.py evaluate --out runs/dpo            # the judge's reward of every explored profile
-    python dpo.py pairs    --out runs/dpo --task sentiment
-    torchrun --nproc_per_node=8 dpo.py train --out runs/dpo --model /ckpt/Llama-3-8B-Instruct
-    python dpo.py sft --out runs/dpo --task rating   # warm start: fine-tune on each user's best
-                                                       explored profile
-Each stage writes into --out and is skipped when its output exists and was made from the same inputs.
+    D=runs/ml/train.jsonl
+    python dpo.py explore  --data $D --models smollm2-135m,http://gpu:8000 --out runs/dpo
+    python dpo.py evaluate --data $D --out runs/dpo  # the judge's reward of every explored profile
+    python dpo.py pairs    --data $D --out runs/dpo --task sentiment
+    torchrun --nproc_per_node=8 dpo.py train --data $D --out runs/dpo --model /ckpt/Llama-3-8B-Instruct
+    python dpo.py sft --data $D --out runs/dpo --task rating   # warm start: fine-tune on each user's
+                                                                 best explored profile
+explore, evaluate and pairs (and DPO's reference log-probs) are skipped when their output exists and
+was made from the same inputs; train and sft train (--resume continues a stopped run).
 """
 from __future__ import annotations
 

@@ -33,9 +33,11 @@ class GRPOConfig(TrainConfig):
     data: str | None = option(None, "folder with train.jsonl / val.jsonl from data/prepare.py", kind=str)
     prompts_per_step: int = option(64, "global batch of users per step", source="public code", min=1)
     group_size: int = option(8, "profiles sampled per user", source="public code", min=1)
-    mini_batches: int = option(2, "optimizer steps per GRPO step", source="public code: 64 users / 32", min=1)
+    mini_batches: int = option(2, "mini-batches per GRPO step, one optimizer step each (per PPO epoch)",
+                               source="public code: 64 users / 32", min=1)
     ppo_epochs: int = option(1, "passes over each step's samples", source="public code", min=1)
-    temperature: float = option(1.0, "rollout temperature", source="public code", min=0.0)
+    temperature: float = option(1.0, "rollout temperature; the training, old-policy and reference "
+                                "log-probs divide the logits by it too", source="public code", min=0.0)
     top_p: float = option(1.0, "rollout nucleus sampling (1 = off)", source="public code", min=0.0)
     max_new_tokens: int = option(896, "response budget", source="public code", min=1)
     clip_low: float = option(0.2, "PPO clip: ratio >= 1 - clip_low", source="public code", min=0.0)
@@ -48,7 +50,9 @@ class GRPOConfig(TrainConfig):
                            "per-sequence means (GRPO paper), sequences x budget (Dr. GRPO)",
                            choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
     no_std_scaling: bool = option(False, "Dr. GRPO advantages (no division by the group std)")
-    drop_zero_variance: bool = option(False, "DAPO dynamic sampling: drop groups whose rewards are all equal")
+    drop_zero_variance: bool = option(False, "DAPO dynamic sampling: drop groups whose advantages are all 0 "
+                                      "or None (valid rewards all equal; a group with one valid reward "
+                                      "is kept)")
     rollout_batch_size: int = option(64, "max rows decoded together", min=1)
     sample_every: int = option(1, "write sampled profiles to samples.jsonl every N steps", min=1)
     judge_down_steps: int = option(3, "stop after this many steps in a row in which the judge failed on more "
@@ -176,7 +180,8 @@ def grpo_loss(policy, episodes: list[Episode], weights: list[float], cfg: GRPOCo
 
 def update(policy: Policy, ref, episodes: list[Episode], cfg: GRPOConfig, d: Dist) -> dict:
     """PPO epochs over mini-batches: per mini-batch, micro-batches -> log-probs -> grpo_loss ->
-    backward, then one guarded optimizer step. -> metrics averaged over the optimizer steps."""
+    backward, then one guarded optimizer step. -> loss, pg_loss, kl, clip_frac, entropy averaged over
+    the optimizer steps; grad_norm of the last one; skipped and updates counted."""
     seqs = [(e.prompt, e.tokens) for e in episodes]
     if cfg.mini_batches > 1 or cfg.ppo_epochs > 1:      # later optimizer steps are off-policy
         for e, lp in zip(episodes, logprobs_no_grad(policy.model, seqs, cfg.token_budget, d.device,

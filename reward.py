@@ -853,8 +853,8 @@ def run_eval(args):
     if args.judge == "none" and (profiles or args.judge_url):
         raise LettingoError("--judge none gives the no-LLM rows only: it judges no --profiles")
     judge = None if args.judge == "none" else make_judge(
-        args.judge, args.judge_url, args.mode, args.token_budget, timeout=args.timeout, retries=args.retries,
-        concurrency=args.concurrency)
+        args.judge, args.judge_url, args.judge_mode, args.token_budget, timeout=args.timeout,
+        retries=args.retries, concurrency=args.concurrency)
     # the affine calibration of every condition, fitted on the validation users' predictions
     calibration = calibrations(val, judge_conditions(val, judge, args.task, val_profiles)) if val else None
     rows = judge_conditions(samples, judge, args.task, profiles)
@@ -911,7 +911,7 @@ def main():
     e.add_argument("--judge-url", help="OpenAI-compatible server instead of a local judge")
     e.add_argument("--task", default="rating", choices=["rating", "sentiment"],
                    help="rating: MAE/RMSE; sentiment: like/neutral/dislike accuracy")
-    e.add_argument("--mode", default="expect", choices=["expect", "decode"],
+    e.add_argument("--judge-mode", default="expect", choices=["expect", "decode"],
                    help="expect: expected value (local, or a server's top_logprobs); "
                         "decode: greedy answer, parsed")
     e.add_argument("--concurrency", type=at_least(1), default=64, help="HTTP judge: requests in flight")

@@ -130,7 +130,7 @@ def cpu_decode_layout(model: Transformer) -> Transformer:
     """For a model that samples on CPU: every linear weight [out, in] stored with transposed strides
     (same values, same shape), the layout MKL's matrix-vector product reads fastest (bench.py
     rollout). Applied once where a sampling model is made; in-place weight copies
-    (train.sync_rollout_model) keep it; a tied head changes its embedding too (one tensor)."""
+    (train.Policy.sync) keep it; a tied head changes its embedding too (one tensor)."""
     if model.lm_head.weight.device.type == "cpu":
         for mod in model.modules():
             if isinstance(mod, torch.nn.Linear) and mod.weight.is_contiguous():

@@ -40,7 +40,8 @@ class TrainConfig:
     memory and kernels, and the judge validation asks."""
     model: str = option("smollm2-135m", "the model to train: HF folder, .gguf or alias")
     out: str = option("runs/train", "run folder: checkpoints, metrics.jsonl, validation.jsonl")
-    steps: int = option(100, "optimizer steps", min=1)
+    steps: int = option(100, "training steps (GRPO: a rollout and its update, mini_batches x ppo_epochs "
+                        "optimizer steps; DPO, SFT: one optimizer step)", min=1)
     eval_every: int = option(10, "validate every N steps (and at the end)", min=1)
     val_users: int = option(64, "validation users evaluated (0 = all)", min=0)
     save_every: int = option(50, "checkpoint every N steps (and at the end)", min=1)
@@ -48,8 +49,8 @@ class TrainConfig:
     resume: bool = option(False, "continue from the latest complete checkpoint")
     lr: float = option(1e-6, "AdamW learning rate (constant after warm-up)", min=0.0)
     weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
-    warmup_steps: int = option(0, "linear lr warm-up, then constant", min=0)
-    grad_clip: float = option(1.0, "global grad-norm clip", min=0.0)
+    warmup_steps: int = option(0, "linear lr warm-up over this many optimizer steps, then constant", min=0)
+    grad_clip: float = option(1.0, "global grad-norm clip", source="public code", min=0.0)
     token_budget: int = option(8192, "max tokens per packed training micro-batch", min=16)
     activation_checkpointing: bool = option(False, "recompute each block in backward (less memory)")
     attention: str = option("auto", "packed training attention kernel (auto: FlexAttention on CUDA, SDPA on "

@@ -1,6 +1,7 @@
 """tools/cli.py -- the command-line edge of every script: flags generated from the config
-dataclasses (one source for each default, its origin and its help), bad input reported as one
-`error:` line, and the checks on input and output files that run before any model loads."""
+dataclasses (grpo.py, dpo.py, tools/judge.py, rollout.py's SamplingParams: each field carries its
+default, its origin and its help), bad input reported as one `error:` line, and the checks on input
+and output files that run before any model loads."""
 from __future__ import annotations
 
 import argparse
