@@ -80,7 +80,7 @@ class DPOConfig(TrainConfig):
 # The named presets: the demo, and the learning recipe's stages (tools/learning.py).
 DEMO = DPOConfig(data="runs/demo-data/train.jsonl", val_data="runs/demo-data/val.jsonl", out="runs/dpo-demo",
                  users=24, n=4, max_new_tokens=64, task="rating", lr=1e-5, pairs_per_step=4, steps=6,
-                 eval_every=6, val_users=16, token_budget=4096)
+                 eval_every=6, val_users=16, token_budget=4096, save_every=3)
 LEARNING = DPOConfig(task="rating", users=128, n=6, temperature=0.7, top_p=0.9, max_new_tokens=96,
                      min_margin=0.02, max_pairs_per_user=4, lr=5e-6, beta=0.1, steps=30, pairs_per_step=8,
                      eval_every=15, save_every=30, dtype="bfloat16", token_budget=4096, val_users=100)
@@ -435,24 +435,28 @@ def train_on(cfg: DPOConfig, d: Dist, run_dir, examples, tokenize, step_fn, note
 # ----------------------------------------------------------------------------- main
 
 def parse_config(argv) -> tuple[str, DPOConfig]:
+    """The stage and the flags on top of the class' defaults -- or, without --data, on top of the
+    demo's (DEMO)."""
     p = ArgParser(description="LettinGo's explore -> evaluate -> pairs -> DPO pipeline. "
-                              "No arguments: the demo (dpo.DEMO), every stage on SmolLM2 and "
-                              "synthetic users.")
+                              "Without --data: the demo (dpo.DEMO), every stage on SmolLM2 and "
+                              "synthetic users, with any flags given on top (python dpo.py --steps 2).")
     p.add_argument("stage", nargs="?", default="all", choices=("all",) + STAGES,
                    help="all = explore, evaluate, pairs, train (the paper); "
                         "sft = warm start on the best explored profiles")
     add_config(p, DPOConfig)
+    if p.parse_args(argv).data is None:
+        p.set_defaults(**dataclasses.asdict(DEMO))
     args = p.parse_args(argv)
     return args.stage, config_from(DPOConfig, args)
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    stage, cfg = parse_config(argv) if argv else ("all", DEMO)
+    stage, cfg = parse_config(argv)
     output_folder(cfg.out)
     d = setup_distributed()
     torch.manual_seed(cfg.seed)
-    if not argv and d.main:
+    if cfg.data == DEMO.data and d.main:
         demo_data(os.path.dirname(cfg.data))
     dist.barrier()
     if not cfg.data:

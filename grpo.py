@@ -7,6 +7,7 @@ a frozen recommender predicts the user's ratings with it, push up the better-tha
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -49,7 +50,25 @@ class GRPOConfig(TrainConfig):
     loss_agg: str = option("token-mean", "loss normaliser: tokens (verl, public code), "
                            "per-sequence means (GRPO paper), sequences x budget (Dr. GRPO)",
                            choices=("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"))
-    no_std_scaling: bool = option(False, "Dr. GRPO advantages (no division by the group std)")
+    scale_rewards: str = option("group", "advantage scale: group = / the group's std (GRPO); batch = / the "
+                                "std of the step's whole batch (TRL's remedy for near-flat groups); none = "
+                                "Dr. GRPO (r - group mean)", source="TRL scale_rewards",
+                                choices=("group", "batch", "none"))
+    importance_sampling_level: str = option("token", "token: PPO's ratio per token; sequence: GSPO's ratio "
+                                            "per profile, exp(mean_t (logp_t - old_t)), clipped the same "
+                                            "way (GSPO's paper: clip 3e-4 / 4e-4)",
+                                            source="TRL importance_sampling_level",
+                                            choices=("token", "sequence"))
+    rollout_correction: str = option("none", "the sampler-trainer mismatch, rho_t = exp(old_t - sampler_t): "
+                                     "token-tis multiplies each token's policy loss by min(rho_t, cap); "
+                                     "seq-mask leaves out a profile whose exp(mean_t log rho_t) is outside "
+                                     "[1/cap, cap]", source="TRL vllm_importance_sampling_correction, verl "
+                                     "rollout_correction", choices=("none", "token-tis", "seq-mask"))
+    rollout_correction_cap: float = option(2.0, "cap C of --rollout-correction",
+                                           source="verl's TIS threshold (TRL: 3.0)", min=1.0)
+    truncated: str = option("penalty", "a profile that ran out of tokens: penalty = the format penalty "
+                            "(public code); mask = left out of the loss and of its group's statistics",
+                            source="mask: TRL mask_truncated_completions", choices=("penalty", "mask"))
     drop_zero_variance: bool = option(False, "DAPO dynamic sampling: drop groups whose advantages are all 0 "
                                       "or None (valid rewards all equal; a group with one valid reward "
                                       "is kept)")
@@ -65,7 +84,7 @@ class GRPOConfig(TrainConfig):
 # The named presets: how the demo and the learning recipe differ from the public code's values.
 DEMO = GRPOConfig(data="runs/demo-data", out="runs/grpo-demo", steps=12, prompts_per_step=4, group_size=4,
                   mini_batches=1, max_new_tokens=64, lr=1e-5, kl_coef=0.0, eval_every=6, val_users=16,
-                  save_every=12, token_budget=4096)   # dtype auto: fp32 on CPU, where bf16 may lack kernels
+                  save_every=6, token_budget=4096)   # dtype auto: fp32 on CPU, where bf16 may lack kernels
 LEARNING = GRPOConfig(steps=30, prompts_per_step=8, group_size=8, mini_batches=1, temperature=0.8, lr=1e-5,
                       kl_coef=0.0, eval_every=10, save_every=30, max_new_tokens=96, token_budget=4096,
                       dtype="bfloat16", val_users=100)   # tools/learning.py: from the warm start
@@ -74,13 +93,14 @@ LEARNING = GRPOConfig(steps=30, prompts_per_step=8, group_size=8, mini_batches=1
 # ----------------------------------------------------------------------------- the algorithm
 
 
-def group_advantages(rewards: list[float | None], group_size: int, eps: float = 1e-6,
-                     std_scaling: bool = True):
+def group_advantages(rewards: list[float | None], group_size: int, eps: float = 1e-6, scale: str = "group",
+                     batch_std: float | None = None):
     """A_i = (r_i - mean_g) / (std_g + eps) within each group of `group_size` consecutive samples
-    (unbiased std, as verl). Samples the judge failed on (None) are left out of their group's
-    statistics and get A = None (excluded, not zero-scored). A group with one valid sample gets
-    mean 0, std 1 (verl's rule), i.e. A = r / (1 + eps): its raw reward, not 0. std_scaling=False
-    is Dr. GRPO: A_i = r_i - mean_g.
+    (unbiased std, as verl). Samples left out (None: the judge failed, or a masked truncation) are
+    left out of their group's statistics and get A = None (excluded, not zero-scored). A group with
+    one valid sample gets mean 0, std 1 (verl's rule), i.e. A = r / (1 + eps): its raw reward, not 0.
+    scale "batch" divides by `batch_std` (the std of the whole batch's valid rewards) instead of the
+    group's; "none" is Dr. GRPO: A_i = r_i - mean_g.
     Returns (advantages, number of groups whose valid rewards are all equal)."""
     adv, flat_groups = [None] * len(rewards), 0
     for g in range(0, len(rewards), group_size):
@@ -93,7 +113,12 @@ def group_advantages(rewards: list[float | None], group_size: int, eps: float = 
         else:
             mean, std = r.mean(), r.std()
             flat_groups += bool((r == r[0]).all())
-        a = (r - mean) / (std + eps) if std_scaling else r - mean
+        if scale == "group":
+            a = (r - mean) / (std + eps)
+        elif scale == "batch":
+            a = (r - mean) / (batch_std + eps)
+        else:
+            a = r - mean
         for i, v in zip(idx, a.tolist()):
             adv[i] = v
     return adv, flat_groups
@@ -141,6 +166,33 @@ def token_weights(lengths: list[int], mode: str, n_seqs: float, n_tokens: float,
     raise LettingoError(f"unknown --loss-agg {mode!r}")
 
 
+def rollout_weights(old, sampler, mode: str, cap: float) -> torch.Tensor:
+    """The sampler-trainer mismatch correction of one profile's policy loss, from the tokens' log
+    ratios log rho_t = old_t - sampler_t (the trainer's log-prob before the update minus the one the
+    sampler recorded; clamped to +-20):
+      none       1
+      token-tis  min(rho_t, cap)                                  (truncated importance sampling)
+      seq-mask   1 if exp(mean_t log rho_t) lies in [1/cap, cap], else 0 for the whole profile
+    [T] -> [T] weights, no gradient (TRL token_truncate / sequence_mask, verl rollout_correction)."""
+    log_rho = (old - sampler).detach().clamp(-20.0, 20.0)
+    if mode == "token-tis":
+        return log_rho.exp().clamp(max=cap)
+    if mode == "seq-mask":
+        inside = 1.0 / cap <= log_rho.mean().exp().item() <= cap
+        return torch.full_like(log_rho, float(inside))
+    return torch.ones_like(log_rho)
+
+
+def mismatch(old, sampler) -> dict[str, float]:
+    """How far the trainer's log-probs before the update are from the sampler's, summed over the
+    tokens: d = old - sampler; the k3 estimate of KL(sampler || trainer), exp(d) - d - 1; the tokens
+    whose ratio exp(d) is outside [0.5, 2]."""
+    d = (old - sampler).detach().clamp(-20.0, 20.0)
+    ratio = d.exp()
+    return {"mismatch_diff": d.sum().item(), "mismatch_kl": (ratio - d - 1.0).sum().item(),
+            "mismatch_out": ((ratio < 0.5) | (ratio > 2.0)).sum().item()}
+
+
 # ----------------------------------------------------------------------------- one step
 
 @dataclass
@@ -150,22 +202,35 @@ class Episode:
     tokens: list[int]
     advantage: float
     mini_batch: int
+    sampler_logprobs: torch.Tensor | None = None  # [len(tokens)] as the sampler recorded them
     old_logprobs: torch.Tensor | None = None     # [len(tokens)] under the policy before this step's update
     ref_logprobs: torch.Tensor | None = None     # [len(tokens)] under the reference
 
 
 def grpo_loss(policy, episodes: list[Episode], weights: list[float], cfg: GRPOConfig, device):
     """The objective of one micro-batch: sum over its episodes' tokens t of
-        w * (clipped_policy_loss(logp_t, old_t, A, clip_low, clip_high) + kl_coef * kl_k3(logp_t, ref_t)),
-    w from token_weights (the loss aggregation). -> (loss, metrics summed over the tokens)."""
+        w * (c_t * clipped_policy_loss(logp_t, old_t, A, clip_low, clip_high)
+             + kl_coef * kl_k3(logp_t, ref_t)),
+    w from token_weights (the loss aggregation), c_t from rollout_weights (1 without a correction);
+    GSPO (importance_sampling_level sequence) gives every token the profile's mean log-prob and old
+    log-prob, so its ratio is the sequence's. -> (loss, metrics summed over the tokens)."""
     out = completion_logprobs(policy, [(e.prompt, e.tokens) for e in episodes], device, cfg.temperature,
                               with_entropy=True)
-    loss, m = 0.0, {"pg_loss": 0.0, "kl": 0.0, "clipped": 0.0, "entropy": 0.0}
+    loss, m = 0.0, dict.fromkeys(("pg_loss", "kl", "clipped", "entropy", "mismatch_diff", "mismatch_kl",
+                                  "mismatch_out"), 0.0)
     for e, w, lp in zip(episodes, weights, out):
         logp = lp.logprobs                                                     # [len(tokens)]
         old = logp.detach() if e.old_logprobs is None else e.old_logprobs      # on-policy: ratio 1
-        pg, clipped = clipped_policy_loss(logp, old, torch.full_like(logp, e.advantage), cfg.clip_low,
-                                          cfg.clip_high, cfg.dual_clip or None)
+        ratio_logp, ratio_old = logp, old
+        if cfg.importance_sampling_level == "sequence":     # GSPO: exp(mean_t logp_t - mean_t old_t)
+            ratio_logp, ratio_old = logp.mean().expand_as(logp), old.mean().expand_as(old)
+        pg, clipped = clipped_policy_loss(ratio_logp, ratio_old, torch.full_like(logp, e.advantage),
+                                          cfg.clip_low, cfg.clip_high, cfg.dual_clip or None)
+        if e.sampler_logprobs is not None:
+            pg = pg * rollout_weights(old, e.sampler_logprobs, cfg.rollout_correction,
+                                      cfg.rollout_correction_cap)
+            for k, v in mismatch(old, e.sampler_logprobs).items():
+                m[k] += v
         per_token = pg
         if e.ref_logprobs is not None:
             kl = kl_k3(logp, e.ref_logprobs)
@@ -192,6 +257,7 @@ def update(policy: Policy, ref, episodes: list[Episode], cfg: GRPOConfig, d: Dis
             e.ref_logprobs = lp
     stats = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0,
              "skipped": 0, "updates": 0}
+    mis, mis_tokens = dict.fromkeys(("mismatch_diff", "mismatch_kl", "mismatch_out"), 0.0), 0
     for _ in range(cfg.ppo_epochs):
         for mb in range(cfg.mini_batches):
             part = [e for e in episodes if e.mini_batch == mb]
@@ -203,7 +269,7 @@ def update(policy: Policy, ref, episodes: list[Episode], cfg: GRPOConfig, d: Dis
             sums = all_sum(backward_micro_batches(
                 policy.model, [(e.prompt, e.tokens) for e in part], cfg.token_budget, d.device,
                 lambda g: grpo_loss(policy.model, [part[k] for k in g], [w[k] for k in g], cfg, d.device),
-                ("pg_loss", "kl", "clipped", "entropy")), d.device)
+                ("pg_loss", "kl", "clipped", "entropy", *mis)), d.device)
             norm, ok = apply_update(policy, sums["loss"], cfg.grad_clip, d)
             for k, v in (("loss", sums["loss"]), ("pg_loss", sums["pg_loss"]), ("kl", sums["kl"]),
                          ("clip_frac", sums["clipped"] / max(n["tokens"], 1)),
@@ -211,9 +277,12 @@ def update(policy: Policy, ref, episodes: list[Episode], cfg: GRPOConfig, d: Dis
                          ("updates", 1)):
                 stats[k] += v
             stats["grad_norm"] = norm
+            mis = {k: v + sums[k] for k, v in mis.items()}
+            mis_tokens += n["tokens"]
     u = max(stats["updates"], 1)
-    return {k: v / u if k in ("loss", "pg_loss", "kl", "clip_frac", "entropy") else v
-            for k, v in stats.items()}
+    return {**{k: v / u if k in ("loss", "pg_loss", "kl", "clip_frac", "entropy") else v
+               for k, v in stats.items()},
+            **{k: v / max(mis_tokens, 1) for k, v in mis.items()}}      # per token: the mean, the rate
 
 
 @dataclass
@@ -240,12 +309,15 @@ def grpo_step(policy: Policy, ref, prompts: list[Prompt], scorer, cfg: GRPOConfi
     flat = [(p, o) for p, group in zip(prompts, outs) for o in group]                 # [prompts * group]
     scored = scorer([p.sample for p, _ in flat], [o for _, o in flat]) if flat else []
     t2 = time.time()
-    adv, flat_groups = group_advantages([sc.reward for sc in scored], cfg.group_size,
-                                        std_scaling=not cfg.no_std_scaling)
+    rewards = advantage_rewards(scored, [o for _, o in flat], cfg.truncated)
+    kept = [r for r in rewards if r is not None]
+    batch_std = global_std(kept, d) if cfg.scale_rewards == "batch" else None
+    adv, flat_groups = group_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards, batch_std=batch_std)
     G = cfg.group_size
-    dropped = lambda k: cfg.drop_zero_variance and all(a in (None, 0.0) for a in adv[k - k % G:k - k % G + G])
-    episodes = [Episode(p.ids, o.tokens, a, p.mini_batch) for k, ((p, o), a) in enumerate(zip(flat, adv))
-                if a is not None and not dropped(k)]                                 # None: the judge failed
+    dropped = {g for g in range(0, len(adv), G)                           # DAPO: groups with no signal
+               if cfg.drop_zero_variance and all(a in (None, 0.0) for a in adv[g:g + G])}
+    episodes = [Episode(p.ids, o.tokens, a, p.mini_batch, torch.tensor(o.logprobs, device=d.device))
+                for k, ((p, o), a) in enumerate(zip(flat, adv)) if a is not None and k - k % G not in dropped]
     valid = [sc.reward for sc in scored if sc.reward is not None]
     n = all_sum({"all": len(scored), "valid": len(valid), "r": sum(valid), "r2": sum(v * v for v in valid),
                  "format": sum(sc.status == "format" for sc in scored),
@@ -268,15 +340,29 @@ def grpo_step(policy: Policy, ref, prompts: list[Prompt], scorer, cfg: GRPOConfi
     return row, examples
 
 
+def advantage_rewards(scored, outs, truncated: str) -> list[float | None]:
+    """The rewards the group advantages come from: None (left out of the group and of the loss) where
+    the judge failed, and with truncated="mask" where the profile ran out of tokens (TRL's
+    mask_truncated_completions); "penalty" keeps the format penalty it was scored with."""
+    return [None if truncated == "mask" and o.finish == "length" else sc.reward for sc, o in zip(scored, outs)]
+
+
+def global_std(values: list[float], d: Dist) -> float:
+    """The unbiased std of `values` over every rank's share (--scale-rewards batch)."""
+    s = all_sum({"n": len(values), "sum": sum(values), "sq": sum(v * v for v in values)}, d.device)
+    mean = s["sum"] / max(s["n"], 1)
+    return math.sqrt(max(s["sq"] - s["n"] * mean * mean, 0.0) / max(s["n"] - 1, 1))
+
+
 NO_UPDATE = {"loss": 0.0, "pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0, "entropy": 0.0, "grad_norm": 0.0,
-             "skipped": 1, "updates": 0}
+             "skipped": 1, "updates": 0, "mismatch_diff": 0.0, "mismatch_kl": 0.0, "mismatch_out": 0.0}
 
 
 def describe(row: dict) -> str:
     return (f"reward {row['reward_mean']:+.3f} ± {row['reward_std']:.3f} | format {row['format_rate']:.0%} | "
             f"kl {row['kl']:.4f} | clip {row['clip_frac']:.3f} | grad {row['grad_norm']:.3f} | "
-            f"len {row['response_length']:.0f} | {row['time_rollout']:.0f}+{row['time_reward']:.0f}+"
-            f"{row['time_update']:.0f}s")
+            f"len {row['response_length']:.0f} | mismatch {row['mismatch_kl']:.1e} | "
+            f"{row['time_rollout']:.0f}+{row['time_reward']:.0f}+{row['time_update']:.0f}s")
 
 
 # ----------------------------------------------------------------------------- the run
@@ -327,16 +413,22 @@ def run(cfg: GRPOConfig, scorer=None):
 
 
 def parse_config(argv) -> GRPOConfig:
+    """The flags on top of the class' defaults -- or, without --data, on top of the demo's (DEMO)."""
     p = ArgParser(description="GRPO training of a profile writer against a frozen recommender judge. "
-                              "No arguments: the demo (grpo.DEMO) on SmolLM2 and synthetic users.")
+                              "Without --data: the demo (grpo.DEMO) on SmolLM2 and synthetic users, "
+                              "with any flags given on top (python grpo.py --steps 2, --resume).")
     add_config(p, GRPOConfig)
+    if "--no-std-scaling" in argv:
+        p.error("--no-std-scaling is now --scale-rewards none (Dr. GRPO)")
+    if p.parse_args(argv).data is None:
+        p.set_defaults(**dataclasses.asdict(DEMO))
     return config_from(GRPOConfig, p.parse_args(argv))
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    cfg = parse_config(argv) if argv else DEMO
-    if not argv and setup_distributed().main:
+    cfg = parse_config(argv)
+    if cfg.data == DEMO.data and setup_distributed().main:
         demo_data(cfg.data)
     run(cfg)
     close_distributed()

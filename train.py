@@ -26,8 +26,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
-from lettingo import (ATTENTION, PROFILE_CLOSE, TREE_BACKENDS, LettingoError, TokenLogprobs, Transformer,
-                      attention_backend, load_model, micro_batches, pack_row, predictor_messages,
+from lettingo import (ATTENTION, PROFILE_CLOSE, TREE_BACKENDS, LettingoError, Stopped, TokenLogprobs,
+                      Transformer, attention_backend, load_model, micro_batches, pack_row, predictor_messages,
                       profile_answer, profile_prompt, save_model, shares_prompts)
 from reward import REWARDS, eval_targets, metrics, profile_predictions, sample_targets, template_profile
 from rollout import Sampler, SamplingParams, cpu_decode_layout
@@ -335,7 +335,7 @@ def fit(cfg: TrainConfig, d: Dist, policy: Policy, run_dir: str, steps: int, n_e
         start = load_trainer_state(ckpt, policy, d)["step"]
         if d.main:
             print(f"resumed from {ckpt} at step {start}")
-    log = Logger(run_dir, d, cfg.wandb, dataclasses.asdict(cfg))
+    log = Logger(run_dir, d, cfg.wandb, dataclasses.asdict(cfg), start)
     if d.main:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(dataclasses.asdict(cfg), f, indent=2)
@@ -343,22 +343,29 @@ def fit(cfg: TrainConfig, d: Dist, policy: Policy, run_dir: str, steps: int, n_e
     describe = describe or (lambda row: " | ".join(f"{k} {v:.4g}" for k, v in row.items()
                                                    if k not in ("step", "skipped", "lr")))
     first = last = None
-    for step in range(start, steps + 1):
-        if validate_fn and (step % cfg.eval_every == 0 or step == steps):
-            policy.sync()
-            last = validate_fn()
-            first = first or last
-            log.log({"step": step, **last}, f"step {step:>4} | validation {json.dumps(last)}",
-                    file="validation.jsonl")
-        if step == steps:
-            break
-        row, samples = step_fn(step, step_examples(cfg.seed, step, per_step, n_examples, positions))
-        row = {"step": step, **row}
-        log.log(row, f"step {step:>4} | {describe(row)}" + (" | SKIPPED" if row["skipped"] else ""))
-        if samples is not None:
-            log.log({"step": step, "samples": samples}, file="samples.jsonl")
-        if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
-            save_checkpoint(run_dir, step + 1, policy, {"config": dataclasses.asdict(cfg)}, d)
+    step = start
+    try:
+        for step in range(start, steps + 1):
+            if validate_fn and (step % cfg.eval_every == 0 or step == steps):
+                policy.sync()
+                last = validate_fn()
+                first = first or last
+                log.log({"step": step, **last}, f"step {step:>4} | validation {json.dumps(last)}",
+                        file="validation.jsonl")
+            if step == steps:
+                break
+            row, samples = step_fn(step, step_examples(cfg.seed, step, per_step, n_examples, positions))
+            row = {"step": step, **row}
+            log.log(row, f"step {step:>4} | {describe(row)}" + (" | SKIPPED" if row["skipped"] else ""))
+            if samples is not None:
+                log.log({"step": step, "samples": samples}, file="samples.jsonl")
+            if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
+                save_checkpoint(run_dir, step + 1, policy, {"config": dataclasses.asdict(cfg)}, d)
+    except KeyboardInterrupt:
+        ckpt = latest_checkpoint(run_dir)
+        raise Stopped(f"in step {step}; " + (f"the last checkpoint is {ckpt}: the same command with --resume "
+                                             "continues from it" if ckpt else
+                                             "no checkpoint yet: the same command starts again")) from None
     if d.main and first:
         print(f"validation before: {json.dumps(first)}\nvalidation after:  {json.dumps(last)}")
 
@@ -434,6 +441,7 @@ def save_checkpoint(run_dir, step, policy: Policy, state: dict, d: Dist, keep=2)
         save_model(policy.model, policy.tok, os.path.join(tmp, "model"), state_dict=full)
         torch.save({"step": step, "optimizer": osd, "scheduler": policy.scheduler.state_dict(), "rng": rng,
                     "state": state}, os.path.join(tmp, "trainer.pt"))
+        shutil.rmtree(final, ignore_errors=True)        # the same step written again (a resumed run)
         os.replace(tmp, final)
         for old in sorted(checkpoints(run_dir))[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -470,6 +478,9 @@ def load_trainer_state(ckpt, policy: Policy, d: Dist) -> dict:
 def resolve_start(run_dir, model_path, resume: bool) -> tuple[str, str | None]:
     """-> (weights to load, checkpoint to resume from or None)."""
     if not resume:
+        if checkpoints(run_dir) or os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
+            raise LettingoError(f"--out {run_dir} holds a run already: --resume continues it, another --out "
+                                "starts a new one")
         return model_path, None
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
@@ -491,11 +502,13 @@ def demo_data(folder):
 class Logger:
     """metrics.jsonl + a concise console line (rank 0 only); wandb when asked for and installed."""
 
-    def __init__(self, run_dir, d: Dist, wandb_project=None, config=None):
+    def __init__(self, run_dir, d: Dist, wandb_project=None, config=None, start=0):
         self.main, self.run_dir = d.main, run_dir
         self.wandb = None
         if self.main:
             os.makedirs(run_dir, exist_ok=True)
+            for name in ("metrics.jsonl", "validation.jsonl", "samples.jsonl"):
+                self.forget_from(os.path.join(run_dir, name), start)
             if wandb_project:
                 try:
                     import wandb
@@ -503,6 +516,17 @@ class Logger:
                 except ImportError:
                     print("warning: --wandb given but wandb is not installed; logging to metrics.jsonl only",
                           file=sys.stderr)
+
+    @staticmethod
+    def forget_from(path, start: int):
+        """A resumed run redoes the steps from `start` on: their rows from before are dropped."""
+        if not os.path.isfile(path):
+            return
+        with open(path) as f:
+            keep = [line for line in f if json.loads(line).get("step", -1) < start]
+        with open(path + ".tmp", "w") as f:
+            f.writelines(keep)
+        os.replace(path + ".tmp", path)
 
     def log(self, row: dict, line: str | None = None, file="metrics.jsonl"):
         if not self.main:

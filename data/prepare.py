@@ -343,7 +343,8 @@ def build_samples(ratings, items, args, drops, oracle=None):
     out = {split: [s for u in users for s in user_samples(split, u, by_user[u], items, args, drops, oracle)]
            for split, users in split_users.items()}
     # what the training users (writer's and judge's) rated: the item mean and kNN baselines
-    train_ratings = {u: {i: r for _, i, r, _ in by_user[u]} for u in split_users["train"] + split_users["judge"]}
+    train_ratings = {u: {i: r for _, i, r, _ in by_user[u]}
+                     for u in split_users["train"] + split_users["judge"]}
     knn = ItemKNN(train_ratings)
     for split, samples in out.items():
         for s in samples:

@@ -56,7 +56,8 @@ def data(tmp_path_factory):
     (["grpo.py", "--group-size", "0", "--model", NOMODEL], ["--group-size"]),
     (["grpo.py", "--reward", "rank", "--task", "sentiment", "--model", NOMODEL],
      ["--reward rank", "--task rating"]),
-    (["dpo.py", "evaluate", "--reward", "rating+rank", "--model", NOMODEL], ["--reward rating+rank"]),
+    (["dpo.py", "evaluate", "--reward", "rating+rank", "--data", "D/data/train.jsonl", "--model", NOMODEL],
+     ["--reward rating+rank"]),
     (["grpo.py", "--eval-every", "0", "--model", NOMODEL], ["--eval-every"]),
     (["grpo.py", "--max-new-tokens", "0", "--model", NOMODEL], ["--max-new-tokens"]),
     (["grpo.py", "--steps", "-1", "--model", NOMODEL], ["--steps"]),
@@ -78,6 +79,8 @@ def data(tmp_path_factory):
     (["lettingo.py", "D/fake.gguf"], ["cannot read the model", "GGUF"]),
     (["lettingo.py", "D/badcfg"], ["cannot read the model", "JSON"]),
     (["lettingo.py", "D/cut"], ["cannot read the model"]),
+    (["lettingo.py", "D/run"], ["a training run's folder", "run/ckpt-000002/model"]),
+    (["lettingo.py", "D/run/ckpt-000002"], ["a training run's folder", "ckpt-000002/model"]),
 ])
 def test_bad_input_is_one_clear_line(data, argv, words):
     (data / "fake.gguf").write_text("not a gguf file")
@@ -88,7 +91,29 @@ def test_bad_input_is_one_clear_line(data, argv, words):
         make_model(str(data / "cut"))
         w = data / "cut" / "model.safetensors"
         w.write_bytes(w.read_bytes()[:len(w.read_bytes()) // 2])
+    for step in (1, 2):                                    # a run folder passed where a model goes
+        (data / "run" / f"ckpt-00000{step}" / "model").mkdir(parents=True, exist_ok=True)
+        (data / "run" / f"ckpt-00000{step}" / "model" / "config.json").write_text("{}")
+    (data / "run" / "config.json").write_text(json.dumps({"lr": 1e-6}))
     assert_clear_error(run(*[a.replace("D/", f"{data}/") for a in argv]), *words)
+
+
+def test_a_file_that_is_not_jsonl_is_a_few_lines_not_one_per_line(tmp_path):
+    bad = tmp_path / "u.data"
+    bad.write_text("".join(f"{u}\t{u % 7}\t4\t88125{u}\n" for u in range(1000)))
+    r = run("rollout.py", "--data", bad, "--out", tmp_path / "o.jsonl", "--model", NOMODEL)
+    lines = [x for x in (r.stdout + r.stderr).splitlines() if x.strip()]
+    assert r.returncode != 0 and len(lines) <= 5 and lines[-1].startswith("error:") and "not JSONL" in lines[-1]
+
+
+def test_the_demos_take_flags_on_top_of_their_presets():
+    import dpo
+    import grpo
+    assert grpo.parse_config(["--steps", "1"]) == grpo.dataclasses.replace(grpo.DEMO, steps=1)
+    assert grpo.parse_config(["--resume"]).resume and grpo.parse_config([]) == grpo.DEMO
+    assert dpo.parse_config(["--steps", "2"]) == ("all", dpo.dataclasses.replace(dpo.DEMO, steps=2))
+    given = grpo.parse_config(["--data", "runs/x"])           # with --data: the class' defaults
+    assert given.steps == grpo.GRPOConfig().steps and given.out == grpo.GRPOConfig().out
 
 
 def test_serve_port_in_use_fails_before_loading():

@@ -26,8 +26,41 @@ def test_group_advantages_by_hand():
     assert adv[1] is None and adv[3] is None and adv[4] is None
     assert adv[0] == pytest.approx(-1 / math.sqrt(2)) and adv[2] == pytest.approx(1 / math.sqrt(2))
     assert adv[5] == pytest.approx(2.0)                   # a group of one: mean 0, std 1 (verl)
-    adv, _ = group_advantages([1.0, 0.0, 2.0], 3, std_scaling=False)   # Dr. GRPO: r - mean
+    adv, _ = group_advantages([1.0, 0.0, 2.0], 3, scale="none")   # Dr. GRPO: r - mean
     assert adv == pytest.approx([0.0, -1.0, 1.0])
+    # TRL's batch scaling: the group's mean, the whole batch's std (here given: 0.5)
+    adv, _ = group_advantages([1.0, 0.0, 0.5, None], 2, eps=0.0, scale="batch", batch_std=0.5)
+    assert adv[:3] == pytest.approx([1.0, -1.0, 1.0]) and adv[3] is None     # a group of one: mean 0
+
+
+def test_truncated_profiles_are_penalised_or_left_out():
+    from grpo import advantage_rewards
+    from reward import Scored
+    from rollout import Sample
+    scored = [Scored(-1.0, None, "format"), Scored(0.5), Scored(None, None, "judge_failed"),
+              Scored(-1.0, None, "format")]
+    outs = [Sample([1], [0.0], "length"), Sample([1], [0.0], "eos"), Sample([1], [0.0], "eos"),
+            Sample([1], [0.0], "stop")]                          # the last: closed but empty, not truncated
+    assert advantage_rewards(scored, outs, "penalty") == [-1.0, 0.5, None, -1.0]
+    assert advantage_rewards(scored, outs, "mask") == [None, 0.5, None, -1.0]
+    # left out of the group's statistics too: mean of (0.5, -1) = -0.25, unbiased std 0.75 sqrt(2)
+    adv = group_advantages(advantage_rewards(scored, outs, "mask"), 4, eps=0.0)[0]
+    assert adv[0] is None and adv[1] == pytest.approx(0.75 / (0.75 * math.sqrt(2)))
+
+
+def test_rollout_corrections_and_mismatch_by_hand():
+    from grpo import mismatch, rollout_weights
+    old = torch.log(torch.tensor([1.0, 3.0, 0.25]))             # rho = 1, 3, 0.25 against sampler 0
+    sampler = torch.zeros(3)
+    assert rollout_weights(old, sampler, "token-tis", 2.0).tolist() == pytest.approx([1.0, 2.0, 0.25])
+    assert rollout_weights(old, sampler, "none", 2.0).tolist() == [1.0, 1.0, 1.0]
+    # the sequence's ratio: exp(mean log rho) = 0.75 ** (1/3) = 0.909: inside [1/2, 2], outside [1/1.05, 1.05]
+    assert rollout_weights(old, sampler, "seq-mask", 2.0).tolist() == [1.0, 1.0, 1.0]
+    assert rollout_weights(old, sampler, "seq-mask", 1.05).tolist() == [0.0, 0.0, 0.0]
+    m = mismatch(old, sampler)
+    assert m["mismatch_diff"] == pytest.approx(math.log(0.75), abs=1e-6)
+    assert m["mismatch_kl"] == pytest.approx((3 - math.log(3) - 1) + (0.25 - math.log(0.25) - 1), abs=1e-6)
+    assert m["mismatch_out"] == 2                                # 3 > 2 and 0.25 < 1/2
 
 
 def test_clipped_loss_value_and_gradient():
@@ -130,6 +163,60 @@ def test_the_reference_runs_the_policys_attention_kernel(tiny):
     try:
         for kernel in ("sdpa", "flex"):                 # a forced kernel, also one that is not the default
             assert load_reference(tiny[0], TrainConfig(attention=kernel), d).attention == kernel
+    finally:
+        close_distributed()
+
+
+def hand_objective(logp, old, sampler, adv, w, level, correction, cap, eps=0.2):
+    """GRPO's policy loss written out: sum_i w_i sum_t c_t max(-A r, -A clip(r, 1 - eps, 1 + eps)) with
+    r = exp(logp_t - old_t) per token, or GSPO's exp(mean_t (logp_t - old_t)) for the whole profile,
+    and c_t = min(exp(old_t - sampler_t), cap) (token TIS), or 1 / 0 for a profile whose
+    exp(mean_t (old_t - sampler_t)) is inside / outside [1/cap, cap] (sequence mask)."""
+    total = 0.0
+    for lp, o, s, a, wi in zip(logp, old, sampler, adv, w):
+        for t in range(len(lp)):
+            r = torch.exp(lp[t] - o[t]) if level == "token" else torch.exp((lp - o).sum() / len(lp))
+            c = 1.0
+            if correction == "token-tis":
+                c = min(math.exp(float(o[t] - s[t])), cap)
+            elif correction == "seq-mask":
+                c = float(1 / cap <= math.exp(float((o - s).sum()) / len(o)) <= cap)
+            total = total + wi * c * torch.maximum(-a * r, -a * r.clamp(1 - eps, 1 + eps))
+    return total
+
+
+@pytest.mark.parametrize("level,correction,cap", [("token", "token-tis", 2.0), ("sequence", "none", 2.0),
+                                                  ("sequence", "seq-mask", 1.3), ("token", "seq-mask", 1.3)])
+def test_gspo_and_rollout_corrections_against_the_formula_by_hand(tiny, level, correction, cap):
+    from grpo import Episode, GRPOConfig, grpo_loss
+    from train import close_distributed, completion_logprobs, load_policy, setup_distributed
+    d = setup_distributed()
+    try:
+        cfg = GRPOConfig(kl_coef=0.0, importance_sampling_level=level, rollout_correction=correction,
+                         rollout_correction_cap=cap)
+        model = load_policy(tiny[0], cfg, d).model
+        prompt, comps = [5, 6, 7, 8], [[9, 10, 11], [12, 13], [14, 15, 16, 17]]
+        seqs = [(prompt, c) for c in comps]
+        with torch.no_grad():
+            true = [x.logprobs for x in completion_logprobs(model, seqs, d.device)]
+        shift = [torch.tensor([0.3, -0.25, 0.1]), torch.tensor([-0.4, 0.05]), torch.tensor([0.2, 0.3, -0.1, 0.0])]
+        old = [t + s for t, s in zip(true, shift)]                       # off-policy: ratios off 1, some clipped
+        sampler = [o - torch.tensor([0.9, -0.2, 0.1, 0.0][:len(o)]) for o in old]   # known mismatch
+        adv, w = [1.0, -1.0, 0.5], [0.1, 0.2, 0.3]
+        episodes = [Episode(prompt, c, a, 0, s, o) for c, a, s, o in zip(comps, adv, sampler, old)]
+        loss, m = grpo_loss(model, episodes, w, cfg, d.device)
+        loss.backward()
+        got = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        logp = [x.logprobs for x in completion_logprobs(model, seqs, d.device)]
+        want = hand_objective(logp, old, sampler, adv, w, level, correction, cap)
+        want.backward()
+        assert loss.item() == pytest.approx(want.item(), abs=1e-6)
+        assert max((got[n] - p.grad.full_tensor()).abs().max().item() for n, p in model.named_parameters()) < 1e-6
+        d_all = torch.cat([o - s for o, s in zip(old, sampler)])
+        assert m["mismatch_diff"] == pytest.approx(d_all.sum().item(), abs=1e-5)
+        assert m["mismatch_kl"] == pytest.approx((d_all.exp() - d_all - 1).sum().item(), abs=1e-5)
+        assert m["mismatch_out"] == ((d_all.exp() < 0.5) | (d_all.exp() > 2)).sum().item() == 3
     finally:
         close_distributed()
 
@@ -267,6 +354,36 @@ def test_resume_is_exact_and_survives_killed_write(toy_setup, tmp_path, monkeypa
         AutoModelForCausalLM,  # the checkpoint is a loadable HF folder
     )
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "split" / "ckpt-000004" / "model"))
+
+
+def test_a_second_run_into_a_run_folder_stops_before_any_work_and_resume_keeps_the_logs_clean(toy_setup, tmp_path):
+    toy(toy_setup, tmp_path, "--steps", "2", "--save-every", "1")
+    r = toy(toy_setup, tmp_path, "--steps", "2", check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --out") and "--resume" in r.stderr
+    # resumed from step 1 (the newest checkpoint deleted): step 1's rows are redone, not repeated
+    shutil.rmtree(tmp_path / "ckpt-000002")
+    toy(toy_setup, tmp_path, "--steps", "3", "--save-every", "1", "--resume")
+    steps = [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")]
+    assert steps == [0, 1, 2]
+
+
+def test_ctrl_c_is_one_line_and_exit_130(toy_setup, tmp_path):
+    import signal
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "toy_grpo.py"), "--model", toy_setup / "model",
+           "--judge", toy_setup / "model", "--data", toy_setup / "data", "--out", tmp_path, "--prompts-per-step",
+           "4", "--group-size", "4", "--max-new-tokens", "12", "--eval-every", "100", "--val-users", "2",
+           "--steps", "500", "--save-every", "1"]
+    proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=clean_env())
+    for line in proc.stdout:
+        if line.startswith("step    1 |"):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped (Ctrl-C): in step") and "--resume" in last and "ckpt-" in last
 
 
 def test_killed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):

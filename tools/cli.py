@@ -12,7 +12,7 @@ import sys
 import typing
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lettingo import LettingoError  # noqa: E402
+from lettingo import LettingoError, Stopped  # noqa: E402
 
 
 def option(default, help: str, *, source: str | None = None, min: float | None = None,
@@ -96,6 +96,12 @@ def cli(main):
         main()
     except LettingoError as e:
         raise SystemExit(f"error: {e}")
+    except (KeyboardInterrupt, Stopped) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped (Ctrl-C){': ' + str(e) if isinstance(e, Stopped) else ''}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)         # at once: no traceback, and no process-group teardown to hang on
 
 
 # ----------------------------------------------------------------------------- files
@@ -116,7 +122,10 @@ def read_jsonl(path: str) -> list[dict]:
                 rows.append(row)
             except ValueError as e:
                 bad += 1
-                print(f"warning: {path}:{i}: unreadable line skipped ({str(e)[:80]})", file=sys.stderr)
+                if bad <= 3:
+                    print(f"warning: {path}:{i}: unreadable line skipped ({str(e)[:80]})", file=sys.stderr)
+                if bad >= 20 and not rows:
+                    raise LettingoError(f"{path}: not JSONL (its first {bad} lines are not JSON objects)")
     if bad:
         print(f"warning: {path}: {bad} unreadable line(s) skipped, {len(rows)} read", file=sys.stderr)
     if not rows:

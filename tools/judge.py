@@ -20,9 +20,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lettingo import LettingoError  # noqa: E402
-from reward import (ANSWERS, CONTEXTS, LocalJudge, answer_prompts, answer_tokens, context_messages,  # noqa: E402
-                    eval_targets, metrics, packed_answer_logits, sample_targets)
-from tools.cli import ArgParser, add_config, cli, config_from, option, output_folder, read_samples  # noqa: E402
+from reward import (ANSWERS, CONTEXTS, LocalJudge, answer_prompts, answer_tokens,  # noqa: E402
+                    context_messages, eval_targets, metrics, packed_answer_logits, sample_targets)
+from tools.cli import (ArgParser, add_config, cli, config_from, option, output_folder,  # noqa: E402
+                       read_samples)
 from train import (Dist, Policy, TrainConfig, all_sum, apply_update, backward_micro_batches,  # noqa: E402
                    close_distributed, fit, gather_objects, load_policy, resolve_start, setup_distributed)
 
@@ -98,7 +99,8 @@ def make_example(tok, sample: dict, kind: str) -> Example:
                    [float(t["rating"]) for t in targets])
 
 
-def judge_step(policy: Policy, batch: list[Example], answer_ids: list[int], cfg: JudgeConfig, d: Dist) -> dict:
+def judge_step(policy: Policy, batch: list[Example], answer_ids: list[int], cfg: JudgeConfig,
+               d: Dist) -> dict:
     """One optimizer step of
         loss = sum over the global batch's targets of judge_loss / the number of those targets
     Per micro-batch: contexts packed once with a branch per target -> the answer logits at each

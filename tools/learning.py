@@ -259,7 +259,8 @@ def main():
         raise LettingoError("--raw DATASET is required (or --dataset synthetic)")
     if args.train_judge and args.judge_url:
         raise LettingoError("--train-judge fine-tunes a local judge: serve it (tools/serve.py --model "
-                            "OUT/judge/ckpt-STEP/model) and pass --judge-url in a second run, or drop --judge-url")
+                            "OUT/judge/ckpt-STEP/model) and pass --judge-url in a second run, or drop "
+                            "--judge-url")
     run_recipe(args)
 
 

@@ -94,6 +94,8 @@ def plot_grpo(run_dir):
         ("time per step (s)", [(m, "time_rollout", "rollout", "stack"), (m, "time_reward", "reward", "stack"),
                                (m, "time_update", "update", "stack")]),
         ("gradient norm", [(m, "grad_norm", "before clipping", "-")]),
+        ("sampler-trainer mismatch (per token)", [(m, "mismatch_kl", "k3 KL(sampler || trainer)", "-"),
+                                                  (m, "mismatch_out", "ratio outside [0.5, 2]", "--")]),
     ], "GRPO")
 
 
