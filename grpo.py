@@ -344,7 +344,8 @@ def advantage_rewards(scored, outs, truncated: str) -> list[float | None]:
     """The rewards the group advantages come from: None (left out of the group and of the loss) where
     the judge failed, and with truncated="mask" where the profile ran out of tokens (TRL's
     mask_truncated_completions); "penalty" keeps the format penalty it was scored with."""
-    return [None if truncated == "mask" and o.finish == "length" else sc.reward for sc, o in zip(scored, outs)]
+    return [None if truncated == "mask" and o.finish == "length" else sc.reward
+            for sc, o in zip(scored, outs)]
 
 
 def global_std(values: list[float], d: Dist) -> float:

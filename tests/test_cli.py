@@ -103,7 +103,8 @@ def test_a_file_that_is_not_jsonl_is_a_few_lines_not_one_per_line(tmp_path):
     bad.write_text("".join(f"{u}\t{u % 7}\t4\t88125{u}\n" for u in range(1000)))
     r = run("rollout.py", "--data", bad, "--out", tmp_path / "o.jsonl", "--model", NOMODEL)
     lines = [x for x in (r.stdout + r.stderr).splitlines() if x.strip()]
-    assert r.returncode != 0 and len(lines) <= 5 and lines[-1].startswith("error:") and "not JSONL" in lines[-1]
+    assert r.returncode != 0 and len(lines) <= 5
+    assert lines[-1].startswith("error:") and "not JSONL" in lines[-1]
 
 
 def test_the_demos_take_flags_on_top_of_their_presets():

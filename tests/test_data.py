@@ -256,7 +256,8 @@ def test_judge_users_are_their_own_split_and_the_item_means_keep_counting_them(t
             block = rows[len(rows) - 4 * (k + 1):len(rows) - 4 * k]
             assert [(t["timestamp"], t["item_id"]) for t in [s] + s["more_targets"]] == [(t, i) for t, i, _ in
                                                                                           block]
-            assert [h["timestamp"] for h in s["history"]] == [t for t, _, _ in rows[:len(rows) - 4 * (k + 1)][-10:]]
+            before = rows[:len(rows) - 4 * (k + 1)]
+            assert [h["timestamp"] for h in s["history"]] == [t for t, _, _ in before[-10:]]
 
 
 def test_item_knn_against_the_formula_by_hand(tmp_path):

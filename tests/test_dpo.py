@@ -157,7 +157,8 @@ def test_bf16_reference_gives_zero_implicit_rewards_at_step_0(setup, tmp_path):
     pairs = tmp_path / "pairs.jsonl"
     shutil.copy(setup / "pairs.jsonl", pairs)                     # its own reference file
     run("dpo.py", "train", "--data", setup / "data" / "train.jsonl", "--pairs", pairs, "--out", tmp_path,
-        "--model", setup / "model", "--lr", "0", "--pairs-per-step", "4", "--steps", "1", "--save-every", "100",
+        "--model", setup / "model", "--lr", "0", "--pairs-per-step", "4", "--steps", "1",
+        "--save-every", "100",
         "--dtype", "bfloat16", check=True)
     m = json.loads(open(tmp_path / "train" / "metrics.jsonl").readline())
     assert abs(m["chosen_reward"]) < 1e-6 and abs(m["reward_margin"]) < 1e-6, m     # fp32 ref: ~1e-4

@@ -199,8 +199,9 @@ def test_gspo_and_rollout_corrections_against_the_formula_by_hand(tiny, level, c
         seqs = [(prompt, c) for c in comps]
         with torch.no_grad():
             true = [x.logprobs for x in completion_logprobs(model, seqs, d.device)]
-        shift = [torch.tensor([0.3, -0.25, 0.1]), torch.tensor([-0.4, 0.05]), torch.tensor([0.2, 0.3, -0.1, 0.0])]
-        old = [t + s for t, s in zip(true, shift)]                       # off-policy: ratios off 1, some clipped
+        shift = [torch.tensor([0.3, -0.25, 0.1]), torch.tensor([-0.4, 0.05]),
+                 torch.tensor([0.2, 0.3, -0.1, 0.0])]
+        old = [t + s for t, s in zip(true, shift)]                  # off-policy: ratios off 1, some clipped
         sampler = [o - torch.tensor([0.9, -0.2, 0.1, 0.0][:len(o)]) for o in old]   # known mismatch
         adv, w = [1.0, -1.0, 0.5], [0.1, 0.2, 0.3]
         episodes = [Episode(prompt, c, a, 0, s, o) for c, a, s, o in zip(comps, adv, sampler, old)]
@@ -212,7 +213,8 @@ def test_gspo_and_rollout_corrections_against_the_formula_by_hand(tiny, level, c
         want = hand_objective(logp, old, sampler, adv, w, level, correction, cap)
         want.backward()
         assert loss.item() == pytest.approx(want.item(), abs=1e-6)
-        assert max((got[n] - p.grad.full_tensor()).abs().max().item() for n, p in model.named_parameters()) < 1e-6
+        assert max((got[n] - p.grad.full_tensor()).abs().max().item()
+                   for n, p in model.named_parameters()) < 1e-6
         d_all = torch.cat([o - s for o, s in zip(old, sampler)])
         assert m["mismatch_diff"] == pytest.approx(d_all.sum().item(), abs=1e-5)
         assert m["mismatch_kl"] == pytest.approx((d_all.exp() - d_all - 1).sum().item(), abs=1e-5)
@@ -356,7 +358,8 @@ def test_resume_is_exact_and_survives_killed_write(toy_setup, tmp_path, monkeypa
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "split" / "ckpt-000004" / "model"))
 
 
-def test_a_second_run_into_a_run_folder_stops_before_any_work_and_resume_keeps_the_logs_clean(toy_setup, tmp_path):
+def test_a_second_run_into_a_run_folder_stops_before_any_work_and_resume_keeps_the_logs_clean(toy_setup,
+                                                                                              tmp_path):
     toy(toy_setup, tmp_path, "--steps", "2", "--save-every", "1")
     r = toy(toy_setup, tmp_path, "--steps", "2", check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
@@ -371,8 +374,8 @@ def test_a_second_run_into_a_run_folder_stops_before_any_work_and_resume_keeps_t
 def test_ctrl_c_is_one_line_and_exit_130(toy_setup, tmp_path):
     import signal
     cmd = [sys.executable, os.path.join(ROOT, "tests", "toy_grpo.py"), "--model", toy_setup / "model",
-           "--judge", toy_setup / "model", "--data", toy_setup / "data", "--out", tmp_path, "--prompts-per-step",
-           "4", "--group-size", "4", "--max-new-tokens", "12", "--eval-every", "100", "--val-users", "2",
+           "--judge", toy_setup / "model", "--data", toy_setup / "data", "--out", tmp_path,
+           "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "12", "--eval-every", "100", "--val-users", "2",
            "--steps", "500", "--save-every", "1"]
     proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT, env=clean_env())

@@ -17,7 +17,8 @@ from tools.judge import judge_loss, make_example
 H = lambda t, g, r: {"item_id": t, "title": t, "genres": g, "rating": r, "timestamp": 1}
 SAMPLE = {"user_id": "u", "item_id": "i1", "title": "Heat (1995)", "description": "Genres: Action",
           "rating": 4.0, "user_mean": 3.2, "history": [H("Toy Story", "Comedy", 5), H("Alien", "Horror", 1)],
-          "recent": [], "more_targets": [{"item_id": "i2", "title": "Toy Story 2", "description": "", "rating": 3.5},
+          "recent": [], "more_targets": [{"item_id": "i2", "title": "Toy Story 2", "description": "",
+                                          "rating": 3.5},
                                          {"item_id": "i3", "title": "Romance (1990)", "rating": 1.0}]}
 
 
@@ -57,8 +58,9 @@ def test_judge_loss_against_transformers_and_the_formula_by_hand(tiny, kind):
 
 def test_a_fine_tuned_judge_logs_the_loss_by_hand_and_loads_everywhere(tmp_path):
     d = tiny_run_folder(tmp_path, 40)
-    run("data/prepare.py", "synthetic", "--users", 40, "--out", d / "data", "--test-users", 4, "--val-users", 4,
-        "--profile-history", 3, "--judge-users", 6, "--judge-contexts", 1, "--judge-targets", 2, check=True)
+    run("data/prepare.py", "synthetic", "--users", 40, "--out", d / "data", "--test-users", 4,
+        "--val-users", 4, "--profile-history", 3, "--judge-users", 6, "--judge-contexts", 1,
+        "--judge-targets", 2, check=True)
     out = d / "judge"
     r = run("tools/judge.py", "--model", d / "model", "--data", d / "data" / "judge.jsonl", "--val-data",
             d / "data" / "val.jsonl", "--out", out, "--steps", 2, "--contexts-per-step", 3, "--lr", 0.0,
@@ -83,14 +85,15 @@ def test_a_fine_tuned_judge_logs_the_loss_by_hand_and_loads_everywhere(tmp_path)
     path = str(out / "ckpt-000002" / "model")
     judge = make_judge(path)                     # grpo.py, dpo.py evaluate, validation: --judge PATH
     assert len(judge.predict([context_messages(s, "template", "rating") for s in samples[:2]], "rating")) == 2
-    r = run("reward.py", "eval", "--data", d / "data" / "test.jsonl", "--judge", path, "--limit", 2, timeout=300)
+    r = run("reward.py", "eval", "--data", d / "data" / "test.jsonl", "--judge", path, "--limit", 2,
+            timeout=300)
     assert r.returncode == 0 and "template, likes/dislikes swapped" in r.stdout, r.stderr[-2000:]
     import socket
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "serve.py"), "--model", path, "--port",
-                             str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tools", "serve.py"), "--model", path,
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert "serving" in proc.stdout.readline()
         http = HTTPJudge(f"http://127.0.0.1:{port}", mode="expect", timeout=30, retries=1)

@@ -26,7 +26,8 @@ def config(stage):
     return dpo.parse_config(stage.argv)[1]
 
 
-@pytest.mark.parametrize("flags", [[], ["--dpo-start", "warm"], ["--train-judge", "--judge-users", "40", "--profile-history", "30"],
+@pytest.mark.parametrize("flags", [[], ["--dpo-start", "warm"],
+                                   ["--train-judge", "--judge-users", "40", "--profile-history", "30"],
                                    ["--no-explore-template", "--no-dpo", "--grpo-kl", "0.1"]])
 def test_every_stage_command_is_accepted_by_its_cli(tmp_path, flags):
     stages = recipe(tmp_path, *flags)
