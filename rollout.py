@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from lettingo import (PROFILE_CLOSE, KVCache, LettingoError, Transformer, chat_prompt, extract_tag,
+from lettingo import (PROFILE_CLOSE, KVCache, LettingoError, Stopped, Transformer, chat_prompt, extract_tag,
                       load_model, profile_answer, profile_prompt)
 from tools.cli import (ArgParser, add_config, at_least, check_samples, cli, config_from, option, output_file,
                        read_jsonl)
@@ -449,9 +450,12 @@ def main():
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (none: bfloat16 on CUDA, float32 on CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (none: cuda when available)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows --out already holds (a stopped run's) and sample the rest")
     args = p.parse_args()
     params = config_from(SamplingParams, args, stop=tuple(args.stop or [PROFILE_CLOSE]))
     output_file(args.out)
+    done = complete_rows(args.out) if args.resume else 0
     rows = read_jsonl(args.data)[:args.limit or None]
     for i, r in enumerate(rows, 1):
         if "history" not in r and not isinstance(r.get("messages"), list):
@@ -462,21 +466,52 @@ def main():
     model, tok = load_model(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None,
                             device=args.device)
     prompts = [prompt_of(r, tok) for r in rows]
-    t0 = time.time()
-    outs = Sampler(cpu_decode_layout(model)).generate(prompts, params, seed=args.seed, tokenizer=tok,
-                                                       batch_size=args.batch_size, progress=True)
+    sampler, chunk = Sampler(cpu_decode_layout(model)), max(1, args.batch_size // params.n)
+    t0, gen = time.time(), 0
+    # written chunk by chunk, each prompt with its own seed: a stopped run keeps its rows, and
+    # --resume samples the rest exactly as one uninterrupted run would have
+    with open(args.out, "a" if done else "w") as f, tqdm(total=len(rows), initial=done, unit="prompt",
+                                                        desc="rollout", file=sys.stderr) as bar:
+        try:
+            for start in range(done, len(rows), chunk):
+                idx = range(start, min(start + chunk, len(rows)))
+                outs = sampler.generate([prompts[i] for i in idx], params, tokenizer=tok,
+                                        seed=[prompt_seed(args.seed, 0, i) for i in idx],
+                                        batch_size=args.batch_size)
+                for i, samples in zip(idx, outs):
+                    f.write(json.dumps(profile_row(rows[i], prompts[i], samples, tok)) + "\n")
+                    gen += sum(len(s.tokens) for s in samples)
+                f.flush()
+                bar.update(len(idx))
+        except KeyboardInterrupt:
+            raise Stopped(f"{complete_rows(args.out)} of {len(rows)} rows are in {args.out}: the same "
+                          "command with --resume samples the rest") from None
     dt = time.time() - t0
-    with open(args.out, "w") as f:
-        for row, prompt, samples in zip(rows, prompts, outs):
-            texts = [profile_answer(s.text, s.finish) if "history" in row else s.text for s in samples]
-            f.write(json.dumps({"user_id": row.get("user_id"), "item_id": row.get("item_id"),
-                                "prompt": tok.decode(prompt), "prompt_tokens": len(prompt),
-                                "generations": [{"text": t, "profile": extract_tag(t, "user_profile"),
-                                                 "tokens": len(s.tokens), "finish": s.finish}
-                                                for t, s in zip(texts, samples)]}) + "\n")
-    gen = sum(len(s.tokens) for ss in outs for s in ss)
-    print(f"{len(rows)} prompts x {params.n} samples -> {args.out}: {dt:.1f}s, "
-          f"{len(rows) / dt:.2f} prompts/s, {gen / dt:.1f} generated tokens/s")
+    print(f"{len(rows) - done} prompts x {params.n} samples -> {args.out}: {dt:.1f}s, "
+          f"{(len(rows) - done) / dt:.2f} prompts/s, {gen / dt:.1f} generated tokens/s")
+
+
+def profile_row(row: dict, prompt: list[int], samples: list[Sample], tok) -> dict:
+    """One output line: the row's ids, its prompt, and each sample's text (a writer's whole answer)."""
+    texts = [profile_answer(s.text, s.finish) if "history" in row else s.text for s in samples]
+    return {"user_id": row.get("user_id"), "item_id": row.get("item_id"), "prompt": tok.decode(prompt),
+            "prompt_tokens": len(prompt),
+            "generations": [{"text": t, "profile": extract_tag(t, "user_profile"), "tokens": len(s.tokens),
+                             "finish": s.finish} for t, s in zip(texts, samples)]}
+
+
+def complete_rows(path: str) -> int:
+    """The rows a stopped run wrote (0 when the file does not exist); a last line cut short by a
+    kill is removed, so the rows appended next start on a line of their own."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb") as f:
+        data = f.read()
+    keep = data[:data.rfind(b"\n") + 1]
+    if len(keep) != len(data):
+        with open(path, "wb") as f:
+            f.write(keep)
+    return keep.count(b"\n")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ shared prefill, stops, bad input."""
 import json
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -236,6 +237,36 @@ def test_the_cli_seeds_prompts_as_exploration_does(tiny, tmp_path):
                                    seed=[prompt_seed(5, 0, i) for i in range(3)], tokenizer=tok)
     got = [[g["text"] for g in json.loads(x)["generations"]] for x in out.read_text().splitlines()]
     assert got == [[o.text for o in group] for group in want]
+
+
+def test_ctrl_c_keeps_the_rows_written_and_resume_completes_them(tiny, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from conftest import ROOT, clean_env
+    folder, _ = tiny
+    data = tmp_path / "in.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"rate {k}"}]}) + "\n"
+                            for k in range(300)))
+    args = ["--model", folder, "--data", data, "--n", 2, "--max-new-tokens", 24, "--temperature", 1.0,
+            "--batch-size", 4]
+    run("rollout.py", *args, "--out", tmp_path / "whole.jsonl", check=True)
+    out = tmp_path / "part.jsonl"
+    proc = subprocess.Popen([sys.executable, f"{ROOT}/rollout.py", *map(str, args), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env=clean_env())
+    while not (out.exists() and out.read_text().count("\n") >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("stopped (Ctrl-C): ") and "--resume" in err
+    kept = out.read_text().count("\n")
+    assert 3 <= kept < 300
+    with open(out, "a") as f:
+        f.write('{"user_id": null, "cut sh')                         # a line a kill cut short
+    run("rollout.py", *args, "--out", out, "--resume", check=True)
+    assert out.read_text() == (tmp_path / "whole.jsonl").read_text()
 
 
 def test_turn_end_is_the_chat_templates_not_the_smallest_end_id(tiny):
