@@ -223,6 +223,65 @@ def test_gspo_and_rollout_corrections_against_the_formula_by_hand(tiny, level, c
         close_distributed()
 
 
+@pytest.mark.parametrize("level,correction", [("token", "token-tis"), ("sequence", "none"),
+                                              ("sequence", "token-tis")])
+def test_the_loss_equals_trls_compute_loss(tiny, level, correction):
+    """TRL 1.16's GRPOTrainer._compute_loss (loss_type bnpo = token-mean; importance_sampling_ratio as its
+    token_truncate mode makes it) on the same per-token log-probs: the same loss and gradients."""
+    pytest.importorskip("trl")
+    from types import SimpleNamespace
+
+    from trl import GRPOTrainer
+
+    from grpo import Episode, GRPOConfig, grpo_loss, token_weights
+    from train import close_distributed, completion_logprobs, load_policy, setup_distributed
+    d = setup_distributed()
+    try:
+        cfg = GRPOConfig(kl_coef=0.0, importance_sampling_level=level, rollout_correction=correction,
+                         rollout_correction_cap=2.0, clip_low=0.2, clip_high=0.28)
+        model = load_policy(tiny[0], cfg, d).model
+        prompt, comps = [5, 6, 7, 8], [[9, 10, 11], [12, 13], [14, 15, 16, 17]]
+        seqs = [(prompt, c) for c in comps]
+        with torch.no_grad():
+            true = [x.logprobs for x in completion_logprobs(model, seqs, d.device)]
+        old = [t + torch.tensor([0.3, -0.25, 0.1, 0.2][:len(t)]) for t in true]
+        sampler = [o - torch.tensor([0.9, -0.2, 0.1, 0.0][:len(o)]) for o in old]
+        adv = [1.0, -1.0, 0.5]
+        episodes = [Episode(prompt, c, a, 0, s, o) for c, a, s, o in zip(comps, adv, sampler, old)]
+        n_tok = sum(map(len, comps))
+        loss, _ = grpo_loss(model, episodes, token_weights(list(map(len, comps)), "token-mean", 3, n_tok, 8),
+                            cfg, d.device)
+        loss.backward()
+        ours = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)              # [B, T]
+        logp = [x.logprobs for x in completion_logprobs(model, seqs, d.device)]
+        mask = pad([torch.ones(len(c)) for c in comps])
+        ratio = (pad(old) - pad(sampler)) * mask
+        inputs = {"prompt_ids": torch.tensor([prompt] * 3), "prompt_mask": torch.ones(3, 4),
+                  "completion_ids": pad([torch.tensor(c) for c in comps]), "completion_mask": mask,
+                  "advantages": torch.tensor(adv), "old_per_token_logps": pad(old),
+                  "importance_sampling_ratio": (torch.exp(ratio).clamp(max=2.0) if correction == "token-tis"
+                                                else torch.ones_like(ratio))}
+        acc = SimpleNamespace(reduce=lambda x, reduction: x, gather=lambda x: x,
+                              gather_for_metrics=lambda x: x, num_processes=1, sync_gradients=True)
+        from collections import defaultdict
+        fake = SimpleNamespace(
+            _get_per_token_logps_and_entropies=lambda *a, **k: (pad(logp), torch.zeros_like(mask), None),
+            top_entropy_quantile=1.0, off_policy_mask_threshold=None, importance_sampling_level=level,
+            beta=0.0, loss_type="bnpo", epsilon_low=0.2, epsilon_high=0.28, args=SimpleNamespace(delta=None),
+            use_vllm=True, vllm_importance_sampling_correction=True, model=SimpleNamespace(training=True),
+            current_gradient_accumulation_steps=1, _entropy_bonus_enabled=False, aux_loss_enabled=False,
+            accelerator=acc, _metrics={"train": defaultdict(list)}, max_completion_length=8)
+        want = GRPOTrainer._compute_loss(fake, None, inputs)
+        want.backward()
+        assert loss.item() == pytest.approx(want.item(), abs=1e-6)
+        assert max((ours[n] - p.grad.full_tensor()).abs().max().item()
+                   for n, p in model.named_parameters()) < 1e-6
+    finally:
+        close_distributed()
+
+
 def test_non_finite_step_is_skipped():
     model = torch.nn.Linear(3, 2)
     policy, d = optimized(model, 0.1), Dist(0, 1, torch.device("cpu"))
