@@ -63,8 +63,9 @@ class GRPOConfig(TrainConfig):
                                      "token-tis multiplies each token's policy loss by min(rho_t, cap); "
                                      "seq-mask leaves out a profile whose exp(mean_t log rho_t) is outside "
                                      "[1/cap, cap] (verl's geometric mean; TRL's sequence_mask uses the "
-                                     "product of the ratios)", source="TRL vllm_importance_sampling_correction, verl "
-                                     "rollout_correction", choices=("none", "token-tis", "seq-mask"))
+                                     "product of the ratios)",
+                                     source="TRL vllm_importance_sampling_correction, verl rollout_correction",
+                                     choices=("none", "token-tis", "seq-mask"))
     rollout_correction_cap: float = option(2.0, "cap C of --rollout-correction",
                                            source="verl's TIS threshold (TRL: 3.0)", min=1.0)
     truncated: str = option("penalty", "a profile that ran out of tokens: penalty = the format penalty "
@@ -188,7 +189,7 @@ def mismatch(old, sampler) -> dict[str, float]:
     """How far the trainer's log-probs before the update are from the sampler's, summed over the
     tokens: d = old - sampler; the k3 estimate of KL(sampler || trainer), exp(d) - d - 1; the tokens
     whose ratio exp(d) is outside [0.5, 2]."""
-    d = (old - sampler).detach().clamp(-20.0, 20.0)
+    d = (old - sampler).detach().double().clamp(-20.0, 20.0)      # float64: e^d - d - 1 ~ d^2 / 2 is tiny
     ratio = d.exp()
     return {"mismatch_diff": d.sum().item(), "mismatch_kl": (ratio - d - 1.0).sum().item(),
             "mismatch_out": ((ratio < 0.5) | (ratio > 2.0)).sum().item()}

@@ -81,6 +81,9 @@ def lines(path, drops: Drops, encoding="utf-8", skip_header=False):
 # {item: (title, description)}; items is None when the source has no metadata (ids name the items).
 
 def read_movielens(folder, drops):
+    if os.path.isfile(folder):
+        raise LettingoError(f"--raw {folder}: a file; --raw takes the MovieLens folder that holds it "
+                            f"({os.path.dirname(folder) or '.'})")
     if not os.path.isdir(folder):
         raise LettingoError(f"--raw {folder}: no such folder (expected a MovieLens folder with u.data, "
                             "ratings.dat or ratings.csv)")

@@ -80,6 +80,9 @@ def data(tmp_path_factory):
     (["lettingo.py", "D/badcfg"], ["cannot read the model", "JSON"]),
     (["lettingo.py", "D/cut"], ["cannot read the model"]),
     (["lettingo.py", "D/run"], ["a training run's folder", "run/ckpt-000002/model"]),
+    (["dpo.py", "train", "--data", "D/data", "--out", "D/dpo", "--model", NOMODEL], ["a folder", "train.jsonl"]),
+    (["data/prepare.py", "movielens", "--raw", "D/data/train.jsonl", "--out", "D/s"], ["a file", "folder"]),
+    (["reward.py"], ["eval"]),
     (["lettingo.py", "D/run/ckpt-000002"], ["a training run's folder", "ckpt-000002/model"]),
 ])
 def test_bad_input_is_one_clear_line(data, argv, words):

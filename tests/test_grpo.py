@@ -434,7 +434,8 @@ def test_ctrl_c_is_one_line_and_exit_130(toy_setup, tmp_path):
     import signal
     cmd = [sys.executable, os.path.join(ROOT, "tests", "toy_grpo.py"), "--model", toy_setup / "model",
            "--judge", toy_setup / "model", "--data", toy_setup / "data", "--out", tmp_path,
-           "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "12", "--eval-every", "100", "--val-users", "2",
+           "--prompts-per-step", "4", "--group-size", "4", "--max-new-tokens", "12", "--eval-every", "100",
+           "--val-users", "2",
            "--steps", "500", "--save-every", "1"]
     proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT, env=clean_env())

@@ -108,6 +108,9 @@ def cli(main):
 
 def read_jsonl(path: str) -> list[dict]:
     """All JSON objects of a file; a bad line is reported with its number and skipped."""
+    if os.path.isdir(path):
+        raise LettingoError(f"{path}: a folder; this flag takes a JSONL file "
+                            f"(e.g. {os.path.join(path, 'train.jsonl')})")
     if not os.path.isfile(path):
         raise LettingoError(f"{path}: no such file")
     rows, bad = [], 0

@@ -20,8 +20,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lettingo import LettingoError  # noqa: E402
-from reward import (ANSWERS, CONTEXTS, LocalJudge, answer_prompts, answer_tokens,  # noqa: E402
-                    context_messages, eval_targets, metrics, packed_answer_logits, sample_targets)
+from reward import (ANSWERS, CONTEXTS, ITEM_MEAN, LocalJudge, answer_prompts, answer_tokens,  # noqa: E402
+                    baseline_predictions, context_messages, eval_targets, metrics, packed_answer_logits,
+                    sample_targets)
 from tools.cli import (ArgParser, add_config, cli, config_from, option, output_folder,  # noqa: E402
                        read_samples)
 from train import (Dist, Policy, TrainConfig, all_sum, apply_update, backward_micro_batches,  # noqa: E402
@@ -138,9 +139,9 @@ def validate_judge(policy: Policy, val: list[dict], cfg: JudgeConfig, d: Dist) -
     for kind in CONTEXTS:
         m = metrics("rating", [p for _, ps in parts for p in ps[kind]], targets, boot=0)
         out[f"val_{kind}_MAE"], out[f"val_{kind}_GAUC"] = m["MAE"][0], m.get("GAUC", (None,))[0]
-    if all(t.get("item_mean") is not None for t in targets):
-        out["val_item_mean_GAUC"] = metrics("rating", [t["item_mean"] for t in targets], targets,
-                                            boot=0).get("GAUC", (None,))[0]
+    item_mean = baseline_predictions("rating", targets).get(ITEM_MEAN)
+    if item_mean:
+        out["val_item_mean_GAUC"] = metrics("rating", item_mean, targets, boot=0).get("GAUC", (None,))[0]
     return out
 
 
