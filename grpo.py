@@ -64,7 +64,8 @@ class GRPOConfig(TrainConfig):
                                      "seq-mask leaves out a profile whose exp(mean_t log rho_t) is outside "
                                      "[1/cap, cap] (verl's geometric mean; TRL's sequence_mask uses the "
                                      "product of the ratios)",
-                                     source="TRL vllm_importance_sampling_correction, verl rollout_correction",
+                                     source="TRL vllm_importance_sampling_correction, "
+                                            "verl rollout_correction",
                                      choices=("none", "token-tis", "seq-mask"))
     rollout_correction_cap: float = option(2.0, "cap C of --rollout-correction",
                                            source="verl's TIS threshold (TRL: 3.0)", min=1.0)

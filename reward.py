@@ -900,7 +900,8 @@ def profile_texts(path, samples):
 def main():
     p = ArgParser(description="Judge user profiles by how well a frozen recommender predicts with them.")
     sub = p.add_subparsers(dest="cmd", required=True, metavar="eval",
-                           help="the one command: python reward.py eval --data DIR/test.jsonl [--profiles ...]")
+                           help="the one command: python reward.py eval --data DIR/test.jsonl "
+                                "[--profiles ...]")
     e = sub.add_parser("eval", help="metrics for baselines and given profiles, side by side")
     e.add_argument("--data", required=True,
                    help="samples JSONL from data/prepare.py (e.g. DIR/test.jsonl)")
