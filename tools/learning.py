@@ -71,12 +71,7 @@ def recipe(args, out) -> list[Stage]:
         ["--model", model, "--data", os.path.join(data, f"{split}.jsonl"), "--temperature", "0",
          "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "64", "--dtype", "bfloat16",
          "--out", os.path.join(out, f"{split}-{name}.jsonl")], os.path.join(out, f"{split}-{name}.jsonl"))
-    stages = [Stage("prepare data", "data/prepare.py", prep, te)]
-    if args.train_judge:                  # on judge users the writer never sees; every later stage uses it
-        stages.append(Stage("fine-tune the judge", "tools/judge.py", to_argv(dataclasses.replace(
-            JUDGE, data=os.path.join(data, "judge.jsonl"), val_data=va, out=os.path.join(out, "judge"),
-            steps=args.judge_steps, eval_every=args.judge_steps, save_every=args.judge_steps,
-            val_users=args.val_users)), judge_of(args)))
+    stages = [Stage("prepare data", "data/prepare.py", prep, te)] + judge_stage(args, data)
     stages += [
         Stage("explore: " + explorers.replace(",", " + "), "dpo.py",
               stage("explore", out=eb, models=explorers, users=args.explore_users, n=args.explore_n),
@@ -109,6 +104,16 @@ def recipe(args, out) -> list[Stage]:
         [] if args.no_dpo else [(dpo_model, "dpo")])
     # the validation users' profiles fit each writer's calibration (reward.affine_fit)
     return stages + [written(split, m, name) for split in ("test", "val") for m, name in writers]
+
+
+def judge_stage(args, data) -> list[Stage]:
+    """--train-judge: fine-tune the judge on judge users the writer never sees; every later stage uses it."""
+    if not args.train_judge:
+        return []
+    return [Stage("fine-tune the judge", "tools/judge.py", to_argv(dataclasses.replace(
+        JUDGE, data=os.path.join(data, "judge.jsonl"), val_data=os.path.join(data, "val.jsonl"),
+        out=os.path.join(args.out, "judge"), steps=args.judge_steps, eval_every=args.judge_steps,
+        save_every=args.judge_steps, val_users=args.val_users)), judge_of(args))]
 
 
 def judge_of(args) -> str:
