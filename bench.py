@@ -3,8 +3,9 @@ machine, plus the fraction of the hardware limit (measured copy bandwidth / matm
 
     python bench.py rollout --batch 32 --prompt-tokens 300 --new-tokens 128 [--dtype bfloat16]
     python bench.py grpo                 # one GRPO step vs TRL's GRPOTrainer (pip install trl)
-    python bench.py grpo --device cuda --shape smollm2-135m --prompts 16
-                                         # the update with each attention kernel
+    python bench.py update [--device cuda --shape smollm2-135m --prompts 16]
+                                         # the update with each attention kernel (CPU: and
+                                         # activation checkpointing), time and peak memory
     python bench.py data                 # data/prepare.py on an ML-1M-sized ratings file
     python bench.py judge --data DIR/train.jsonl
                                          # one GRPO step's judging: packed vs padded, HTTP concurrency
@@ -19,6 +20,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
@@ -192,13 +194,16 @@ def bench_data(args):
 
 
 def bench_update_kernels(args):
-    """GPU: the update half of one GRPO step -- packed log-probs with grad + backward over every
-    (prompt, completion) of the step, micro-batched by the token budget, as train.py runs it --
-    with each attention kernel, prompts shared within a group where the kernel can (tree mask)."""
+    """The update half of one GRPO step -- packed log-probs with grad + backward over every (prompt,
+    completion) of the step, micro-batched by the token budget, as train.py runs it -- with each
+    attention kernel this device has, prompts shared within a group where the kernel can (tree mask;
+    the baseline: each sequence its own prompt copy), on CPU also with activation checkpointing.
+    Time and the peak memory above the start (GPU: allocated; CPU: resident, polled)."""
     from lettingo import TREE_BACKENDS, attention_backend, micro_batches
     from train import completion_logprobs
     dtype = getattr(torch, args.dtype)
-    ours, _, prompts = bench_models(argparse.Namespace(**{**vars(args), "batch": args.prompts}), dtype)
+    ours, ref, prompts = bench_models(argparse.Namespace(**{**vars(args), "batch": args.prompts}), dtype)
+    del ref
     g = torch.Generator().manual_seed(1)
     seqs = [(p, torch.randint(100, ours.cfg.vocab_size, (args.new_tokens,), generator=g).tolist())
             for p in prompts for _ in range(args.group_size)]
@@ -210,10 +215,12 @@ def bench_update_kernels(args):
         except LettingoError as e:
             print(f"  {kernel}: skipped ({e})")
             continue
-        runs += [(kernel, share) for share in ((True, False) if kernel in TREE_BACKENDS else (False,))]
+        runs += [(kernel, share, False) for share in ((True, False) if kernel in TREE_BACKENDS else (False,))]
+    if args.device == "cpu":
+        runs += [(kernel, share, True) for kernel, share, _ in runs]
 
-    def update(kernel, share):
-        ours.attention = kernel
+    def update(kernel, share, checkpointing):
+        ours.attention, ours.checkpointing = kernel, checkpointing
         for grp in batches[share]:
             lps = completion_logprobs(ours, [seqs[i] for i in grp], args.device, share_prompts=share)
             sum(lp.logprobs.float().sum() for lp in lps).backward()
@@ -222,13 +229,17 @@ def bench_update_kernels(args):
     seq_tokens = sum(len(p) + len(c) for p, c in seqs)
     shared_tokens = len(prompts) * args.prompt_tokens + len(seqs) * args.new_tokens
     out = {}
-    for kernel, share in runs:
-        # first: warm-up / compile
-        times = [timed(lambda: update(kernel, share)) for _ in range(args.repeats + 1)]
-        name = f"{kernel}_{'shared' if share else 'unshared'}"
-        out[name] = {"s": round(min(times[1:]), 3), "first_call_s": round(times[0], 1),
+    for kernel, share, checkpointing in runs:
+        times, peaks = [], []
+        for _ in range(args.repeats + (args.device == "cuda")):     # GPU: a first call compiles
+            with PeakMemory(args.device) as mem:
+                times.append(timed(lambda: update(kernel, share, checkpointing)))
+            peaks.append(mem.peak_bytes)
+        name = f"{kernel}_{'shared' if share else 'unshared'}" + ("_checkpointing" if checkpointing else "")
+        best = min(times[-args.repeats:])
+        out[name] = {"s": round(best, 2), "peak_GB": round(max(peaks) / 2**30, 2),
                      "tokens_computed": shared_tokens if share else seq_tokens,
-                     "sequence_tokens_per_s": round(seq_tokens / min(times[1:]))}
+                     "sequence_tokens_per_s": round(seq_tokens / best)}
         print(f"  {name}: {out[name]}", flush=True)
     device = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(json.dumps({"model": args.shape or args.model, "device": device, "dtype": args.dtype,
@@ -237,9 +248,46 @@ def bench_update_kernels(args):
                       "new_tokens": args.new_tokens, "token_budget": args.token_budget,
                       "micro_batches": {"shared": len(batches[True]), "unshared": len(batches[False])},
                       "update": out}, indent=1))
-    base = min(v["s"] for k, v in out.items() if k.endswith("unshared"))
-    print("grpo update " + " ".join(f"{k}={v['s'] / base:.2f}x" for k, v in out.items())
-          + " (of the fastest unshared)")
+    base = min(v["s"] for k, v in out.items() if "unshared" in k)
+    print("grpo update " + " ".join(f"{k}={base / v['s']:.2f}x" for k, v in out.items())
+          + " (speed, of the fastest unshared)")
+
+
+class PeakMemory:
+    """The peak memory above the start while the block runs: on CUDA allocated bytes, on CPU the
+    process' resident set, read from /proc every 5 ms by a thread."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = self.peak = resident_bytes()
+            self.running = True
+            self.thread = threading.Thread(target=self.poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def poll(self):
+        while self.running:
+            self.peak = max(self.peak, resident_bytes())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        if self.device == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated() - self.start
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak_bytes = max(self.peak, resident_bytes()) - self.start
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def bench_grpo(args):
@@ -403,7 +451,8 @@ def free_port() -> int:
 
 def parse_args(argv=None):
     p = ArgParser(description="Benchmarks against baselines run in the same process.")
-    p.add_argument("what", nargs="?", default="all", choices=["all", "rollout", "grpo", "data", "judge"],
+    p.add_argument("what", nargs="?", default="all",
+                   choices=["all", "rollout", "grpo", "update", "data", "judge"],
                    help="what to measure (all: a short run of each)")
     p.add_argument("--model", default="smollm2-135m",
                    help="HF folder, .gguf or alias (ours and transformers load it)")
@@ -421,7 +470,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=2, help="grpo: prompts per step")
     p.add_argument("--group-size", type=int, default=8, help="grpo: samples per prompt (public code: 8)")
     p.add_argument("--token-budget", type=int, default=16384,
-                   help="grpo --device cuda: tokens per micro-batch")
+                   help="update: tokens per micro-batch")
     p.add_argument("--users", type=int, default=8, help="judge: users of the step (x group size x targets)")
     p.add_argument("--data", help="judge: samples JSONL with reward targets "
                                   "(data/prepare.py --reward-targets 4; default: synthetic)")
@@ -438,7 +487,7 @@ def main():
         bench_rollout(short(batch=8, new_tokens=32))
     if args.what in ("data", "all"):
         bench_data(args)
-    if args.what == "grpo" and args.device == "cuda":
+    if args.what == "update" or (args.what == "grpo" and args.device == "cuda"):
         return bench_update_kernels(args)
     if args.what in ("grpo", "all"):
         bench_grpo(short(prompt_tokens=100, new_tokens=32, repeats=1))

@@ -80,7 +80,7 @@ class DPOConfig(TrainConfig):
 # The named presets: the demo, and the learning recipe's stages (tools/learning.py).
 DEMO = DPOConfig(data="runs/demo-data/train.jsonl", val_data="runs/demo-data/val.jsonl", out="runs/dpo-demo",
                  users=24, n=4, max_new_tokens=64, task="rating", lr=1e-5, pairs_per_step=4, steps=6,
-                 eval_every=6, val_users=16, token_budget=4096, save_every=3)
+                 eval_every=6, val_users=16, token_budget=4096, save_every=3, activation_checkpointing=True)
 LEARNING = DPOConfig(task="rating", users=128, n=6, temperature=0.7, top_p=0.9, max_new_tokens=96,
                      min_margin=0.02, max_pairs_per_user=4, lr=5e-6, beta=0.1, steps=30, pairs_per_step=8,
                      eval_every=15, save_every=30, dtype="bfloat16", token_budget=4096, val_users=100)

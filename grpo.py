@@ -87,10 +87,11 @@ class GRPOConfig(TrainConfig):
 # The named presets: how the demo and the learning recipe differ from the public code's values.
 DEMO = GRPOConfig(data="runs/demo-data", out="runs/grpo-demo", steps=12, prompts_per_step=4, group_size=4,
                   mini_batches=1, max_new_tokens=64, lr=1e-5, kl_coef=0.0, eval_every=6, val_users=16,
-                  save_every=6, token_budget=4096)   # dtype auto: fp32 on CPU, where bf16 may lack kernels
+                  save_every=6, token_budget=4096, activation_checkpointing=True)
+# dtype auto: fp32 on CPU, where bf16 may lack kernels; checkpointing: on CPU it costs ~no time, halves memory
 LEARNING = GRPOConfig(steps=30, prompts_per_step=8, group_size=8, mini_batches=1, temperature=0.8, lr=1e-5,
                       kl_coef=0.0, eval_every=10, save_every=30, max_new_tokens=96, token_budget=4096,
-                      dtype="bfloat16", val_users=100)   # tools/learning.py: from the warm start
+                      dtype="bfloat16", val_users=100, activation_checkpointing=True)   # tools/learning.py
 
 
 # ----------------------------------------------------------------------------- the algorithm
@@ -272,7 +273,7 @@ def update(policy: Policy, ref, episodes: list[Episode], cfg: GRPOConfig, d: Dis
             sums = all_sum(backward_micro_batches(
                 policy.model, [(e.prompt, e.tokens) for e in part], cfg.token_budget, d.device,
                 lambda g: grpo_loss(policy.model, [part[k] for k in g], [w[k] for k in g], cfg, d.device),
-                ("pg_loss", "kl", "clipped", "entropy", *mis)), d.device)
+                ("pg_loss", "kl", "clipped", "entropy", *mis), progress=d.main), d.device)
             norm, ok = apply_update(policy, sums["loss"], cfg.grad_clip, d)
             for k, v in (("loss", sums["loss"]), ("pg_loss", sums["pg_loss"]), ("kl", sums["kl"]),
                          ("clip_frac", sums["clipped"] / max(n["tokens"], 1)),
@@ -307,7 +308,7 @@ def grpo_step(policy: Policy, ref, prompts: list[Prompt], scorer, cfg: GRPOConfi
     params = SamplingParams(cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop=tuple(stop))
     outs = policy.sampler.generate([p.ids for p in prompts], params, seed=[p.seed for p in prompts],
                                    tokenizer=policy.tok, end_ids=end_ids,
-                                   batch_size=cfg.rollout_batch_size) if prompts else []
+                                   batch_size=cfg.rollout_batch_size, progress=d.main) if prompts else []
     t1 = time.time()
     flat = [(p, o) for p, group in zip(prompts, outs) for o in group]                 # [prompts * group]
     scored = scorer([p.sample for p, _ in flat], [o for _, o in flat]) if flat else []

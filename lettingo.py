@@ -256,9 +256,7 @@ class Transformer(nn.Module):
         """log p(ids[m] | position index[m] of the flattened [B*T] batch) / temperature, [M], without
         full [B*T, V] logits (see token_logprobs); the entropies there too when asked for."""
         h = self.hidden(tokens, doc_ids=doc_ids, branch_ids=branch_ids, positions=positions)
-        lp = token_logprobs(h, self.lm_head.weight, index, ids, temperature)
-        return TokenLogprobs(lp, token_entropy(h, self.lm_head.weight, index, temperature)
-                                 if with_entropy else None)
+        return token_logprobs(h, self.lm_head.weight, index, ids, temperature, with_entropy=with_entropy)
 
     def answer_logits(self, tokens, index, answer_ids, *, doc_ids=None, branch_ids=None,
                       positions=None) -> torch.Tensor:
@@ -304,9 +302,12 @@ class Transformer(nn.Module):
             return dense_attention(mask)                       # one sequence per row
         if kernel == "flex":
             return flex_packed_attention(mask, doc_ids, branch_ids)
-        index, starts, lens = packed_segments(mask, doc_ids, *tokens.shape, tokens.device)
         if kernel in VARLEN:
+            index, _, lens = packed_segments(mask, doc_ids, *tokens.shape, tokens.device)
             return varlen_attention(kernel, index, lens)
+        # a segment per document, or with branches per (document, branch)
+        parts = doc_ids if branch_ids is None else doc_ids * (int(branch_ids.max()) + 1) + branch_ids
+        index, starts, lens = packed_segments(mask, parts, *tokens.shape, tokens.device)
         return row_attention(index, starts, lens, branch_ids)
 
 
@@ -326,15 +327,21 @@ def default_positions(tokens, mask, doc_ids, cache, slots):
     return torch.arange(T, device=tokens.device).expand(B, T)
 
 
-def token_logprobs(hidden, weight, index, ids, temperature=1.0, chunk=1024) -> torch.Tensor:
+def token_logprobs(hidden, weight, index, ids, temperature=1.0, chunk=1024, with_entropy=False
+                   ) -> TokenLogprobs:
     """Log-probs of target tokens from final hidden states [B, T, D], without full [tokens, V] fp32
     logits: chunk by chunk, each chunk recomputed in backward instead of stored. Position index[m]
-    of the flattened [B*T] hidden predicts ids[m] (a position may appear several times). -> [M] fp32"""
+    of the flattened [B*T] hidden predicts ids[m] (a position may appear several times). With
+    with_entropy also the entropy of each of those next-token distributions (a metric: no gradient),
+    from the same logits. -> ([M] fp32, [M] or None)"""
     h = hidden.reshape(-1, hidden.shape[-1])[index]                                  # [M, D]
 
     def piece(h_c, t_c):
         logits = (h_c @ weight.t()).float() / temperature
-        return logits.gather(1, t_c[:, None]).squeeze(1) - torch.logsumexp(logits, dim=-1)
+        lse = torch.logsumexp(logits, dim=-1)
+        entropy = lse.detach() - (torch.softmax(logits.detach(), -1) * logits.detach()).sum(-1) \
+            if with_entropy else lse.new_zeros(0)         # H = log Z - sum_v p_v * logit_v
+        return logits.gather(1, t_c[:, None]).squeeze(1) - lse, entropy
 
     parts = []
     for i in range(0, len(ids), chunk):
@@ -343,18 +350,10 @@ def token_logprobs(hidden, weight, index, ids, temperature=1.0, chunk=1024) -> t
             parts.append(torch.utils.checkpoint.checkpoint(piece, h_c, t_c, use_reentrant=False))
         else:
             parts.append(piece(h_c, t_c))
-    return torch.cat(parts) if parts else torch.zeros(0, device=hidden.device)
-
-
-@torch.no_grad()
-def token_entropy(hidden, weight, index, temperature=1.0, chunk=1024) -> torch.Tensor:
-    """Entropy of the next-token distribution at positions `index` of the flattened hidden. -> [M]"""
-    h = hidden.reshape(-1, hidden.shape[-1])[index]
-    parts = []
-    for i in range(0, len(index), chunk):
-        logp = torch.log_softmax((h[i:i + chunk] @ weight.t()).float() / temperature, dim=-1)
-        parts.append(-(logp.exp() * logp).sum(-1))
-    return torch.cat(parts) if parts else torch.zeros(0, device=hidden.device)
+    if not parts:
+        return TokenLogprobs(torch.zeros(0, device=hidden.device), None)
+    return TokenLogprobs(torch.cat([lp for lp, _ in parts]),
+                         torch.cat([e for _, e in parts]) if with_entropy else None)
 
 
 # ----------------------------------------------------------------------------- attention kernels
@@ -472,25 +471,54 @@ def torch_varlen(q, k, v, cu, max_len):
 
 def row_attention(index, starts, lens, branch_ids):
     """SDPA over packed documents: each gathered into its own right-padded row, so plain causal
-    attention applies and no [N, N] mask is built; a shared-prefix document (branch_ids) adds a
-    [D, 1, L, L] mask in which each branch sees the prefix (branch 0) and itself."""
-    span = torch.arange(int(lens.max()), device=lens.device)
-    row_valid = span[None, :] < lens[:, None]                                          # [D, L]
-    rows = torch.where(row_valid, index[(starts[:, None] + span[None, :]).clamp(max=len(index) - 1)], 0)
-    mask = None
-    if branch_ids is not None:
-        br = torch.where(row_valid, branch_ids.flatten()[rows], -1)                     # [D, L]
-        causal = span[None, :] <= span[:, None]                                         # [L, L]
-        see = causal & ((br[:, None, :] == 0) | (br[:, None, :] == br[:, :, None])) & row_valid[:, None, :]
-        mask = (see | torch.eye(len(span), dtype=torch.bool, device=lens.device))[:, None]   # pad sees itself
+    attention applies and no [N, N] mask is built. A shared-prefix document (branch_ids) runs the way
+    a KV cache would ("prefix + suffix", as verl's PrefixGrouper): its prefix (branch 0) is one causal
+    row, and each branch a row of queries that attend to all of their prefix's keys and causally to
+    their own -- no [L, L] mask over the whole document, and for a GRPO group a third of its work."""
+    if branch_ids is None:
+        rows, row_valid = segment_rows(index, starts, lens)
+
+        def attend(layer, q, k, v):
+            B, H, T, hd = q.shape
+            qd, kd, vd = (t.transpose(1, 2).reshape(B * T, -1, hd)[rows].transpose(1, 2) for t in (q, k, v))
+            o = sdpa(qd, kd, vd, None).transpose(1, 2)[row_valid]                       # [N, H, hd]
+            y = torch.zeros(B * T, H, hd, dtype=o.dtype, device=o.device)
+            return y.index_put((rows[row_valid],), o).view(B, T, H * hd)
+        return attend
+    branch = branch_ids.flatten()[index[starts]]                                        # [S] per segment
+    seg = torch.arange(len(starts), device=lens.device)
+    prefix_of = torch.cummax(torch.where(branch == 0, seg, 0), 0).values                # [S] its prefix
+    is_prefix = branch == 0
+    p_rows, p_valid = segment_rows(index, starts[is_prefix], lens[is_prefix])           # [P, Lp]
+    b_rows, b_valid = segment_rows(index, starts[~is_prefix], lens[~is_prefix])         # [Bn, Lb]
+    b_prefix = (torch.cumsum(is_prefix, 0) - 1)[prefix_of[~is_prefix]]                 # [Bn] -> prefix row
+    # a branch's query i sees its prefix's real keys and its own keys 0..i: [Bn, 1, Lb, Lp + Lb]
+    Lb = b_rows.shape[1]
+    own = torch.tril(torch.ones(Lb, Lb, dtype=torch.bool, device=lens.device))[None]
+    mask = torch.cat([p_valid[b_prefix][:, None, :].expand(-1, Lb, -1), own.expand(len(b_rows), -1, -1)],
+                     2)[:, None]
 
     def attend(layer, q, k, v):
         B, H, T, hd = q.shape
-        qd, kd, vd = (t.transpose(1, 2).reshape(B * T, -1, hd)[rows].transpose(1, 2) for t in (q, k, v))
-        o = sdpa(qd, kd, vd, mask).transpose(1, 2)[row_valid]                           # [N, H, hd]
-        y = torch.zeros(B * T, H, hd, dtype=o.dtype, device=o.device)
-        return y.index_put((rows[row_valid],), o).view(B, T, H * hd)
+        flat = [t.transpose(1, 2).reshape(B * T, -1, hd) for t in (q, k, v)]            # [B*T, heads, hd]
+        qp, kp, vp = (t[p_rows].transpose(1, 2) for t in flat)                          # [P, heads, Lp, hd]
+        qb, kb, vb = (t[b_rows].transpose(1, 2) for t in flat)                          # [Bn, heads, Lb, hd]
+        op = sdpa(qp, kp, vp, None).transpose(1, 2)[p_valid]
+        y = torch.zeros(B * T, H, hd, dtype=op.dtype, device=op.device).index_put((p_rows[p_valid],), op)
+        if len(b_rows):                                   # none: every document a prompt alone
+            kb, vb = torch.cat([kp[b_prefix], kb], 2), torch.cat([vp[b_prefix], vb], 2)  # [Bn, KV, Lp+Lb, hd]
+            ob = sdpa(qb, kb, vb, mask).transpose(1, 2)[b_valid]
+            y = y.index_put((b_rows[b_valid],), ob)
+        return y.view(B, T, H * hd)
     return attend
+
+
+def segment_rows(index, starts, lens):
+    """Segments of the flattened batch as right-padded rows -> (rows [S, L] of positions, padding
+    pointing at a real one; valid [S, L])."""
+    span = torch.arange(int(lens.max()) if len(lens) else 0, device=lens.device)
+    valid = span[None, :] < lens[:, None]
+    return torch.where(valid, index[(starts[:, None] + span[None, :]).clamp(max=len(index) - 1)], 0), valid
 
 
 FLEX_BLOCK = 128

@@ -736,6 +736,28 @@ def user_gaucs(preds, targets) -> dict:
     return {u: g for u, g in gaucs if g is not None}
 
 
+def row_targets(c: Condition, targets) -> list[dict]:
+    """The target of each of a row's predictions. A row with several profiles per sample (rollout.py
+    --n 4) files each profile's targets under its own user id (user, k), so that GAUC and Spearman
+    compare items within one profile (by_person averages a user's profiles again)."""
+    if len(set(c.idx)) == len(c.idx):
+        return [targets[i] for i in c.idx]
+    drawn = defaultdict(int)
+    out = []
+    for i in c.idx:
+        out.append({**targets[i], "user_id": (targets[i]["user_id"], drawn[i])})
+        drawn[i] += 1
+    return out
+
+
+def by_person(values: dict) -> dict:
+    """{user or (user, profile k): value} -> {user: the mean over its profiles}."""
+    people = defaultdict(list)
+    for key, v in values.items():
+        people[key[0] if isinstance(key, tuple) else key].append(v)
+    return {u: sum(vs) / len(vs) for u, vs in people.items()}
+
+
 def paired(a: dict, b: dict, boot=1000, seed=0):
     """paired_difference of two {user: value} over the users both have."""
     common = [u for u in a if u in b]
@@ -759,28 +781,29 @@ def summarize(task, samples, rows: dict[str, Condition], compare: list[tuple[str
     against no profile; for the rows in `calibration` ({name: (a, b)} from validation users) the
     calibrated MAE, of a + b * prediction."""
     targets = eval_targets(samples)
-    tg = lambda c: [targets[i] for i in c.idx]
-    err = {name: per_user(sample_errors(task, c.preds, tg(c)), tg(c)) for name, c in rows.items()
-           if len(c.idx) == len(targets)}          # one prediction per target: pairable
-    gauc = ({name: user_gaucs(rows[name].preds, targets) for name in err} if task == "rating" else {})
+    tg = {name: row_targets(c, targets) for name, c in rows.items()}
+    err = {name: by_person(per_user(sample_errors(task, c.preds, tg[name]), tg[name]))
+           for name, c in rows.items() if len(set(c.idx)) == len(targets)}       # every target: pairable
+    gauc = ({name: by_person(user_gaucs(rows[name].preds, tg[name])) for name in err} if task == "rating"
+            else {})
     out = {"task": task, "n_samples": len(samples), "n_targets": len(targets), "rows": {}, "paired": {},
            "paired_GAUC": {}}
     if task == "rating":
         out["truth_mean"] = sum(t["rating"] for t in targets) / max(len(targets), 1)
     for name, c in rows.items():
-        r = {"all": metrics(task, c.preds, tg(c))}
+        r = {"all": metrics(task, c.preds, tg[name])}
         if name in (calibration or {}) and task == "rating":
             a, b = calibration[name]
-            cal = metrics(task, [None if p is None else a + b * p for p in c.preds], tg(c))
+            cal = metrics(task, [None if p is None else a + b * p for p in c.preds], tg[name])
             if "MAE" in cal:                                  # not when every prediction failed
                 r["all"]["calibrated_MAE"], r["calibration"] = cal["MAE"], (a, b)
         if c.status is not None:
             closed = [k for k, st in enumerate(c.status) if st == "ok"]
             r["format_rate"] = len(closed) / max(len(c.status), 1)
             r["words"] = c.words
-            r["closed"] = metrics(task, [c.preds[k] for k in closed], [targets[c.idx[k]] for k in closed])
+            r["closed"] = metrics(task, [c.preds[k] for k in closed], [tg[name][k] for k in closed])
             r["no_profile_on_closed"] = metrics(task, [rows[NO_PROFILE].preds[c.idx[k]] for k in closed],
-                                                [targets[c.idx[k]] for k in closed])
+                                                [tg[name][k] for k in closed])
         out["rows"][name] = r
     pairs = [(NO_PROFILE, name) for name in err if name != NO_PROFILE] + list(compare)
     for a, b in pairs:

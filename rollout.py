@@ -197,15 +197,14 @@ class Sampler:
                        key=lambda i: (shared[i], prompts[i][:shared[i]], len(prompts[i])))
         per_chunk = max(1, batch_size // params.n)
         out: list[list[Sample]] = [None] * len(prompts)
-        bar = tqdm(total=len(prompts), desc="rollout", unit="prompt", file=sys.stderr, disable=not progress)
+        bar = tqdm(desc="rollout", unit="tok", file=sys.stderr, disable=not progress, leave=False)
         for c in range(0, len(order), per_chunk):
             idx = order[c:c + per_chunk]
             max_new = min(params.max_new_tokens, ctx - max(len(prompts[i]) for i in idx))
             done = self.chunk([prompts[i] for i in idx], [seeds[i] for i in idx], params, max_new, tokenizer,
-                              set(end_ids), [shared[i] for i in idx])
+                              set(end_ids), [shared[i] for i in idx], bar)
             for i, samples in zip(idx, done):
                 out[i] = samples
-            bar.update(len(idx))
         bar.close()
         return out
 
@@ -213,12 +212,10 @@ class Sampler:
         """Rows a decode batch is padded to: exact, or powers of two (few graph captures)."""
         return 1 << (n - 1).bit_length() if self.bucketed else n
 
-    def chunk(self, prompts, seeds, params: SamplingParams,
-              max_new, tokenizer, end_ids, shared) -> list[list[Sample]]:
-        """One batch: prefill each prompt once (each distinct shared prefix once, then the rest of
-        every prompt), copy its cache to its n rows, decode until every row has ended, dropping
-        finished rows from the batch whenever that halves it."""
-        model, n, stop = self.model, params.n, params.stop
+    def prefill(self, prompts, shared, max_new) -> tuple[KVCache, torch.Tensor]:
+        """Each distinct shared prefix once, then the rest of every prompt, into a KV cache with room
+        for max_new more tokens. -> (cache [P rows], next-token logits [P, V] of each prompt)"""
+        model = self.model
         device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
         heads = list(dict.fromkeys(tuple(p[:k]) for p, k in zip(prompts, shared)))   # distinct prefixes
         tails = [p[k:] for p, k in zip(prompts, shared)]
@@ -231,7 +228,16 @@ class Sampler:
             cache = cache.rows(torch.tensor([heads.index(tuple(p[:k])) for p, k in zip(prompts, shared)],
                                             device=device))
         tokens, mask = left_pad(tails, device)                                 # [P, Tt]: all end at Tt-1
-        logits = model(tokens, mask=mask, cache=cache, last_only=True)[:, -1]  # one prefill per prompt
+        return cache, model(tokens, mask=mask, cache=cache, last_only=True)[:, -1]
+
+    def chunk(self, prompts, seeds, params: SamplingParams,
+              max_new, tokenizer, end_ids, shared, bar) -> list[list[Sample]]:
+        """One batch: prefill, copy each prompt's cache to its n rows, decode until every row has
+        ended, dropping finished rows from the batch whenever that halves it; `bar` (tqdm) counts the
+        tokens kept."""
+        model, n, stop = self.model, params.n, params.stop
+        device = model.lm_head.weight.device
+        cache, logits = self.prefill(prompts, shared, max_new)
         B = len(prompts) * n
         rows = list(range(B)) + [None] * (self.rows(B) - B)   # result index per decode row (None: padding)
         index = torch.tensor([min(r, B - 1) // n for r in range(len(rows))], device=device)   # row -> prompt
@@ -248,7 +254,7 @@ class Sampler:
         results = [Sample([], [], prompt_tokens=len(prompts[r // n])) for r in range(B)]
         window = max((len(s) for s in stop), default=0) + 8
         every = 8 if self.bucketed else 1                 # the host reads the tokens every `every` steps
-        step = seen = 0
+        step = seen = counted = 0
         while step < max_new:
             for _ in range(min(every, max_new - step)):
                 if graph:
@@ -262,6 +268,8 @@ class Sampler:
                 if r is not None and extend(results[r], new_t[j], new_lp[j], end_ids, stop, tokenizer,
                                             window):
                     rows[j] = None                        # this row is done
+            bar.update(sum(len(s.tokens) for s in results) - counted)
+            counted = sum(len(s.tokens) for s in results)
             live = [j for j, r in enumerate(rows) if r is not None]
             if not live or step == max_new:
                 break

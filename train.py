@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from tqdm import tqdm
 
 from lettingo import (ATTENTION, PROFILE_CLOSE, TREE_BACKENDS, LettingoError, Stopped, TokenLogprobs,
                       Transformer, attention_backend, load_model, micro_batches, pack_row, predictor_messages,
@@ -45,6 +46,8 @@ class TrainConfig:
     eval_every: int = option(10, "validate every N steps (and at the end)", min=1)
     val_users: int = option(64, "validation users evaluated (0 = all)", min=0)
     save_every: int = option(50, "checkpoint every N steps (and at the end)", min=1)
+    keep: int = option(2, "checkpoints kept: the newest whole, older ones the weights alone (no optimizer "
+                       "state, which is 2x the weights)", min=1)
     seed: int = option(0, "data order and sampling seed")
     resume: bool = option(False, "continue from the latest complete checkpoint")
     lr: float = option(1e-6, "AdamW learning rate (constant after warm-up)", min=0.0)
@@ -248,14 +251,16 @@ def synced_groups(model, seqs, budget, device) -> list[list[int]]:
     return groups + [[] for _ in range(int(all_max(len(groups), device)) - len(groups))]
 
 
-def backward_micro_batches(model, seqs, budget: int, device, loss_of, names=()) -> dict[str, float]:
+def backward_micro_batches(model, seqs, budget: int, device, loss_of, names=(), progress=False
+                           ) -> dict[str, float]:
     """For each micro-batch g (indices into `seqs`, packed within the token budget): loss, metrics =
     loss_of(g); loss.backward(). Gradients are reduced once, on the last micro-batch; a rank with
     fewer micro-batches runs empty ones (a forward with zero loss) so all ranks stay in lockstep.
     -> this rank's sums of "loss" and of the metrics `names` (every rank: the same keys)."""
     sums = dict.fromkeys(("loss", *names), 0.0)
     groups = synced_groups(model, seqs, budget, device)
-    for k, g in enumerate(groups):
+    for k, g in enumerate(tqdm(groups, desc="update", unit="micro-batch", file=sys.stderr, leave=False,
+                               disable=not progress)):
         model.set_requires_gradient_sync(k == len(groups) - 1)
         if not g:
             (completion_logprobs(model, [([0], [0])], device)[0].logprobs.sum() * 0.0).backward()
@@ -350,7 +355,7 @@ def fit(cfg: TrainConfig, d: Dist, policy: Policy, run_dir: str, steps: int, n_e
                 policy.sync()
                 last = validate_fn()
                 first = first or last
-                log.log({"step": step, **last}, f"step {step:>4} | validation {json.dumps(last)}",
+                log.log({"step": step, **last}, f"step {step:>4} | validation {describe_validation(last)}",
                         file="validation.jsonl")
             if step == steps:
                 break
@@ -360,14 +365,33 @@ def fit(cfg: TrainConfig, d: Dist, policy: Policy, run_dir: str, steps: int, n_e
             if samples is not None:
                 log.log({"step": step, "samples": samples}, file="samples.jsonl")
             if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
-                save_checkpoint(run_dir, step + 1, policy, {"config": dataclasses.asdict(cfg)}, d)
+                save_checkpoint(run_dir, step + 1, policy, {"config": dataclasses.asdict(cfg)}, d, cfg.keep)
     except KeyboardInterrupt:
         ckpt = latest_checkpoint(run_dir)
         raise Stopped(f"in step {step}; " + (f"the last checkpoint is {ckpt}: the same command with --resume "
                                              "continues from it" if ckpt else
                                              "no checkpoint yet: the same command starts again")) from None
     if d.main and first:
-        print(f"validation before: {json.dumps(first)}\nvalidation after:  {json.dumps(last)}")
+        print(f"validation before: {describe_validation(first)}")
+        print(f"validation after:  {describe_validation(last)}")
+
+
+def describe_validation(row: dict) -> str:
+    """A validation row for the console: rates in %, values to 4 digits, "-" where none (the full
+    numbers go to validation.jsonl)."""
+    shown = []
+    for key, value in row.items():
+        name = key.removeprefix("val_").replace("_", " ")
+        if value is None:
+            text = "-"
+        elif key.endswith("_rate"):
+            text = f"{value:.0%}"
+        elif isinstance(value, float):
+            text = f"{value:.4g}"
+        else:
+            text = str(value)
+        shown.append(f"{name} {text}")
+    return " | ".join(shown)
 
 
 @dataclass
@@ -428,7 +452,8 @@ def validate(sampler: Sampler, tok, judge, val: list[dict], task: str, max_new_t
 
 def save_checkpoint(run_dir, step, policy: Policy, state: dict, d: Dist, keep=2):
     """run_dir/ckpt-STEP/{model (HF folder), trainer.pt}. Written under a temp name and renamed, so a
-    run killed mid-write leaves the previous checkpoint as the latest complete one."""
+    run killed mid-write leaves the previous checkpoint as the latest complete one. Of the `keep`
+    newest, only the newest keeps the optimizer state (resume reads the newest); older ones go."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     full = get_model_state_dict(policy.model, options=options)
     osd = get_optimizer_state_dict(policy.model, policy.optimizer, options=options)
@@ -443,9 +468,22 @@ def save_checkpoint(run_dir, step, policy: Policy, state: dict, d: Dist, keep=2)
                     "state": state}, os.path.join(tmp, "trainer.pt"))
         shutil.rmtree(final, ignore_errors=True)        # the same step written again (a resumed run)
         os.replace(tmp, final)
-        for old in sorted(checkpoints(run_dir))[:-keep]:
+        older = [c for c in sorted(checkpoints(run_dir)) if c != final]
+        for old in older[:max(len(older) - keep + 1, 0)]:
             shutil.rmtree(old, ignore_errors=True)
+        for old in older[max(len(older) - keep + 1, 0):]:
+            drop_optimizer_state(old)
     dist.barrier()
+
+
+def drop_optimizer_state(ckpt):
+    """Rewrite ckpt/trainer.pt without the optimizer state (atomically: a temp file renamed)."""
+    path = os.path.join(ckpt, "trainer.pt")
+    blob = torch.load(path, map_location="cpu", weights_only=False)
+    if "optimizer" in blob:
+        del blob["optimizer"]
+        torch.save(blob, path + ".tmp")
+        os.replace(path + ".tmp", path)
 
 
 def checkpoints(run_dir) -> list[str]:
@@ -464,6 +502,9 @@ def latest_checkpoint(run_dir) -> str | None:
 def load_trainer_state(ckpt, policy: Policy, d: Dist) -> dict:
     """Optimizer, scheduler and RNG states of a checkpoint (the weights come from ckpt/model)."""
     blob = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
+    if "optimizer" not in blob:
+        raise LettingoError(f"{ckpt} holds the weights only (its optimizer state went when a newer "
+                            f"checkpoint was written): it starts a run as --model {ckpt}/model, not a resume")
     set_optimizer_state_dict(policy.model, policy.optimizer, optim_state_dict=blob["optimizer"],
                              options=StateDictOptions(full_state_dict=True))
     policy.scheduler.load_state_dict(blob["scheduler"])

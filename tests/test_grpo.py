@@ -419,12 +419,14 @@ def test_resume_is_exact_and_survives_killed_write(toy_setup, tmp_path, monkeypa
 
 def test_a_second_run_into_a_run_folder_stops_before_any_work_and_resume_keeps_the_logs_clean(toy_setup,
                                                                                               tmp_path):
-    toy(toy_setup, tmp_path, "--steps", "2", "--save-every", "1")
+    toy(toy_setup, tmp_path, "--steps", "1", "--save-every", "1")
     r = toy(toy_setup, tmp_path, "--steps", "2", check=False)
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: --out") and "--resume" in r.stderr
-    # resumed from step 1 (the newest checkpoint deleted): step 1's rows are redone, not repeated
-    shutil.rmtree(tmp_path / "ckpt-000002")
+    # killed after logging step 1, before its checkpoint: resumed from step 1, its row is redone once
+    row = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({**row, "step": 1}) + "\n")
     toy(toy_setup, tmp_path, "--steps", "3", "--save-every", "1", "--resume")
     steps = [json.loads(x)["step"] for x in open(tmp_path / "metrics.jsonl")]
     assert steps == [0, 1, 2]
@@ -471,6 +473,16 @@ def test_killed_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
         train.save_checkpoint(str(tmp_path / "run"), 2, policy, {}, d)
     assert latest_checkpoint(str(tmp_path / "run")).endswith("ckpt-000001")
     load_model(os.path.join(latest_checkpoint(str(tmp_path / "run")), "model"))
+    monkeypatch.undo()
+    for step in (2, 3):                        # keep 2: ckpt-1 goes, ckpt-2 keeps its weights only
+        train.save_checkpoint(str(tmp_path / "run"), step, policy, {}, d, keep=2)
+    assert sorted(os.listdir(tmp_path / "run")) == ["ckpt-000002", "ckpt-000003"]
+    blobs = [torch.load(tmp_path / "run" / c / "trainer.pt", weights_only=False) for c in ("ckpt-000002",
+                                                                                         "ckpt-000003")]
+    assert "optimizer" not in blobs[0] and "optimizer" in blobs[1] and blobs[0]["step"] == 2
+    with pytest.raises(train.LettingoError, match="weights only"):
+        train.load_trainer_state(str(tmp_path / "run" / "ckpt-000002"), policy, d)
+    train.load_trainer_state(str(tmp_path / "run" / "ckpt-000003"), policy, d)
     import torch.distributed as dist
     dist.destroy_process_group()
 

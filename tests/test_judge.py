@@ -65,7 +65,7 @@ def test_a_fine_tuned_judge_logs_the_loss_by_hand_and_loads_everywhere(tmp_path)
     r = run("tools/judge.py", "--model", d / "model", "--data", d / "data" / "judge.jsonl", "--val-data",
             d / "data" / "val.jsonl", "--out", out, "--steps", 2, "--contexts-per-step", 3, "--lr", 0.0,
             "--eval-every", 2, "--save-every", 2, timeout=600, check=True)
-    assert "validation after" in r.stdout and "val_none_GAUC" in r.stdout
+    assert "validation after" in r.stdout and "none GAUC" in r.stdout
     # step 0's loss is the mean cross-entropy of its examples' targets (lr 0: the weights stay the start)
     from train import step_examples
     samples = [json.loads(x) for x in open(d / "data" / "judge.jsonl")]

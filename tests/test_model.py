@@ -12,7 +12,6 @@ from lettingo import (
     load_model,
     resolve,
     save_model,
-    token_entropy,
     token_logprobs,
 )
 
@@ -74,8 +73,8 @@ def test_token_logprobs_match_log_softmax():
     w = torch.randn(50, 16)
     t = torch.randint(0, 50, (2, 700))
     index = torch.arange(2 * 700)
-    lp = token_logprobs(h, w, index, t.flatten(), temperature=0.7, chunk=300).view(2, 700)
-    ent = token_entropy(h, w, index, temperature=0.7, chunk=300).view(2, 700)
+    lp, ent = token_logprobs(h, w, index, t.flatten(), temperature=0.7, chunk=300, with_entropy=True)
+    lp, ent = lp.view(2, 700), ent.view(2, 700)
     ref = torch.log_softmax((h @ w.t()) / 0.7, -1)
     assert (lp - ref.gather(-1, t[..., None]).squeeze(-1)).abs().max() < 1e-5
     assert (ent - -(ref.exp() * ref).sum(-1)).abs().max() < 1e-4

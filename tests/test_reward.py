@@ -181,6 +181,23 @@ def test_paired_differences_are_per_user():
     assert out["rows"]["b"]["all"]["GAUC"][0] == pytest.approx(0.5) and out["n_targets"] == 6
 
 
+def test_two_profiles_per_sample_are_paired_and_ordered_within_each():
+    """rollout.py --n 2: each sample's two profiles answer all its targets. The row is paired with no
+    profile (a user's value: the mean over its profiles), and GAUC orders items within one profile:
+    user A's profile 1 orders its items right (1), profile 2 wrong (0) -> 1/2, where pooling both
+    profiles' answers would count the pairs across them and give 3/4."""
+    preds_a, targets = users_targets({"A": [(5, 3.0), (1, 3.0)], "B": [(4, 4.0), (2, 2.0)]})
+    samples = [dict(targets[0], more_targets=targets[1:2]), dict(targets[2], more_targets=targets[3:4])]
+    # sample A: profile 1 -> 2.0, 1.0; profile 2 -> 1.2, 1.5; sample B: 4.0, 2.0 twice
+    two = Condition([2.0, 1.0, 1.2, 1.5, 4.0, 2.0, 4.0, 2.0], [0, 1, 0, 1, 2, 3, 2, 3])
+    out = summarize("rating", samples, {"no profile": Condition(preds_a, list(range(4))), "two": two})
+    # MAE: A no profile (2 + 2) / 2, two (3 + 0 + 3.8 + 0.5) / 4; B 0 and 0
+    assert out["paired"]["no profile -> two"][0] == pytest.approx(((2 - 7.3 / 4) + 0) / 2)
+    # GAUC: A no profile 1/2 (a tie), two (1 + 0) / 2; B 1 and 1
+    assert out["paired_GAUC"]["no profile -> two"][0] == pytest.approx(0.0)
+    assert out["rows"]["two"]["all"]["GAUC"][0] == pytest.approx((1 + 0 + 1 + 1) / 4)
+
+
 def test_calibrated_mae_by_hand():
     """The affine map is fitted on validation predictions and applied to test ones: a condition that
     reads its users but answers one star low and at half the scale gets a calibrated MAE of 0; a
