@@ -25,21 +25,10 @@ import time
 
 import torch
 
-from lettingo import (
-    ALIASES,
-    LettingoError,
-    ModelConfig,
-    Transformer,
-    alias_folder,
-    chat_prompt,
-    load_model,
-    predictor_messages,
-    resolve,
-    rope_frequencies,
-    split_shared_prefixes,
-)
+from lettingo import (ALIASES, ArgParser, LettingoError, ModelConfig, Transformer, alias_folder, chat_prompt,
+                      cli, load_model, predictor_messages, resolve, rope_frequencies, split_shared_prefixes)
+from reward import Scored
 from rollout import Sampler, SamplingParams, cpu_decode_layout, prompt_seed
-from tools.cli import ArgParser, cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEXT = ("The user watched many films last year. They loved quiet dramas and sharp comedies, found most "
@@ -302,7 +291,6 @@ def bench_grpo(args):
     from trl import GRPOConfig, GRPOTrainer
 
     import grpo
-    from reward import Scored
     from train import close_distributed, load_policy, setup_distributed
     folder = hf_folder(args.model)
     tok = AutoTokenizer.from_pretrained(folder)
@@ -317,12 +305,12 @@ def bench_grpo(args):
     policy = load_policy(folder, cfg_ours, d)
     # raw prompts, as TRL gets them
     p_ids = [policy.tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    scorer = lambda samples, outs: [Scored(r) for r in reward([o.text for o in outs])]
+    rewards = ToyRewards(reward)
 
     # the code path a user runs; no stop string and no end token: forced length, as TRL's
     def ours_step(step):
         batch = [grpo.Prompt({}, ids, prompt_seed(0, step, i), 0) for i, ids in enumerate(p_ids)]
-        return grpo.grpo_step(policy, None, batch, scorer, cfg_ours, d, stop=(), end_ids=set())
+        return grpo.grpo_step(policy, None, batch, rewards, cfg_ours, d, stop=(), end_ids=set())
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, args.dtype))
     cfg = GRPOConfig(output_dir=tempfile.mkdtemp(),
@@ -362,12 +350,22 @@ def bench_grpo(args):
     close_distributed()
 
 
+class ToyRewards:
+    """grpo_step's rewards object (reward.JudgeRewards' interface) for a judge-free toy reward."""
+
+    def __init__(self, reward):
+        self.reward = reward
+
+    def score(self, samples, outs):
+        return [Scored(r) for r in self.reward([o.text for o in outs])]
+
+
 def judge_prompts(args):
     """One GRPO step's judge requests: --users users x --group-size profiles x each user's reward
     targets, as target_rewards sends them (a profile's targets consecutive). The profiles are the
     template's with a different closing clause per sample (a written profile's length)."""
     from reward import sample_targets, template_profile
-    from tools.cli import read_samples
+    from lettingo import read_samples
     tmp = None
     if not args.data:
         tmp = tempfile.TemporaryDirectory()

@@ -16,6 +16,8 @@ was made from the same inputs; train and sft train (--resume continues a stopped
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
 import random
 import sys
@@ -27,14 +29,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from lettingo import (PROFILE_CLOSE, PROFILE_OPEN, LettingoError, load_model, profile_answer,
-                      profile_messages, profile_prompt)
+from lettingo import (PROFILE_CLOSE, PROFILE_OPEN, ArgParser, LettingoError, add_config, cli, config_from,
+                      load_model, option, output_folder, profile_answer, profile_messages, profile_prompt,
+                      read_jsonl, read_samples)
 from reward import HTTPJudge, make_judge, score_profiles, target_rewards, template_profile
 from rollout import Sampler, SamplingParams, cpu_decode_layout, prompt_seed, turn_end_id
-from tools.cli import ArgParser, add_config, cli, config_from, option, output_folder, read_jsonl, read_samples
-from tools.stages import fingerprint, finish_stage, up_to_date
-from train import (Dist, Policy, TrainConfig, all_sum, apply_update, backward_micro_batches,
-                   close_distributed, completion_logprobs, compute_dtype, demo_data, fit, gather_objects,
+from train import (Dist, Policy, TrainConfig, TrainLoop, all_sum, apply_update, backward_micro_batches,
+                   close_distributed, completion_logprobs, compute_dtype, demo_data, gather_objects,
                    load_policy, logprobs_no_grad, resolve_start, setup_distributed, validate)
 
 STAGES = ("explore", "evaluate", "pairs", "train", "sft")
@@ -287,6 +288,39 @@ def build_pairs(cfg: DPOConfig, d: Dist):
               f"{empty} users gave none (all their profiles scored alike)")
 
 
+# ----------------------------------------------------------------------------- stages
+# A stage's output is reused when it exists and was made from the same inputs (files by size,
+# mtime and path; everything else by value), and is written atomically.
+
+def fingerprint(*parts) -> str:
+    """Inputs of a stage: files by size+mtime+path, everything else by value."""
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, str) and os.path.isfile(p):
+            st = os.stat(p)
+            p = f"{os.path.abspath(p)}:{st.st_size}:{st.st_mtime_ns}"
+        h.update(json.dumps(p, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def up_to_date(out_file, fp) -> bool:
+    meta = out_file + ".inputs"
+    if not (os.path.isfile(out_file) and os.path.isfile(meta)):
+        return False
+    with open(meta) as f:
+        return f.read() == fp
+
+
+def finish_stage(out_file, rows, fp):
+    """Write the stage's rows (JSONL) under a temp name, rename, then record its inputs."""
+    tmp = out_file + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, out_file)
+    with open(out_file + ".inputs", "w") as f:
+        f.write(fp)
+
+
 # ----------------------------------------------------------------------------- train
 
 def response_ids(tok, text, end_id):
@@ -384,10 +418,7 @@ def train(cfg: DPOConfig, d: Dist):
         raise LettingoError(f"{pairs_file}: no pairs to train on")
     note = (f"reference log-probs {'computed once now' if computed else 'loaded'} from "
             f"{pairs_file.replace('.jsonl', '.ref.jsonl')}")
-    tokenize = lambda tok, end: [tokenize_pair(tok, samples[(p["user_id"], p["item_id"])], p, end)
-                                 for p in pairs]
-    train_on(cfg, d, os.path.join(cfg.out, "train" + reward_suffix(cfg)), pairs, tokenize,
-             lambda policy, batch, picked: dpo_step(policy, batch, picked, cfg, d), note)
+    train_on(cfg, d, "dpo", os.path.join(cfg.out, "train" + reward_suffix(cfg)), pairs, samples, note)
 
 
 def sft(cfg: DPOConfig, d: Dist):
@@ -407,17 +438,20 @@ def sft(cfg: DPOConfig, d: Dist):
     if not picks:
         raise LettingoError(f"{out}: no explored profile beats no profile; explore more (--n, --users)")
     samples = {(s["user_id"], s["item_id"]): s for s in read_samples(cfg.data)}
-    tokenize = lambda tok, end: [(profile_prompt(tok, samples[(p["user_id"], p["item_id"])]),
-                                  response_ids(tok, p["chosen"], end)) for p in picks]
-    train_on(cfg, d, os.path.join(cfg.out, "sft" + reward_suffix(cfg)), picks, tokenize,
-             lambda policy, batch, picked: sft_step(policy, batch, cfg, d), f"{len(picks)} best profiles")
+    train_on(cfg, d, "sft", os.path.join(cfg.out, "sft" + reward_suffix(cfg)), picks, samples,
+             f"{len(picks)} best profiles")
 
 
-def train_on(cfg: DPOConfig, d: Dist, run_dir, examples, tokenize, step_fn, note):
-    """train.fit over `examples` ([pair or pick]) with step_fn(policy, tokenized batch, examples of it)."""
+def train_on(cfg: DPOConfig, d: Dist, kind: str, run_dir, examples, samples, note):
+    """The DPO (kind "dpo", examples: pairs) or SFT ("sft", examples: each user's best profile) loop,
+    from cfg.model; validation when cfg.val_data is given."""
     weights, ckpt = resolve_start(run_dir, cfg.model, cfg.resume)
     policy = load_policy(weights, cfg, d)
-    data = tokenize(policy.tok, turn_end_id(policy.tok))
+    end = turn_end_id(policy.tok)
+    sample_of = [samples[(e["user_id"], e["item_id"])] for e in examples]
+    data = ([tokenize_pair(policy.tok, s, e, end) for s, e in zip(sample_of, examples)] if kind == "dpo" else
+            [(profile_prompt(policy.tok, s), response_ids(policy.tok, e["chosen"], end))
+             for s, e in zip(sample_of, examples)])
     judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_mode, device=d.device,
                        concurrency=cfg.judge_concurrency) if cfg.val_data else None
     val = read_samples(cfg.val_data)[:cfg.val_users or None] if cfg.val_data else []
@@ -425,11 +459,20 @@ def train_on(cfg: DPOConfig, d: Dist, run_dir, examples, tokenize, step_fn, note
     if d.main:
         print(f"{os.path.basename(run_dir)}: {len(examples)} examples, "
               f"{steps} steps of {cfg.pairs_per_step}; {note}")
-    step = lambda s, batch: (step_fn(policy, [data[i] for i, _ in batch],
-                                     [examples[i] for i, _ in batch]), None)
-    validate_fn = (lambda: validate(policy.sampler, policy.tok, judge, val, cfg.task, cfg.max_new_tokens,
-                                    cfg.batch_size, d)) if judge else None
-    fit(cfg, d, policy, run_dir, steps, len(examples), cfg.pairs_per_step, step, validate_fn, ckpt=ckpt)
+    with TrainLoop(cfg, d, policy, run_dir, steps, len(examples), cfg.pairs_per_step, ckpt) as loop:
+        for step in loop.steps():
+            if judge and loop.validation_due(step):
+                policy.sync()                             # the rollout copy takes the trained weights
+                loop.log_validation(step, validate(policy.sampler, policy.tok, judge, val, cfg.task,
+                                                   cfg.max_new_tokens, cfg.batch_size, d))
+            if step == steps:
+                break
+            batch = [i for i, _ in loop.examples(step)]
+            if kind == "dpo":
+                row = dpo_step(policy, [data[i] for i in batch], [examples[i] for i in batch], cfg, d)
+            else:
+                row = sft_step(policy, [data[i] for i in batch], cfg, d)
+            loop.log_step(step, row)
 
 
 # ----------------------------------------------------------------------------- main

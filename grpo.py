@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from lettingo import PROFILE_CLOSE, LettingoError, profile_answer, profile_prompt
-from reward import make_judge, score_profiles
+from lettingo import (PROFILE_CLOSE, ArgParser, LettingoError, add_config, cli, config_from, option,
+                      output_folder, profile_prompt, read_samples)
+from reward import JudgeRewards, make_judge
 from rollout import SamplingParams, prompt_seed
-from tools.cli import ArgParser, add_config, cli, config_from, option, output_folder, read_samples
-from train import (Dist, Policy, TrainConfig, all_sum, apply_update, backward_micro_batches,
-                   close_distributed, completion_logprobs, demo_data, fit, load_policy, load_reference,
+from train import (Dist, Policy, TrainConfig, TrainLoop, all_sum, apply_update, backward_micro_batches,
+                   close_distributed, completion_logprobs, demo_data, load_policy, load_reference,
                    logprobs_no_grad, rank_positions, resolve_start, setup_distributed, validate)
 
 
@@ -298,10 +298,10 @@ class Prompt:
     mini_batch: int
 
 
-def grpo_step(policy: Policy, ref, prompts: list[Prompt], scorer, cfg: GRPOConfig, d: Dist,
+def grpo_step(policy: Policy, ref, prompts: list[Prompt], rewards, cfg: GRPOConfig, d: Dist,
               stop=(PROFILE_CLOSE,), end_ids=None) -> tuple[dict, list[dict]]:
     """One GRPO step on this rank's share: sample cfg.group_size completions per prompt, score them
-    with scorer(samples, rollout Samples) -> [Scored], group advantages, update.
+    with rewards.score(samples, rollout Samples) -> [Scored], group advantages, update.
     -> (metrics, the first group's samples)."""
     t0 = time.time()
     policy.sync()
@@ -311,7 +311,7 @@ def grpo_step(policy: Policy, ref, prompts: list[Prompt], scorer, cfg: GRPOConfi
                                    batch_size=cfg.rollout_batch_size, progress=d.main) if prompts else []
     t1 = time.time()
     flat = [(p, o) for p, group in zip(prompts, outs) for o in group]                 # [prompts * group]
-    scored = scorer([p.sample for p, _ in flat], [o for _, o in flat]) if flat else []
+    scored = rewards.score([p.sample for p, _ in flat], [o for _, o in flat]) if flat else []
     t2 = time.time()
     rewards = advantage_rewards(scored, [o for _, o in flat], cfg.truncated)
     kept = [r for r in rewards if r is not None]
@@ -372,9 +372,9 @@ def describe(row: dict) -> str:
 
 # ----------------------------------------------------------------------------- the run
 
-def run(cfg: GRPOConfig, scorer=None):
-    """GRPO from cfg.model on cfg.data. `scorer(samples, rollout Samples) -> [Scored]` defaults to
-    the judge's reward of each profile."""
+def run(cfg: GRPOConfig, rewards=None):
+    """GRPO from cfg.model on cfg.data: the loop, step by step. `rewards` (an object whose
+    score(samples, rollout Samples) -> [Scored]) defaults to the judge's reward of each profile."""
     output_folder(cfg.out)
     d = setup_distributed()
     torch.manual_seed(cfg.seed)
@@ -390,31 +390,36 @@ def run(cfg: GRPOConfig, scorer=None):
     ref = load_reference(cfg.model, cfg, d) if cfg.kl_coef > 0 else None   # the start, also when resuming
     judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_mode, device=d.device,
                        concurrency=cfg.judge_concurrency)
-    if scorer is None:
-        scorer = lambda samples, outs: score_profiles(samples,
-                                                      [profile_answer(o.text, o.finish) for o in outs],
-                                                      judge, cfg.task, cfg.reward)
-
+    rewards = rewards or JudgeRewards(judge, cfg.task, cfg.reward)
     judge_down = []                                       # the steps in a row whose judge failed
+    with TrainLoop(cfg, d, policy, cfg.out, cfg.steps, len(train), cfg.prompts_per_step, ckpt,
+                   cfg.mini_batches) as loop:
+        for step in loop.steps():
+            if loop.validation_due(step):
+                policy.sync()                             # the rollout copy takes the trained weights
+                loop.log_validation(step, validate(policy.sampler, policy.tok, judge, val, cfg.task,
+                                                   cfg.max_new_tokens, cfg.rollout_batch_size, d))
+            if step == cfg.steps:
+                break
+            prompts = [Prompt(train[i], profile_prompt(policy.tok, train[i]), prompt_seed(cfg.seed, step, i),
+                              mb) for i, mb in loop.examples(step)]
+            row, examples = grpo_step(policy, ref, prompts, rewards, cfg, d)
+            judge_down = judge_down + [step] if row["judge_down"] else []
+            check_judge(judge_down, row, cfg, d)
+            loop.log_step(step, row, describe(row), examples if step % cfg.sample_every == 0 else None)
 
-    def step(step: int, batch: list[tuple[int, int]]):
-        prompts = [Prompt(train[i], profile_prompt(policy.tok, train[i]), prompt_seed(cfg.seed, step, i), mb)
-                   for i, mb in batch]
-        row, examples = grpo_step(policy, ref, prompts, scorer, cfg, d)
-        judge_down[:] = judge_down + [step] if row["judge_down"] else []
-        if judge_down and d.main:
-            print(f"warning: step {step}: the judge failed on {row['judge_failures']:.0f} profiles, more "
-                  f"than half of the closed ones: no update ({len(judge_down)} such steps in a row)",
-                  file=sys.stderr)
-        if len(judge_down) >= cfg.judge_down_steps:
-            raise LettingoError(f"the judge {cfg.judge_url or cfg.judge} failed on most profiles in steps "
-                                f"{judge_down[0]}-{step}: stopped without training on them; the last "
-                                f"checkpoint is in {cfg.out}: rerun with --resume once the judge answers")
-        return row, examples if step % cfg.sample_every == 0 else None
 
-    fit(cfg, d, policy, cfg.out, cfg.steps, len(train), cfg.prompts_per_step, step,
-        lambda: validate(policy.sampler, policy.tok, judge, val, cfg.task, cfg.max_new_tokens,
-                         cfg.rollout_batch_size, d), describe, ckpt, cfg.mini_batches)
+def check_judge(judge_down: list[int], row: dict, cfg: GRPOConfig, d: Dist):
+    """A judge that failed on most profiles of a step: a warning; cfg.judge_down_steps such steps in
+    a row stop the run (nothing is trained on them) with the command that continues it."""
+    if judge_down and d.main:
+        print(f"warning: step {judge_down[-1]}: the judge failed on {row['judge_failures']:.0f} profiles, "
+              f"more than half of the closed ones: no update ({len(judge_down)} such steps in a row)",
+              file=sys.stderr)
+    if len(judge_down) >= cfg.judge_down_steps:
+        raise LettingoError(f"the judge {cfg.judge_url or cfg.judge} failed on most profiles in steps "
+                            f"{judge_down[0]}-{judge_down[-1]}: stopped without training on them; the last "
+                            f"checkpoint is in {cfg.out}: rerun with --resume once the judge answers")
 
 
 def parse_config(argv) -> GRPOConfig:

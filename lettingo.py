@@ -1,6 +1,7 @@
 """lettingo.py -- the model every other file runs: a from-scratch decoder-only transformer
 (Llama / SmolLM2, Qwen2, Qwen3), checkpoint I/O (HF folders, GGUF, the embedded SmolLM2),
-the one log-prob function, and the LettinGo prompt templates.
+the one log-prob function, the LettinGo prompt templates, and the command-line edge every script
+shares (config fields, flags, one-line errors, JSONL readers).
 
 `transformers` is used here only for tokenizers and chat templates.
 
@@ -8,12 +9,16 @@ the one log-prob function, and the LettinGo prompt templates.
 """
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import functools
 import importlib.util
 import inspect
 import json
 import math
 import os
+import sys
+import typing
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -490,25 +495,29 @@ def row_attention(index, starts, lens, branch_ids):
     prefix_of = torch.cummax(torch.where(branch == 0, seg, 0), 0).values                # [S] its prefix
     is_prefix = branch == 0
     p_rows, p_valid = segment_rows(index, starts[is_prefix], lens[is_prefix])           # [P, Lp]
-    b_rows, b_valid = segment_rows(index, starts[~is_prefix], lens[~is_prefix])         # [Bn, Lb]
-    b_prefix = (torch.cumsum(is_prefix, 0) - 1)[prefix_of[~is_prefix]]                 # [Bn] -> prefix row
-    # a branch's query i sees its prefix's real keys and its own keys 0..i: [Bn, 1, Lb, Lp + Lb]
-    Lb = b_rows.shape[1]
-    own = torch.tril(torch.ones(Lb, Lb, dtype=torch.bool, device=lens.device))[None]
-    mask = torch.cat([p_valid[b_prefix][:, None, :].expand(-1, Lb, -1), own.expand(len(b_rows), -1, -1)],
-                     2)[:, None]
+    # a branch's row of keys: its prefix, then itself (padded at the end)
+    b_start, b_len = starts[~is_prefix], lens[~is_prefix]                               # [Bn]
+    p_start, p_len = starts[prefix_of[~is_prefix]], lens[prefix_of[~is_prefix]]         # [Bn]
+    span = torch.arange(int((p_len + b_len).max()) if len(b_len) else 0, device=lens.device)
+    kv_valid = span[None, :] < (p_len + b_len)[:, None]                                 # [Bn, K]
+    at = torch.where(span[None, :] < p_len[:, None], p_start[:, None] + span[None, :],
+                     b_start[:, None] + span[None, :] - p_len[:, None])
+    kv_rows = torch.where(kv_valid, index[at.clamp(max=len(index) - 1)], 0)             # [Bn, K]
+    b_rows, b_valid = segment_rows(index, b_start, b_len)                               # [Bn, Lb]
+    # its query i sees keys up to its own position p_len + i: [Bn, 1, Lb, K]
+    mask = ((span[None, None, :] <= p_len[:, None, None] + span[:b_rows.shape[1], None])
+            & kv_valid[:, None, :])[:, None]
 
     def attend(layer, q, k, v):
         B, H, T, hd = q.shape
-        flat = [t.transpose(1, 2).reshape(B * T, -1, hd) for t in (q, k, v)]            # [B*T, heads, hd]
-        qp, kp, vp = (t[p_rows].transpose(1, 2) for t in flat)                          # [P, heads, Lp, hd]
-        qb, kb, vb = (t[b_rows].transpose(1, 2) for t in flat)                          # [Bn, heads, Lb, hd]
+        qf, kf, vf = (t.transpose(1, 2).reshape(B * T, -1, hd) for t in (q, k, v))     # [B*T, heads, hd]
+        qp, kp, vp = (t[p_rows].transpose(1, 2) for t in (qf, kf, vf))                  # [P, heads, Lp, hd]
         op = sdpa(qp, kp, vp, None).transpose(1, 2)[p_valid]
         y = torch.zeros(B * T, H, hd, dtype=op.dtype, device=op.device).index_put((p_rows[p_valid],), op)
         if len(b_rows):                                   # none: every document a prompt alone
-            kb, vb = torch.cat([kp[b_prefix], kb], 2), torch.cat([vp[b_prefix], vb], 2)  # [Bn, KV, Lp+Lb, hd]
-            ob = sdpa(qb, kb, vb, mask).transpose(1, 2)[b_valid]
-            y = y.index_put((b_rows[b_valid],), ob)
+            qb = qf[b_rows].transpose(1, 2)                                              # [Bn, H, Lb, hd]
+            kb, vb = (t[kv_rows].transpose(1, 2) for t in (kf, vf))                      # [Bn, KV, K, hd]
+            y = y.index_put((b_rows[b_valid],), sdpa(qb, kb, vb, mask).transpose(1, 2)[b_valid])
         return y.view(B, T, H * hd)
     return attend
 
@@ -956,18 +965,165 @@ def extract_tag(text: str, tag: str) -> str | None:
     return None if open_ < 0 else text[open_ + len(tag) + 2:close].strip()
 
 
+# ----------------------------------------------------------------------------- configs, command lines, files
+# The edge every script shares: flags generated from the config dataclasses (each field carries its
+# default, its origin and its help), bad input as one `error:` line, input and output checks that run
+# before any model loads.
+
+def option(default, help: str, *, source: str | None = None, min: float | None = None,
+           choices: tuple | None = None, kind: type | None = None):
+    """A config field: its default, where the default comes from (`source`), the flag's help,
+    and its valid values (`min`, `choices`; `kind` types a field whose default is None)."""
+    meta = {"help": help + (f" ({source})" if source else ""), "min": min, "choices": choices, "kind": kind}
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class ArgParser(argparse.ArgumentParser):
+    """argparse with defaults shown in --help and bad arguments reported as one `error:` line."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, formatter_class=argparse.ArgumentDefaultsHelpFormatter, **k)
+
+    def error(self, message):
+        self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
+
+
+def at_least(lo, kind=int):
+    """argparse type: a number >= lo, so a bad value fails at parse time with one clear line,
+    before any model loads."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}")
+        if not value >= lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {text}")
+        return value
+    return parse
+
+
+def add_config(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ()):
+    """One flag per field of the dataclass `cls` (--field-name), typed, checked and helped from
+    the field itself."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kind = meta.get("kind") or (type(default) if default is not None else str)
+        if hints[f.name] is bool:
+            action = argparse.BooleanOptionalAction if default else "store_true"
+            parser.add_argument(flag, action=action, default=default, help=meta["help"])
+            continue
+        typ = at_least(meta["min"], kind) if meta.get("min") is not None else kind
+        parser.add_argument(flag, type=typ, default=default, choices=meta.get("choices"), help=meta["help"])
+
+
+def config_from(cls, args: argparse.Namespace, **values):
+    """The dataclass `cls` from parsed flags (fields absent from `args` keep their default)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in vars(args).items() if k in names}, **values})
+
+
+def cli(main):
+    """Run a CLI entry point; our own errors become one clear line, not a stack trace."""
+    try:
+        main()
+    except LettingoError as e:
+        raise SystemExit(f"error: {e}")
+    except (KeyboardInterrupt, Stopped) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"stopped (Ctrl-C){': ' + str(e) if isinstance(e, Stopped) else ''}", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)         # at once: no traceback, and no process-group teardown to hang on
+
+
+# ----------------------------------------------------------------------------- files
+
+def read_jsonl(path: str) -> list[dict]:
+    """All JSON objects of a file; a bad line is reported with its number and skipped."""
+    if os.path.isdir(path):
+        raise LettingoError(f"{path}: a folder; this flag takes a JSONL file "
+                            f"(e.g. {os.path.join(path, 'train.jsonl')})")
+    if not os.path.isfile(path):
+        raise LettingoError(f"{path}: no such file")
+    rows, bad = [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+                rows.append(row)
+            except ValueError as e:
+                bad += 1
+                if bad <= 3:
+                    print(f"warning: {path}:{i}: unreadable line skipped ({str(e)[:80]})", file=sys.stderr)
+                if bad >= 20 and not rows:
+                    raise LettingoError(f"{path}: not JSONL (its first {bad} lines are not JSON objects)")
+    if bad:
+        print(f"warning: {path}: {bad} unreadable line(s) skipped, {len(rows)} read", file=sys.stderr)
+    if not rows:
+        raise LettingoError(f"{path}: no readable rows")
+    return rows
+
+
+SAMPLE_KEYS = ("user_id", "item_id", "title", "rating", "history", "user_mean")
+
+
+def read_samples(path: str) -> list[dict]:
+    """read_jsonl + check_samples."""
+    return check_samples(read_jsonl(path), path)
+
+
+def check_samples(rows: list[dict], path: str) -> list[dict]:
+    """The rows must be LettinGo samples, so a profiles file passed as data fails here with one
+    line instead of a KeyError deep inside."""
+    for i, r in enumerate(rows, 1):
+        missing = [k for k in SAMPLE_KEYS if k not in r]
+        if missing or not isinstance(r["history"], list):
+            hint = " (this looks like a profiles file from rollout.py)" if "generations" in r else ""
+            raise LettingoError(f"{path}: row {i} lacks {', '.join(missing) or 'a history list'}: "
+                                f"not samples from data/prepare.py{hint}")
+    return rows
+
+
+def output_file(path: str) -> str:
+    """Checked before any work: --out must be a file whose folder can exist (created here)."""
+    if os.path.isdir(path):
+        raise LettingoError(f"--out {path}: is a folder, expected a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise LettingoError(f"--out {path}: cannot create its folder ({e.strerror})")
+    if not os.access(folder, os.W_OK):
+        raise LettingoError(f"--out {path}: folder {folder} is not writable")
+    return path
+
+
+def output_folder(path: str) -> str:
+    """Checked before any work: --out must be a folder or not exist yet."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise LettingoError(f"--out {path}: exists and is not a folder")
+    return path
+
+
 def main():
-    import argparse
-    p = argparse.ArgumentParser(description="Load a model and print its config and parameter count.")
+    p = ArgParser(description="Load a model and print its config and parameter count.")
     p.add_argument("model", nargs="?", default="smollm2-135m",
                    help="HF folder, .gguf file or alias (smollm2-135m)")
     args = p.parse_args()
-    try:
-        model, _ = load_model(args.model, device="cpu")
-    except LettingoError as e:
-        raise SystemExit(f"error: {e}")
+    model, _ = load_model(args.model, device="cpu")
     print(f"{args.model}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {model.cfg}")
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

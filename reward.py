@@ -22,20 +22,10 @@ from dataclasses import dataclass
 
 import torch
 
-from lettingo import (
-    LettingoError,
-    chat_prompt,
-    extract_tag,
-    format_interactions,
-    load_model,
-    micro_batches,
-    pack_row,
-    predictor_messages,
-    shares_prompts,
-    split_shared_prefixes,
-)
+from lettingo import (ArgParser, LettingoError, at_least, chat_prompt, cli, extract_tag, format_interactions,
+                      load_model, micro_batches, output_file, pack_row, predictor_messages, profile_answer,
+                      read_jsonl, read_samples, shares_prompts, split_shared_prefixes)
 from rollout import Sampler, SamplingParams, cpu_decode_layout
-from tools.cli import ArgParser, at_least, cli, output_file, read_jsonl, read_samples
 
 LABELS = ("like", "neutral", "dislike")
 ANSWERS = {"rating": ("<rating>", [str(k) for k in range(1, 6)]),    # task -> (forced prefix, answers)
@@ -392,6 +382,19 @@ def score_profiles(samples, texts, judge, task, reward="rating") -> list[Scored]
         out[i] = (Scored(None, None, "judge_failed") if reward is None
                   else Scored(reward, preds[0], "ok", preds))
     return out
+
+
+@dataclass
+class JudgeRewards:
+    """A GRPO step's rewards: each sampled profile (cut where the sampler stopped) scored by the
+    judge over its user's targets (score_profiles)."""
+    judge: object
+    task: str
+    reward: str = "rating"
+
+    def score(self, samples, outs) -> list[Scored]:
+        texts = [profile_answer(o.text, o.finish) for o in outs]
+        return score_profiles(samples, texts, self.judge, self.task, self.reward)
 
 
 def profile_predictions(samples, texts, judge, task):

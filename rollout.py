@@ -16,10 +16,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from lettingo import (PROFILE_CLOSE, KVCache, LettingoError, Stopped, Transformer, chat_prompt, extract_tag,
-                      load_model, profile_answer, profile_prompt)
-from tools.cli import (ArgParser, add_config, at_least, check_samples, cli, config_from, option, output_file,
-                       read_jsonl)
+from lettingo import (PROFILE_CLOSE, ArgParser, KVCache, LettingoError, Stopped, Transformer, add_config,
+                      at_least, chat_prompt, check_samples, cli, config_from, extract_tag, load_model, option,
+                      output_file, profile_answer, profile_prompt, read_jsonl)
 
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>")
 

@@ -1,6 +1,7 @@
 """train.py -- the machinery GRPO, DPO and SFT share: the training config, distributed set-up,
 FSDP2 wrapping, packed log-prob forwards, micro-batches in FSDP lockstep, the guarded optimizer
-step, the one training loop (`fit`), validation, atomic checkpoints with exact resume, logging.
+step, the bookkeeping every training loop shares (`TrainLoop`), validation, atomic checkpoints with
+exact resume, logging.
 
 Runs alike as `python x.py` (one process) and `torchrun --nproc_per_node=N x.py`: a single process
 still forms a 1-rank process group, so both go through the same FSDP code path.
@@ -27,12 +28,12 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
-from lettingo import (ATTENTION, PROFILE_CLOSE, TREE_BACKENDS, LettingoError, Stopped, TokenLogprobs,
-                      Transformer, attention_backend, load_model, micro_batches, pack_row, predictor_messages,
-                      profile_answer, profile_prompt, save_model, shares_prompts)
+from lettingo import (ATTENTION, PROFILE_CLOSE, TREE_BACKENDS, ArgParser, LettingoError, Stopped,
+                      TokenLogprobs, Transformer, attention_backend, cli, load_model, micro_batches, option,
+                      pack_row, predictor_messages, profile_answer, profile_prompt, save_model,
+                      shares_prompts)
 from reward import REWARDS, eval_targets, metrics, profile_predictions, sample_targets, template_profile
 from rollout import Sampler, SamplingParams, cpu_decode_layout
-from tools.cli import ArgParser, cli, option
 
 
 @dataclass
@@ -329,51 +330,79 @@ def step_examples(seed: int, step: int, per_step: int, n: int, positions) -> lis
     return out
 
 
-def fit(cfg: TrainConfig, d: Dist, policy: Policy, run_dir: str, steps: int, n_examples: int, per_step: int,
-        step_fn, validate_fn=None, describe=None, ckpt: str | None = None, mini_batches: int = 1):
-    """The one training loop (GRPO, DPO, SFT): validate every cfg.eval_every steps and at the end,
-    step_fn(step, [(example index, mini-batch)]) -> (metrics, samples or None) on this rank's share
-    of the step's examples, log, checkpoint every cfg.save_every steps and at the end; `ckpt` resumes
-    (weights already loaded from it) with the optimizer, schedule and RNG states."""
-    start = 0
-    if ckpt:
-        start = load_trainer_state(ckpt, policy, d)["step"]
+class TrainLoop:
+    """The bookkeeping every training loop here shares (GRPO, DPO, SFT, the judge), so that the loop
+    itself reads top to bottom in the algorithm's own file:
+
+        with TrainLoop(cfg, d, policy, run_dir, steps, n_examples, per_step, ckpt) as loop:
+            for step in loop.steps():                  # from the resumed step to `steps`, inclusive
+                if loop.validation_due(step):          # every cfg.eval_every steps and at the end
+                    policy.sync()                      # the rollout copy takes the trained weights
+                    loop.log_validation(step, validate(...))
+                if step == steps:
+                    break                              # the end: validated, nothing left to train
+                batch = loop.examples(step)            # this rank's [(example index, mini-batch)]
+                row = the algorithm's step on batch
+                loop.log_step(step, row)               # and a checkpoint when one is due
+
+    `ckpt` resumes (weights already loaded from it) with the optimizer, schedule and RNG states;
+    Ctrl-C inside the block stops with one line naming the checkpoint to resume from; leaving the
+    block prints the first and last validation."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist, policy: Policy, run_dir: str, steps: int, n_examples: int,
+                 per_step: int, ckpt: str | None = None, mini_batches: int = 1):
+        self.cfg, self.d, self.policy, self.run_dir = cfg, d, policy, run_dir
+        self.total, self.n_examples, self.per_step = steps, n_examples, per_step
+        self.start = load_trainer_state(ckpt, policy, d)["step"] if ckpt else 0
+        if ckpt and d.main:
+            print(f"resumed from {ckpt} at step {self.start}")
+        self.log = Logger(run_dir, d, cfg.wandb, dataclasses.asdict(cfg), self.start)
         if d.main:
-            print(f"resumed from {ckpt} at step {start}")
-    log = Logger(run_dir, d, cfg.wandb, dataclasses.asdict(cfg), start)
-    if d.main:
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(cfg), f, indent=2)
-    positions = rank_positions(per_step, mini_batches, d)
-    describe = describe or (lambda row: " | ".join(f"{k} {v:.4g}" for k, v in row.items()
-                                                   if k not in ("step", "skipped", "lr")))
-    first = last = None
-    step = start
-    try:
-        for step in range(start, steps + 1):
-            if validate_fn and (step % cfg.eval_every == 0 or step == steps):
-                policy.sync()
-                last = validate_fn()
-                first = first or last
-                log.log({"step": step, **last}, f"step {step:>4} | validation {describe_validation(last)}",
-                        file="validation.jsonl")
-            if step == steps:
-                break
-            row, samples = step_fn(step, step_examples(cfg.seed, step, per_step, n_examples, positions))
-            row = {"step": step, **row}
-            log.log(row, f"step {step:>4} | {describe(row)}" + (" | SKIPPED" if row["skipped"] else ""))
-            if samples is not None:
-                log.log({"step": step, "samples": samples}, file="samples.jsonl")
-            if (step + 1) % cfg.save_every == 0 or step + 1 == steps:
-                save_checkpoint(run_dir, step + 1, policy, {"config": dataclasses.asdict(cfg)}, d, cfg.keep)
-    except KeyboardInterrupt:
-        ckpt = latest_checkpoint(run_dir)
-        raise Stopped(f"in step {step}; " + (f"the last checkpoint is {ckpt}: the same command with --resume "
-                                             "continues from it" if ckpt else
-                                             "no checkpoint yet: the same command starts again")) from None
-    if d.main and first:
-        print(f"validation before: {describe_validation(first)}")
-        print(f"validation after:  {describe_validation(last)}")
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(dataclasses.asdict(cfg), f, indent=2)
+        self.positions = rank_positions(per_step, mini_batches, d)
+        self.step, self.first, self.last = self.start, None, None
+
+    def __enter__(self) -> "TrainLoop":
+        return self
+
+    def steps(self):
+        for self.step in range(self.start, self.total + 1):
+            yield self.step
+
+    def validation_due(self, step: int) -> bool:
+        return step % self.cfg.eval_every == 0 or step == self.total
+
+    def log_validation(self, step: int, row: dict):
+        self.first, self.last = self.first or row, row
+        self.log.log({"step": step, **row}, f"step {step:>4} | validation {describe_validation(row)}",
+                     file="validation.jsonl")
+
+    def examples(self, step: int) -> list[tuple[int, int]]:
+        return step_examples(self.cfg.seed, step, self.per_step, self.n_examples, self.positions)
+
+    def log_step(self, step: int, row: dict, line: str | None = None, samples: list | None = None):
+        """The step's metrics (console `line`, default: every value), its samples, and a checkpoint
+        every cfg.save_every steps and after the last one."""
+        row = {"step": step, **row}
+        line = line or " | ".join(f"{k} {v:.4g}" for k, v in row.items()
+                                  if k not in ("step", "skipped", "lr"))
+        self.log.log(row, f"step {step:>4} | {line}" + (" | SKIPPED" if row["skipped"] else ""))
+        if samples is not None:
+            self.log.log({"step": step, "samples": samples}, file="samples.jsonl")
+        if (step + 1) % self.cfg.save_every == 0 or step + 1 == self.total:
+            save_checkpoint(self.run_dir, step + 1, self.policy, {"config": dataclasses.asdict(self.cfg)},
+                            self.d, self.cfg.keep)
+
+    def __exit__(self, kind, error, trace):
+        if kind is KeyboardInterrupt:
+            ckpt = latest_checkpoint(self.run_dir)
+            raise Stopped(f"in step {self.step}; " + (
+                f"the last checkpoint is {ckpt}: the same command with --resume continues from it" if ckpt
+                else "no checkpoint yet: the same command starts again")) from None
+        if kind is None and self.d.main and self.first:
+            print(f"validation before: {describe_validation(self.first)}")
+            print(f"validation after:  {describe_validation(self.last)}")
 
 
 def describe_validation(row: dict) -> str:

@@ -24,8 +24,7 @@ from collections import Counter, defaultdict
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lettingo import LettingoError  # noqa: E402
-from tools.cli import ArgParser, at_least, cli  # noqa: E402
+from lettingo import ArgParser, LettingoError, at_least, cli  # noqa: E402
 
 
 class Drops:

@@ -153,11 +153,13 @@ def test_reference_logprobs_end_a_complete_profile_with_the_turn_end(setup, tmp_
 
 def test_bf16_reference_gives_zero_implicit_rewards_at_step_0(setup, tmp_path):
     """The reference computes in the policy's dtype (TRL's way): at step 0 the policy is the reference,
-    so the implicit rewards beta (log pi - log ref) are 0 in bf16 too."""
+    so the implicit rewards beta (log pi - log ref) are 0 in bf16 too. All 12 pairs in the step, so
+    that it packs the micro-batch the reference packed (SDPA's CPU kernel may round a sequence
+    differently next to other ones: ~1e-5 in bf16)."""
     pairs = tmp_path / "pairs.jsonl"
     shutil.copy(setup / "pairs.jsonl", pairs)                     # its own reference file
     run("dpo.py", "train", "--data", setup / "data" / "train.jsonl", "--pairs", pairs, "--out", tmp_path,
-        "--model", setup / "model", "--lr", "0", "--pairs-per-step", "4", "--steps", "1",
+        "--model", setup / "model", "--lr", "0", "--pairs-per-step", "12", "--steps", "1",
         "--save-every", "100",
         "--dtype", "bfloat16", check=True)
     m = json.loads(open(tmp_path / "train" / "metrics.jsonl").readline())

@@ -18,14 +18,21 @@ judge = HTTPJudge(URL, mode="decode", timeout=2, retries=1, backoff=0.05) if URL
 calls = []
 
 
-def token_share(samples, outs):
-    calls.append(1)
-    answers = (judge.predict([[{"role": "user", "content": "Rate it."}]] * len(outs), "rating") if judge
-               else [None if 0 <= DIES_AFTER < len(calls) else 4.0] * len(outs))
-    return [Scored(None, None, "judge_failed") if a is None else
-            Scored(sum(t < LOW for t in o.tokens) / max(len(o.tokens), 1)) for a, o in zip(answers, outs)]
+class TokenShare:
+    """The rewards object grpo.run takes (grpo.JudgeRewards' interface)."""
+
+    def score(self, samples, outs):
+        calls.append(1)
+        answers = (judge.predict([[{"role": "user", "content": "Rate it."}]] * len(outs), "rating") if judge
+                   else [None if 0 <= DIES_AFTER < len(calls) else 4.0] * len(outs))
+        return [Scored(None, None, "judge_failed") if a is None else
+                Scored(sum(t < LOW for t in o.tokens) / max(len(o.tokens), 1)) for a, o in zip(answers, outs)]
+
+
+def main():
+    grpo.run(grpo.parse_config(sys.argv[1:]), rewards=TokenShare())
 
 
 if __name__ == "__main__":
-    grpo.cli(lambda: grpo.run(grpo.parse_config(sys.argv[1:]), scorer=token_share))
+    grpo.cli(main)
     grpo.close_distributed()

@@ -19,14 +19,14 @@ from dataclasses import dataclass
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lettingo import LettingoError  # noqa: E402
+from lettingo import (ArgParser, LettingoError, add_config, cli, config_from, option,  # noqa: E402
+                      output_folder, read_samples)
 from reward import (ANSWERS, CONTEXTS, ITEM_MEAN, LocalJudge, answer_prompts, answer_tokens,  # noqa: E402
                     baseline_predictions, context_messages, eval_targets, metrics, packed_answer_logits,
                     sample_targets)
-from tools.cli import (ArgParser, add_config, cli, config_from, option, output_folder,  # noqa: E402
-                       read_samples)
-from train import (Dist, Policy, TrainConfig, all_sum, apply_update, backward_micro_batches,  # noqa: E402
-                   close_distributed, fit, gather_objects, load_policy, resolve_start, setup_distributed)
+from train import (Dist, Policy, TrainConfig, TrainLoop, all_sum, apply_update,  # noqa: E402
+                   backward_micro_batches, close_distributed, gather_objects, load_policy, resolve_start,
+                   setup_distributed)
 
 STARS = torch.arange(1.0, 6.0)                     # the answers "1".."5" as numbers
 
@@ -164,16 +164,15 @@ def run(cfg: JudgeConfig):
               f"{len(contexts)} contexts ({cfg.contexts}) = {n_examples} examples; {cfg.steps} steps of "
               f"{cfg.contexts_per_step}, loss {cfg.loss}", flush=True)
 
-    def step(step: int, batch: list[tuple[int, int]]):
-        examples = [make_example(policy.tok, samples[k // len(contexts)], contexts[k % len(contexts)])
-                    for k, _ in batch]
-        return judge_step(policy, examples, answer_ids, cfg, d), None
-
-    def validate():
-        return validate_judge(policy, val, cfg, d)
-
-    fit(cfg, d, policy, cfg.out, cfg.steps, n_examples, cfg.contexts_per_step, step,
-        validate if val else None, ckpt=ckpt)
+    with TrainLoop(cfg, d, policy, cfg.out, cfg.steps, n_examples, cfg.contexts_per_step, ckpt) as loop:
+        for step in loop.steps():
+            if val and loop.validation_due(step):
+                loop.log_validation(step, validate_judge(policy, val, cfg, d))
+            if step == cfg.steps:
+                break
+            examples = [make_example(policy.tok, samples[k // len(contexts)], contexts[k % len(contexts)])
+                        for k, _ in loop.examples(step)]
+            loop.log_step(step, judge_step(policy, examples, answer_ids, cfg, d))
 
 
 def parse_config(argv=None) -> JudgeConfig:

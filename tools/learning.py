@@ -23,10 +23,10 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 import dpo  # noqa: E402
 import grpo  # noqa: E402
-from lettingo import PROFILE_CLOSE, PROFILE_OPEN, LettingoError  # noqa: E402
+from lettingo import (PROFILE_CLOSE, PROFILE_OPEN, ArgParser, LettingoError, at_least, cli,  # noqa: E402
+                      read_jsonl)
 from reward import (REWARDS, calibrations, judge_conditions, make_judge, print_summary,  # noqa: E402
                     profile_texts, summarize, template_profile)
-from tools.cli import ArgParser, at_least, cli, read_jsonl, to_argv  # noqa: E402
 from tools.judge import JUDGE  # noqa: E402
 
 BASE = "smollm2-135m"                         # the untrained writer: explorer, DPO's start, a test row
@@ -42,6 +42,22 @@ class Stage:
 
     def command(self) -> list[str]:
         return [sys.executable, os.path.join(HERE, self.script), *self.argv]
+
+
+def to_argv(cfg, base=None) -> list[str]:
+    """The flags that give `cfg` from the defaults of `base` (default: the class' own defaults),
+    so a preset can be run, and rerun by hand, as a plain command line."""
+    base = base if base is not None else type(cfg)()
+    argv = []
+    for f in dataclasses.fields(cfg):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if value == getattr(base, f.name):
+            continue
+        if isinstance(value, bool):
+            argv.append(flag if value else "--no-" + flag[2:])
+        else:
+            argv += [flag, str(value)]
+    return argv
 
 
 def recipe(args, out) -> list[Stage]:

@@ -9,8 +9,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lettingo import LettingoError  # noqa: E402
-from tools.cli import ArgParser, cli, read_jsonl  # noqa: E402
+from lettingo import ArgParser, LettingoError, cli, read_jsonl  # noqa: E402
 
 
 def plot_curves(run_dir, panels, title):

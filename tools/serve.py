@@ -16,9 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-from lettingo import LettingoError, chat_prompt, load_model, pack_row  # noqa: E402
+from lettingo import ArgParser, LettingoError, at_least, chat_prompt, cli, load_model, pack_row  # noqa: E402
 from rollout import Sampler, SamplingParams, cpu_decode_layout  # noqa: E402
-from tools.cli import ArgParser, at_least, cli  # noqa: E402
 
 
 def check_request(req):
