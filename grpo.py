@@ -390,7 +390,7 @@ def run(cfg: GRPOConfig, rewards=None):
     ref = load_reference(cfg.model, cfg, d) if cfg.kl_coef > 0 else None   # the start, also when resuming
     judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_mode, device=d.device,
                        concurrency=cfg.judge_concurrency)
-    rewards = rewards or JudgeRewards(judge, cfg.task, cfg.reward)
+    rewards = rewards or JudgeRewards(judge, cfg.task, cfg.reward, progress=d.main)
     judge_down = []                                       # the steps in a row whose judge failed
     with TrainLoop(cfg, d, policy, cfg.out, cfg.steps, len(train), cfg.prompts_per_step, ckpt,
                    cfg.mini_batches) as loop:

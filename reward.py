@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from lettingo import (ArgParser, LettingoError, at_least, chat_prompt, cli, extract_tag, format_interactions,
                       load_model, micro_batches, output_file, pack_row, predictor_messages, profile_answer,
@@ -387,14 +388,17 @@ def score_profiles(samples, texts, judge, task, reward="rating") -> list[Scored]
 @dataclass
 class JudgeRewards:
     """A GRPO step's rewards: each sampled profile (cut where the sampler stopped) scored by the
-    judge over its user's targets (score_profiles)."""
+    judge over its user's targets (score_profiles); `progress`: a transient bar of targets judged."""
     judge: object
     task: str
     reward: str = "rating"
+    progress: bool = False
 
     def score(self, samples, outs) -> list[Scored]:
         texts = [profile_answer(o.text, o.finish) for o in outs]
-        return score_profiles(samples, texts, self.judge, self.task, self.reward)
+        with tqdm(desc="judge", unit="target", file=sys.stderr, leave=False,
+                  disable=not self.progress) as bar:
+            return score_profiles(samples, texts, Counted(self.judge, bar), self.task, self.reward)
 
 
 def profile_predictions(samples, texts, judge, task):
@@ -690,7 +694,6 @@ def judge_conditions(samples, judge, task, profiles: dict | None = None) -> dict
     baselines, no profile, raw history, the template profile, the oracle profile (synthetic data),
     and each set of written profiles ({name: [[text, ...] per sample]}, each asked about all of its
     sample's targets; an unclosed profile is judged as no profile)."""
-    from tqdm import tqdm
     targets = eval_targets(samples)
     first = [0]                                    # sample i's targets: targets[first[i]:first[i + 1]]
     for s in samples:
