@@ -332,10 +332,11 @@ def default_positions(tokens, mask, doc_ids, cache, slots):
     return torch.arange(T, device=tokens.device).expand(B, T)
 
 
-def token_logprobs(hidden, weight, index, ids, temperature=1.0, chunk=1024, with_entropy=False
+def token_logprobs(hidden, weight, index, ids, temperature=1.0, chunk=256, with_entropy=False
                    ) -> TokenLogprobs:
     """Log-probs of target tokens from final hidden states [B, T, D], without full [tokens, V] fp32
-    logits: chunk by chunk, each chunk recomputed in backward instead of stored. Position index[m]
+    logits: chunk by chunk, each chunk recomputed in backward instead of stored (a chunk's logits
+    and their gradient: 2 x 256 x V floats, 100 MB for a 49k vocabulary). Position index[m]
     of the flattened [B*T] hidden predicts ids[m] (a position may appear several times). With
     with_entropy also the entropy of each of those next-token distributions (a metric: no gradient),
     from the same logits. -> ([M] fp32, [M] or None)"""
