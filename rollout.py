@@ -267,8 +267,9 @@ class Sampler:
                 if r is not None and extend(results[r], new_t[j], new_lp[j], end_ids, stop, tokenizer,
                                             window):
                     rows[j] = None                        # this row is done
-            bar.update(sum(len(s.tokens) for s in results) - counted)
-            counted = sum(len(s.tokens) for s in results)
+            kept = sum(len(s.tokens) for s in results)
+            bar.update(kept - counted)
+            counted = kept
             live = [j for j, r in enumerate(rows) if r is not None]
             if not live or step == max_new:
                 break
