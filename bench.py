@@ -26,8 +26,9 @@ import time
 
 import torch
 
-from lettingo import (ALIASES, ArgParser, LettingoError, ModelConfig, Transformer, alias_folder, chat_prompt,
-                      cli, load_model, predictor_messages, resolve, rope_frequencies, split_shared_prefixes)
+from lettingo import (ALIASES, DEFAULT_MODEL, ArgParser, LettingoError, ModelConfig, Transformer,
+                      alias_folder, chat_prompt, cli, load_model, predictor_messages, resolve,
+                      rope_frequencies, split_shared_prefixes)
 from reward import Scored
 from rollout import Sampler, SamplingParams, cpu_decode_layout, prompt_seed
 
@@ -110,10 +111,10 @@ def bench_rollout(args):
     n_new, rows = args.new_tokens, args.batch * args.n
 
     cpu_decode_layout(ours)
-    params = SamplingParams(n=args.n, max_new_tokens=n_new, temperature=1.0)
+    params = SamplingParams(n=args.n, max_new_tokens=n_new, temperature=1.0, batch_size=rows)
 
     def run_ours(sampler):
-        out = sampler.generate(prompts, params, seed=0, end_ids=set(), batch_size=rows)
+        out = sampler.generate(prompts, params, seed=0, end_ids=set())
         assert all(len(s.tokens) == n_new for ss in out for s in ss)
 
     def run_hf():
@@ -395,7 +396,7 @@ def bench_judge(args):
     """The judge of one GRPO step (expect mode): packed (a profile's prompt once for all its targets)
     vs left-padded batches of 16 prompts, one per (profile, target) -- the same model, same run; then
     over HTTP against tools/serve.py at 8 requests in flight vs the judge's default."""
-    from reward import HTTPJudge, LocalJudge, answer_tokens
+    from reward import HTTPJudge, LocalJudge, RewardConfig, answer_tokens
     from rollout import left_pad
     msgs = judge_prompts(args)
     model, tok = load_model(args.model, device=args.device)
@@ -437,7 +438,7 @@ def bench_judge(args):
         try:
             server.stdout.readline()
             url = f"http://127.0.0.1:{port}"
-            default = HTTPJudge(url).concurrency
+            default = RewardConfig.judge_concurrency
             for conc in (8, default):
                 remote = HTTPJudge(url, args.model, mode="expect", concurrency=conc, timeout=600)
                 remote.predict(msgs[:8], "rating")                                   # warm-up
@@ -463,7 +464,7 @@ def parse_args(argv=None):
     p.add_argument("what", nargs="?", default="all",
                    choices=["all", "rollout", "grpo", "update", "data", "judge"],
                    help="what to measure (all: a short run of each)")
-    p.add_argument("--model", default="smollm2-135m",
+    p.add_argument("--model", default=DEFAULT_MODEL,
                    help="HF folder, .gguf or alias (ours and transformers load it)")
     p.add_argument("--shape", choices=sorted(SHAPES),
                    help="random weights of this real config instead of --model "

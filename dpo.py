@@ -6,10 +6,10 @@ downstream task, pair better with worse profiles of the same user, align the wri
     D=runs/ml/train.jsonl
     python dpo.py explore  --data $D --models smollm2-135m,http://gpu:8000 --out runs/dpo
     python dpo.py evaluate --data $D --out runs/dpo  # the judge's reward of every explored profile
-    python dpo.py pairs    --data $D --out runs/dpo --task sentiment
+    python dpo.py pairs    --data $D --out runs/dpo  # (--task sentiment in every stage: the paper's task)
     torchrun --nproc_per_node=8 dpo.py train --data $D --out runs/dpo --model /ckpt/Llama-3-8B-Instruct
-    python dpo.py sft --data $D --out runs/dpo --task rating   # warm start: fine-tune on each user's
-                                                                 best explored profile
+    python dpo.py sft --data $D --out runs/dpo       # warm start: fine-tune on each user's best explored
+                                                       profile
 explore, evaluate and pairs (and DPO's reference log-probs) are skipped when their output exists and
 was made from the same inputs; train and sft train (--resume continues a stopped run).
 """
@@ -34,7 +34,7 @@ from lettingo import (PROFILE_CLOSE, PROFILE_OPEN, ArgParser, LettingoError, add
                       read_jsonl, read_samples)
 from reward import HTTPJudge, make_judge, score_profiles, target_rewards, template_profile
 from rollout import Sampler, SamplingParams, cpu_decode_layout, prompt_seed, turn_end_id
-from train import (Dist, Policy, TrainConfig, TrainLoop, all_sum, apply_update, backward_micro_batches,
+from train import (Dist, Policy, TrainConfig, TrainLoop, all_sum, apply_update, lockstep_micro_batches,
                    close_distributed, completion_logprobs, compute_dtype, demo_data, gather_objects,
                    load_policy, logprobs_no_grad, resolve_start, setup_distributed, validate)
 
@@ -47,18 +47,14 @@ class DPOConfig(TrainConfig):
     out: str = option("runs/dpo", "folder for profiles, scores, pairs and the training runs")
     data: str | None = option(None, "training samples JSONL (data/prepare.py's train.jsonl)", kind=str)
     val_data: str | None = option(None, "validation samples JSONL for the before/after metric", kind=str)
-    model: str = option("smollm2-135m", "the profile writer to align (and the DPO reference)")
     models: str | None = option(None, "explore: comma-separated generators (paths, aliases, http:// URLs, or "
                                 "'template': the code-written profile, one per user); none: --model",
                                 kind=str)
     remote_model: str = option("default", "model name sent to http:// generators")
-    users: int = option(0, "explore: first N training samples (0 = all)", min=0)
-    n: int = option(10, "explore: profiles per user per generator", source="paper", min=1)
-    temperature: float = option(1.0, "explore: sampling temperature", source="paper", min=0.0)
-    top_p: float = option(1.0, "explore: nucleus sampling (1 = off)", min=0.0)
-    batch_size: int = option(32, "rows decoded together (explore, validation)", min=1)
-    task: str = option("sentiment", "which task's outcome scores and pairs profiles", source="paper",
-                       choices=("sentiment", "rating"))
+    remote_timeout: float = option(120.0, "explore: seconds per request to an http:// generator (a whole "
+                                   "profile, where a judge answers one token)", min=0.001)
+    explore_users: int = option(0, "explore: first N training samples (0 = all)", min=0)
+    explore_n: int = option(10, "explore: profiles per user per generator", source="paper", min=1)
     min_margin: float = option(0.125, "rating pairs: least reward gap (0.125 = half a star of the rating "
                                "reward)", min=0.0)
     max_pairs_per_user: int = option(10, "pairs per user at most (a seeded sample; widest margins first for "
@@ -66,25 +62,25 @@ class DPOConfig(TrainConfig):
     sft_min_gain: float = option(0.0, "sft: keep a user's best profile if it beats no profile by more")
     pairs: str | None = option(None, "train: a pairs JSONL (none: OUT/pairs-TASK[-REWARD].jsonl)", kind=str)
     beta: float = option(0.1, "DPO temperature beta (common default; the paper does not report it)", min=1e-9)
-    loss: str = option("sigmoid", "sigmoid = DPO; ipo = IPO on length-normalised log-probs (TRL); ipo-sum = "
-                       "IPO on summed log-probs", choices=("sigmoid", "ipo", "ipo-sum"))
+    loss_type: str = option("sigmoid", "sigmoid = DPO; ipo = IPO on length-normalised log-probs (TRL); "
+                            "ipo-sum = IPO on summed log-probs", source="TRL loss_type",
+                            choices=("sigmoid", "ipo", "ipo-sum"))
     label_smoothing: float = option(0.0, "conservative DPO epsilon", min=0.0)
     rpo_alpha: float = option(0.0, "weight of the chosen profiles' token-mean NLL added to the mean pair "
                               "loss, so DPO keeps raising the text it prefers (TRL's rpo_alpha, RPO; "
                               "0 = plain DPO; TRL suggests 1.0)", min=0.0)
-    epochs: int = option(1, "passes over the pairs (when --steps is 0)", min=1)
-    steps: int = option(0, "optimizer steps (0 = --epochs over the pairs)", min=0)
     pairs_per_step: int = option(8, "pairs (or sft profiles) per optimizer step", min=1)
-    eval_every: int = option(20, "validate every N steps (and at the end)", min=1)
 
 
 # The named presets: the demo, and the learning recipe's stages (tools/learning.py).
 DEMO = DPOConfig(data="runs/demo-data/train.jsonl", val_data="runs/demo-data/val.jsonl", out="runs/dpo-demo",
-                 users=24, n=4, max_new_tokens=64, task="rating", lr=1e-5, pairs_per_step=4, steps=6,
-                 eval_every=6, val_users=16, token_budget=4096, save_every=3, activation_checkpointing=True)
-LEARNING = DPOConfig(task="rating", users=128, n=6, temperature=0.7, top_p=0.9, max_new_tokens=96,
-                     min_margin=0.02, max_pairs_per_user=4, lr=5e-6, beta=0.1, steps=30, pairs_per_step=8,
-                     eval_every=15, save_every=30, dtype="bfloat16", token_budget=4096, val_users=100)
+                 explore_users=24, explore_n=4, max_new_tokens=64, batch_size=32, lr=1e-5, weight_decay=0.0,
+                 pairs_per_step=4, steps=6, eval_every=6, val_users=16, token_budget=4096, save_every=3,
+                 activation_checkpointing=True)
+LEARNING = DPOConfig(explore_users=128, explore_n=6, temperature=0.7, top_p=0.9, max_new_tokens=96,
+                     batch_size=32, min_margin=0.02, max_pairs_per_user=4, lr=5e-6, weight_decay=0.0,
+                     beta=0.1, steps=30, pairs_per_step=8, eval_every=15, save_every=30, dtype="bfloat16",
+                     token_budget=4096, val_users=100)
 LEARNING_SFT = dataclasses.replace(LEARNING, lr=2e-5, steps=16, eval_every=16, save_every=16)
 
 
@@ -112,7 +108,7 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float, loss
     elif loss_type in ("ipo", "ipo-sum"):
         loss = (delta - 1 / (2 * beta)) ** 2
     else:
-        raise LettingoError(f"unknown --loss {loss_type!r} (sigmoid | ipo | ipo-sum)")
+        raise LettingoError(f"unknown --loss-type {loss_type!r} (sigmoid | ipo | ipo-sum)")
     return loss, beta * (pi_chosen - ref_chosen).detach(), beta * (pi_rejected - ref_rejected).detach()
 
 
@@ -171,16 +167,17 @@ def best_profiles(scored_profiles, task: str, min_gain: float):
 # ----------------------------------------------------------------------------- stages
 
 def explore(cfg: DPOConfig, d: Dist):
-    """cfg.n profiles per training user from each generator (local model, OpenAI-compatible URL, or
+    """cfg.explore_n profiles per training user from each generator (local model, OpenAI-compatible URL, or
     'template': code as one more explorer, reward.template_profile, one profile per user)."""
     out = os.path.join(cfg.out, "profiles.jsonl")
     models = cfg.models or cfg.model
-    fp = fingerprint("explore", cfg.data, models, cfg.n, cfg.users, cfg.temperature, cfg.top_p,
+    fp = fingerprint("explore", cfg.data, models, cfg.explore_n, cfg.explore_users, cfg.temperature,
+                     cfg.top_p,
                      cfg.max_new_tokens, cfg.seed,
                      profile_messages({"history": [], "user_mean": 3.0}))   # the prompt wording too
     if up_to_date(out, fp):
         return print(f"explore: {out} is up to date, skipped") if d.main else None
-    samples = read_samples(cfg.data)[:cfg.users or None]
+    samples = read_samples(cfg.data)[:cfg.explore_users or None]
     mine = list(range(d.rank, len(samples), d.world))
     rows = []
     for m in models.split(","):
@@ -191,12 +188,12 @@ def explore(cfg: DPOConfig, d: Dist):
             texts = remote_profiles(m, [samples[i] for i in mine], cfg)
         else:
             model, tok = load_model(m, device=d.device)
-            params = SamplingParams(cfg.n, cfg.max_new_tokens, cfg.temperature, cfg.top_p,
+            params = SamplingParams(n=cfg.explore_n, max_new_tokens=cfg.max_new_tokens,
+                                    temperature=cfg.temperature, top_p=cfg.top_p, batch_size=cfg.batch_size,
                                     stop=(PROFILE_CLOSE,))
             outs = Sampler(cpu_decode_layout(model)).generate(
                 [profile_prompt(tok, samples[i]) for i in mine], params,
-                seed=[prompt_seed(cfg.seed, 0, i) for i in mine],
-                tokenizer=tok, batch_size=cfg.batch_size, progress=d.main)
+                seed=[prompt_seed(cfg.seed, 0, i) for i in mine], tokenizer=tok, progress=d.main)
             texts = [[profile_answer(o.text, o.finish) for o in group] for group in outs]
             del model
         for i, group in zip(mine, texts):
@@ -211,11 +208,11 @@ def explore(cfg: DPOConfig, d: Dist):
 
 
 def remote_profiles(url, samples, cfg: DPOConfig):
-    judge = HTTPJudge(url, model=cfg.remote_model, timeout=120, retries=3)
+    judge = HTTPJudge(url, model=cfg.remote_model, timeout=cfg.remote_timeout)
     texts = []
     for s in samples:
         group = []
-        for _ in range(cfg.n):
+        for _ in range(cfg.explore_n):
             try:  # the remote model writes the whole answer, tags included
                 group.append(judge.ask(profile_messages(s), temperature=cfg.temperature,
                                        max_tokens=cfg.max_new_tokens))
@@ -251,8 +248,7 @@ def evaluate(cfg: DPOConfig, d: Dist):
         return print(f"evaluate: {out} is up to date, skipped") if d.main else None
     samples = {(s["user_id"], s["item_id"]): s for s in read_samples(cfg.data)}
     rows = read_jsonl(src)[d.rank::d.world]
-    judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_mode, device=d.device,
-                       concurrency=cfg.judge_concurrency)
+    judge = make_judge(cfg, device=d.device)
     task = cfg.task
     scored = score_profiles([samples[(r["user_id"], r["item_id"])] for r in rows], [r["text"] for r in rows],
                             judge, task, cfg.reward)
@@ -370,27 +366,30 @@ def dpo_step(policy: Policy, batch, pairs, cfg: DPOConfig, d: Dist) -> dict:
     (TRL's rpo_alpha: its NLL is a token mean over the chosen responses). Per micro-batch: chosen and
     rejected packed behind one prompt copy -> summed log-probs -> its share of the loss -> backward."""
     t0 = time.time()
-    n = all_sum({"pairs": len(batch), "chosen_tokens": sum(len(c) for _, c, _ in batch)}, d.device)
-
-    def loss_of(g):
+    size = all_sum({"pairs": len(batch), "chosen_tokens": sum(len(c) for _, c, _ in batch)}, d.device)
+    names = ("pref_accuracy", "reward_margin", "chosen_reward", "logp_chosen", "logp_rejected")
+    sums = dict.fromkeys(("loss", *names, "nll_chosen"), 0.0)
+    for g in lockstep_micro_batches(policy.model, batch, cfg.token_budget, d.device):
         seqs = [(batch[i][0], batch[i][j]) for i in g for j in (1, 2)]                   # [2 * pairs]
         lps = [x.logprobs.sum() for x in completion_logprobs(policy.model, seqs, d.device)]
         pc, pr = torch.stack(lps[0::2]), torch.stack(lps[1::2])                           # [pairs]
-        ref = lambda key: torch.tensor([pairs[i][key] for i in g], device=pc.device)
-        length = lambda j: torch.tensor([float(len(batch[i][j])) for i in g], device=pc.device)
-        loss, cr, rj = dpo_loss(pc, pr, ref("ref_chosen"), ref("ref_rejected"), cfg.beta, cfg.loss,
-                                cfg.label_smoothing, length(1), length(2))
-        nll = -pc.sum() / max(n["chosen_tokens"], 1)
-        return loss.sum() / n["pairs"] + cfg.rpo_alpha * nll, {
-            "pref_accuracy": (cr > rj).sum().item(), "reward_margin": (cr - rj).sum().item(),
-            "chosen_reward": cr.sum().item(), "logp_chosen": pc.sum().item(),
-            "logp_rejected": pr.sum().item(), "nll_chosen": nll.item()}
-
-    names = ("pref_accuracy", "reward_margin", "chosen_reward", "logp_chosen", "logp_rejected")
-    sums = all_sum(backward_micro_batches(policy.model, batch, cfg.token_budget, d.device, loss_of,
-                                          names + ("nll_chosen",)), d.device)
+        ref_chosen = torch.tensor([pairs[i]["ref_chosen"] for i in g], device=pc.device)
+        ref_rejected = torch.tensor([pairs[i]["ref_rejected"] for i in g], device=pc.device)
+        chosen_len = torch.tensor([float(len(batch[i][1])) for i in g], device=pc.device)
+        rejected_len = torch.tensor([float(len(batch[i][2])) for i in g], device=pc.device)
+        losses, cr, rj = dpo_loss(pc, pr, ref_chosen, ref_rejected, cfg.beta, cfg.loss_type,
+                                  cfg.label_smoothing, chosen_len, rejected_len)
+        nll = -pc.sum() / max(size["chosen_tokens"], 1)
+        loss = losses.sum() / size["pairs"] + cfg.rpo_alpha * nll
+        loss.backward()
+        for k, v in (("loss", loss.item()), ("pref_accuracy", (cr > rj).sum().item()),
+                     ("reward_margin", (cr - rj).sum().item()), ("chosen_reward", cr.sum().item()),
+                     ("logp_chosen", pc.sum().item()), ("logp_rejected", pr.sum().item()),
+                     ("nll_chosen", nll.item())):
+            sums[k] += v
+    sums = all_sum(sums, d.device)
     norm, ok = apply_update(policy, sums["loss"], cfg.grad_clip, d)
-    return {"loss": sums["loss"], **{k: sums[k] / max(n["pairs"], 1) for k in names},
+    return {"loss": sums["loss"], **{k: sums[k] / max(size["pairs"], 1) for k in names},
             "nll_chosen": sums["nll_chosen"], "grad_norm": norm, "skipped": not ok,
             "lr": policy.scheduler.get_last_lr()[0], "time": time.time() - t0}
 
@@ -399,11 +398,13 @@ def sft_step(policy: Policy, batch, cfg: DPOConfig, d: Dist) -> dict:
     """One optimizer step of token-mean negative log-likelihood over the global batch."""
     t0 = time.time()
     n_tok = all_sum({"tokens": sum(len(c) for _, c in batch)}, d.device)["tokens"]
-    nll = lambda g: (-sum(x.logprobs.sum()
-                          for x in completion_logprobs(policy.model, [batch[i] for i in g], d.device))
-                     / max(n_tok, 1), {})
-    total = all_sum(backward_micro_batches(policy.model, batch, cfg.token_budget, d.device, nll),
-                    d.device)["loss"]
+    total = 0.0
+    for g in lockstep_micro_batches(policy.model, batch, cfg.token_budget, d.device):
+        lps = completion_logprobs(policy.model, [batch[i] for i in g], d.device)
+        nll = -sum(x.logprobs.sum() for x in lps) / max(n_tok, 1)
+        nll.backward()
+        total += nll.item()
+    total = all_sum({"loss": total}, d.device)["loss"]
     norm, ok = apply_update(policy, total, cfg.grad_clip, d)
     return {"nll": total, "grad_norm": norm, "skipped": not ok, "lr": policy.scheduler.get_last_lr()[0],
             "time": time.time() - t0}
@@ -436,7 +437,8 @@ def sft(cfg: DPOConfig, d: Dist):
         dist.barrier()
     picks = read_jsonl(out) if os.path.getsize(out) else []
     if not picks:
-        raise LettingoError(f"{out}: no explored profile beats no profile; explore more (--n, --users)")
+        raise LettingoError(f"{out}: no explored profile beats no profile; explore more (--explore-n, "
+                            "--explore-users)")
     samples = {(s["user_id"], s["item_id"]): s for s in read_samples(cfg.data)}
     train_on(cfg, d, "sft", os.path.join(cfg.out, "sft" + reward_suffix(cfg)), picks, samples,
              f"{len(picks)} best profiles")
@@ -452,20 +454,18 @@ def train_on(cfg: DPOConfig, d: Dist, kind: str, run_dir, examples, samples, not
     data = ([tokenize_pair(policy.tok, s, e, end) for s, e in zip(sample_of, examples)] if kind == "dpo" else
             [(profile_prompt(policy.tok, s), response_ids(policy.tok, e["chosen"], end))
              for s, e in zip(sample_of, examples)])
-    judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_mode, device=d.device,
-                       concurrency=cfg.judge_concurrency) if cfg.val_data else None
+    judge = make_judge(cfg, device=d.device) if cfg.val_data else None
     val = read_samples(cfg.val_data)[:cfg.val_users or None] if cfg.val_data else []
-    steps = cfg.steps or max(1, cfg.epochs * len(examples) // cfg.pairs_per_step)
-    if d.main:
-        print(f"{os.path.basename(run_dir)}: {len(examples)} examples, "
-              f"{steps} steps of {cfg.pairs_per_step}; {note}")
-    with TrainLoop(cfg, d, policy, run_dir, steps, len(examples), cfg.pairs_per_step, ckpt) as loop:
+    with TrainLoop(cfg, d, policy, run_dir, len(examples), cfg.pairs_per_step, ckpt) as loop:
+        if d.main:
+            print(f"{os.path.basename(run_dir)}: {len(examples)} examples, "
+                  f"{loop.total} steps of {cfg.pairs_per_step}; {note}")
         for step in loop.steps():
             if judge and loop.validation_due(step):
                 policy.sync()                             # the rollout copy takes the trained weights
                 loop.log_validation(step, validate(policy.sampler, policy.tok, judge, val, cfg.task,
                                                    cfg.max_new_tokens, cfg.batch_size, d))
-            if step == steps:
+            if step == loop.total:
                 break
             batch = [i for i, _ in loop.examples(step)]
             if kind == "dpo":

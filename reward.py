@@ -1,7 +1,9 @@
-"""reward.py -- task-driven evaluation of profiles: a frozen recommender (the judge) predicts the
-user's reaction to a new item from the profile; the reward is how right it was.
+"""reward.py -- task-driven rewards of profiles: a frozen recommender (the judge) predicts the
+user's reaction to new items from the profile; the reward is how right it was. Also the metrics that
+validation reports (MAE, GAUC, ...) and the code-written template profile.
 
-    python reward.py eval --data runs/synth/test.jsonl --profiles profiles.jsonl --judge smollm2-135m
+    python reward.py --data runs/synth/test.jsonl --profiles profiles.jsonl   # each profile's reward
+    python tools/evaluate.py --data runs/synth/test.jsonl --profiles profiles.jsonl   # against baselines
     python tools/serve.py --model smollm2-135m --port 8008      # the judge behind an OpenAI-compatible server
 """
 from __future__ import annotations
@@ -16,22 +18,24 @@ import sys
 import threading
 import time
 import urllib.parse
-from collections import Counter, defaultdict
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from tqdm import tqdm
 
-from lettingo import (ArgParser, LettingoError, at_least, chat_prompt, cli, extract_tag, format_interactions,
-                      load_model, micro_batches, output_file, pack_row, predictor_messages, profile_answer,
-                      read_jsonl, read_samples, shares_prompts, split_shared_prefixes)
+from lettingo import (DEFAULT_MODEL, ArgParser, LettingoError, add_config, chat_prompt, cli, config_from,
+                      extract_tag, load_model, micro_batches, option, output_file, pack_row,
+                      predictor_messages, profile_answer, read_jsonl, read_samples, shares_prompts,
+                      split_shared_prefixes)
 from rollout import Sampler, SamplingParams, cpu_decode_layout
 
 LABELS = ("like", "neutral", "dislike")
 ANSWERS = {"rating": ("<rating>", [str(k) for k in range(1, 6)]),    # task -> (forced prefix, answers)
            "sentiment": ("<sentiment>", LABELS)}
 FORMAT_PENALTY = -1.0   # the public GRPO code's reward for a missing/unclosed profile tag
+REWARDS = ("rating", "rank", "rating+rank")   # sample_reward's kinds
 
 
 # ----------------------------------------------------------------------------- parsing and rewards
@@ -61,6 +65,34 @@ def task_reward(task: str, pred, sample) -> float:
 # ----------------------------------------------------------------------------- judges
 # One interface: predict(list of chat message lists, task) -> predictions (None = the judge failed).
 
+@dataclass
+class RewardConfig:
+    """What a profile's reward is: the task, how the judge's predictions over a user's targets make
+    one number, and the frozen recommender (the judge, make_judge) that rewards, validation and
+    evaluation ask."""
+    task: str = option("rating", "rating: 1 - |err|/4 (the public code); sentiment: correct = 1 (the paper)",
+                       choices=("rating", "sentiment"))
+    reward: str = option("rating", "a profile's reward from the judge's predictions over the user's reward "
+                         "targets: rating = mean of 1 - |err|/4 (public code); rank = the fraction of "
+                         "pairs of targets rated differently that the predictions order right, which no "
+                         "level wins (needs --reward-targets >= 2 in data/prepare.py); rating+rank = "
+                         "their mean", choices=REWARDS)
+    judge: str = option(DEFAULT_MODEL, "local judge model (or the model name sent to --judge-url)")
+    judge_url: str | None = option(None, "OpenAI-compatible judge server (recommended for big judges)",
+                                   kind=str)
+    judge_mode: str = option("expect", "expect: expected rating from the answer token's probabilities "
+                             "(a server's top_logprobs); decode: greedy answer, parsed (the public code's)",
+                             choices=("expect", "decode"))
+    judge_token_budget: int = option(1024, "local judge: tokens per packed forward", min=64)
+    judge_concurrency: int = option(64, "HTTP judge: requests in flight", min=1)
+    judge_timeout: float = option(30.0, "HTTP judge: seconds per request", min=0.001)
+    judge_retries: int = option(3, "HTTP judge: retries per request (exponential backoff)", min=0)
+
+    def __post_init__(self):
+        if self.reward != "rating" and self.task != "rating":
+            raise LettingoError(f"--reward {self.reward} orders ratings: it needs --task rating")
+
+
 class LocalJudge:
     """The frozen recommender in-process. mode="expect": one forward with the answer tag forced; the
     prediction is the expected rating (or the most likely label) under the next-token distribution
@@ -68,7 +100,8 @@ class LocalJudge:
     Both compute what consecutive prompts share (a profile and the instruction, for each of its
     targets) once: packed as one prefix with a branch per target, micro-batched by a token budget."""
 
-    def __init__(self, model, tokenizer, mode="expect", token_budget=1024):
+    def __init__(self, model, tokenizer, mode=RewardConfig.judge_mode,
+                 token_budget=RewardConfig.judge_token_budget):
         if mode not in ("expect", "decode"):
             raise LettingoError(f"unknown judge mode {mode!r} (expect | decode)")
         self.model, self.tok, self.mode, self.token_budget = model, tokenizer, mode, token_budget
@@ -96,7 +129,7 @@ class LocalJudge:
         shared = [len(head) for head, _ in split_shared_prefixes(prompts)]
         stop = ("</rating>",) if task == "rating" else ("</sentiment>",)
         outs = self.sampler.generate(prompts, SamplingParams(max_new_tokens=20, temperature=0, stop=stop),
-                                     tokenizer=self.tok, shared=shared, batch_size=16)
+                                     tokenizer=self.tok, shared=shared)
         parse = parse_rating if task == "rating" else parse_sentiment
         preds = [parse(o[0].text) for o in outs]
         self.bad_answers += sum(p is None for p in preds)   # no valid tag: no prediction, never a score
@@ -149,8 +182,9 @@ class HTTPJudge:
     prefix-caching server computes the shared prefix once. Each request is retried with exponential
     backoff; after the last retry the prediction is None (counted in `failures`), never a made-up score."""
 
-    def __init__(self, url, model="judge", mode="expect", timeout=30.0, retries=3, concurrency=64,
-                 backoff=0.5, min_mass=0.5):
+    def __init__(self, url, model="judge", mode=RewardConfig.judge_mode, timeout=RewardConfig.judge_timeout,
+                 retries=RewardConfig.judge_retries, concurrency=RewardConfig.judge_concurrency, backoff=0.5,
+                 min_mass=0.5):
         if mode not in ("expect", "decode"):
             raise LettingoError(f"unknown judge mode {mode!r} (expect | decode)")
         base = url.rstrip("/")
@@ -269,9 +303,12 @@ class HTTPJudge:
     def predict(self, messages, task):
         texts = ["".join(m["content"] for m in ms) for ms in messages]
         common = [0] + [len(os.path.commonprefix(p)) for p in zip(texts, texts[1:])]   # with the previous
-        # a group (a profile's targets) starts where the beginning shared with the previous prompt shrinks
-        first = [i for i in range(len(messages)) if i == 0 or (i > 1 and common[i] < common[i - 1])]
-        rest = sorted(set(range(len(messages))) - set(first))
+        # a group (a profile's targets) starts where the beginning shared with the previous prompt
+        # shrinks: a group's first request goes before the others
+        first, rest = [], []
+        for i in range(len(messages)):
+            starts_group = i == 0 or (i > 1 and common[i] < common[i - 1])
+            (first if starts_group else rest).append(i)
         out = [None] * len(messages)
         for wave in (first, rest):                        # the rest find their prefix in the server's cache
             for i, p in zip(wave, self.pool.map(lambda i: self.one(messages[i], task), wave)):
@@ -310,15 +347,16 @@ def answer_index(token: str, answers) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def make_judge(judge: str | None = None, judge_url: str | None = None, mode="expect", token_budget=1024,
-               device=None, timeout=30.0, retries=3, concurrency=64):
-    if judge_url:
-        http_judge = HTTPJudge(judge_url, model=judge or "judge", mode=mode, timeout=timeout, retries=retries,
-                               concurrency=concurrency)
+def make_judge(cfg: RewardConfig, device=None):
+    """cfg.judge_url: the server (probed once); else cfg.judge loaded here."""
+    if cfg.judge_url:
+        http_judge = HTTPJudge(cfg.judge_url, model=cfg.judge, mode=cfg.judge_mode, timeout=cfg.judge_timeout,
+                               retries=cfg.judge_retries, concurrency=cfg.judge_concurrency)
         http_judge.probe()
         return http_judge
-    model, tok = load_model(judge or "smollm2-135m", device=device)
-    return LocalJudge(cpu_decode_layout(model) if mode == "decode" else model, tok, mode, token_budget)
+    model, tok = load_model(cfg.judge, device=device)
+    model = cpu_decode_layout(model) if cfg.judge_mode == "decode" else model
+    return LocalJudge(model, tok, cfg.judge_mode, cfg.judge_token_budget)
 
 
 # ----------------------------------------------------------------------------- scoring profiles
@@ -338,9 +376,6 @@ def sample_targets(sample) -> list[dict]:
     return [own] + [{**own, **t} for t in sample.get("more_targets", ())]
 
 
-REWARDS = ("rating", "rank", "rating+rank")
-
-
 def sample_reward(kind: str, task: str, judged: list[tuple[dict, object]]) -> float:
     """A sample's reward from the judge's predictions for its targets [(target, prediction)]:
     rating = the mean task_reward; rank = user_gauc, the fraction of target pairs rated differently
@@ -354,7 +389,8 @@ def sample_reward(kind: str, task: str, judged: list[tuple[dict, object]]) -> fl
     return rank if kind == "rank" else (rating + rank) / 2
 
 
-def target_rewards(samples, profiles, judge, task, reward="rating") -> list[tuple[float | None, object]]:
+def target_rewards(samples, profiles, judge, task,
+                   reward=RewardConfig.reward) -> list[tuple[float | None, object]]:
     """Ask the judge with profiles[i] (None = no profile) about every target of samples[i].
     -> per sample (sample_reward over its targets, predictions for its targets);
     (None, None) when the judge failed on any of them."""
@@ -372,16 +408,16 @@ def target_rewards(samples, profiles, judge, task, reward="rating") -> list[tupl
     return out
 
 
-def score_profiles(samples, texts, judge, task, reward="rating") -> list[Scored]:
+def score_profiles(samples, texts, judge, task, reward=RewardConfig.reward) -> list[Scored]:
     """(sample, generated text) -> sample_reward over the sample's targets. Format failures get -1
     without asking the judge."""
     profiles = [extract_tag(t, "user_profile") for t in texts]
     ask = [i for i, p in enumerate(profiles) if p]
     judged = target_rewards([samples[i] for i in ask], [profiles[i] for i in ask], judge, task, reward)
     out = [Scored(FORMAT_PENALTY, None, "format") for _ in texts]
-    for i, (reward, preds) in zip(ask, judged):
-        out[i] = (Scored(None, None, "judge_failed") if reward is None
-                  else Scored(reward, preds[0], "ok", preds))
+    for i, (value, preds) in zip(ask, judged):
+        out[i] = (Scored(None, None, "judge_failed") if value is None
+                  else Scored(value, preds[0], "ok", preds))
     return out
 
 
@@ -391,7 +427,7 @@ class JudgeRewards:
     judge over its user's targets (score_profiles); `progress`: a transient bar of targets judged."""
     judge: object
     task: str
-    reward: str = "rating"
+    reward: str
     progress: bool = False
 
     def score(self, samples, outs) -> list[Scored]:
@@ -399,6 +435,27 @@ class JudgeRewards:
         with tqdm(desc="judge", unit="target", file=sys.stderr, leave=False,
                   disable=not self.progress) as bar:
             return score_profiles(samples, texts, Counted(self.judge, bar), self.task, self.reward)
+
+
+class Counted:
+    """A judge that advances a progress bar by the targets it answers (asked 64 at a time)."""
+
+    def __init__(self, judge, bar):
+        self.judge, self.bar = judge, bar
+
+    def predict(self, messages, task):
+        out = []
+        for i in range(0, len(messages), 64):
+            out += self.judge.predict(messages[i:i + 64], task)
+            self.bar.update(len(messages[i:i + 64]))
+        return out
+
+
+# ----------------------------------------------------------------------------- metrics (validation)
+
+def eval_targets(samples) -> list[dict]:
+    """Every target of every sample (prepare.py --eval-targets), a user's consecutively."""
+    return [t for s in samples for t in sample_targets(s)]
 
 
 def profile_predictions(samples, texts, judge, task):
@@ -453,20 +510,6 @@ def metrics(task, preds, targets, boot=1000, seed=0) -> dict:
         out[name] = ((value, ds[int(0.025 * len(ds))], ds[int(0.975 * len(ds)) - 1]) if ds
                      else (value, None, None))
     return out
-
-
-def affine_fit(preds, targets) -> tuple[float, float] | None:
-    """(a, b) of the least-squares fit rating ~ a + b * prediction over the predictions that are not
-    None (b = 0 when they are constant; None without any): a condition's level and scale, fitted on
-    validation users so that a calibrated MAE on test users no longer rewards the level the judge
-    happens to answer at. (A constant maps to the validation mean, not the median MAE would pick.)"""
-    xy = [(p, t["rating"]) for p, t in zip(preds, targets) if p is not None]
-    if not xy:
-        return None
-    mx, my = statistics.fmean(x for x, _ in xy), statistics.fmean(y for _, y in xy)
-    var = sum((x - mx) ** 2 for x, _ in xy)
-    b = sum((x - mx) * (y - my) for x, y in xy) / var if var > 0 else 0.0
-    return my - b * mx, b
 
 
 def by_user(preds, targets) -> dict:
@@ -546,7 +589,7 @@ def macro_f1(pairs):
     return sum(f1s) / len(f1s)
 
 
-# ----------------------------------------------------------------------------- eval CLI
+# ----------------------------------------------------------------------------- the no-LLM profile
 
 STOPWORDS = set("the a an of and in on to for with from by at is it its this that my your our his her their "
                 "you i we they he she be are was were as or not no vs new all one two three part edition "
@@ -592,324 +635,7 @@ def template_profile(sample, kinds_shown="right") -> str:
     return text
 
 
-def paired_difference(err_a, err_b, boot=1000, seed=0):
-    """mean(err_a) - mean(err_b) over the same samples, with a paired bootstrap 95% interval
-    (users resampled once for both conditions). For MAE errors, > 0 means b is better."""
-    pairs = [(a, b) for a, b in zip(err_a, err_b) if a is not None and b is not None]
-    if not pairs:
-        return None
-    diff = [a - b for a, b in pairs]
-    rng = random.Random(seed)
-    draws = sorted(sum(diff[rng.randrange(len(diff))] for _ in diff) / len(diff) for _ in range(boot))
-    return sum(diff) / len(diff), draws[int(0.025 * boot)], draws[int(0.975 * boot) - 1]
-
-
-def sample_errors(task, preds, samples):
-    """Per-sample error: |pred - rating| (rating) or 1 - correct (sentiment); None where no prediction."""
-    if task == "rating":
-        return [None if p is None else abs(p - s["rating"]) for p, s in zip(preds, samples)]
-    return [None if p is None else float(p != s["label"]) for p, s in zip(preds, samples)]
-
-
-ITEM_MEAN, ITEM_KNN = "item mean (no LLM)", "item kNN of the history (no LLM)"
-
-
-def baseline_predictions(task, samples):
-    """No LLM at all: the global mean and median (majority label) of all history ratings, the
-    user's own mean, and the item's mean over the training users (prepare.py's item_mean; the global
-    mean for an item none of them rated). The median is the constant with the lowest MAE: on skewed
-    ratings it shows how much of an MAE is the level of the predictions rather than anything known
-    about the user; the user mean orders no user's items (GAUC 1/2), the item mean does."""
-    hist = [h for s in samples for h in s["history"] + s.get("recent", [])]
-    if task == "rating":
-        g = sum(h["rating"] for h in hist) / max(1, len(hist))
-        med = statistics.median(h["rating"] for h in hist) if hist else g
-        return {"global mean (no LLM)": [g] * len(samples), "global median (no LLM)": [med] * len(samples),
-                "user mean (no LLM)": [s["user_mean"] for s in samples],
-                **({ITEM_MEAN: [g if s["item_mean"] is None else s["item_mean"] for s in samples]}
-                   if all("item_mean" in s for s in samples) else {}),
-                # the shown history read by collaborative filtering (prepare.py's ItemKNN)
-                **({ITEM_KNN: [g if s["item_knn"] is None else s["item_knn"]
-                                                         for s in samples]}
-                   if all("item_knn" in s for s in samples) else {})}
-    # prepare.py's default thresholds
-    lab = lambda r: "like" if r >= 4 else "dislike" if r <= 2 else "neutral"
-    glob = Counter(lab(h["rating"]) for h in hist).most_common(1)[0][0]
-    user = [Counter(lab(h["rating"]) for h in s["history"] + s.get("recent", [])).most_common(1)[0][0]
-            if s["history"] else glob for s in samples]
-    return {"majority label (no LLM)": [glob] * len(samples), "user's majority label (no LLM)": user}
-
-
-@dataclass
-class Condition:
-    """One row of a results table: predictions for targets[idx[k]], with the profile's status
-    (ok | format | judge_failed) when the row judges written profiles."""
-    preds: list
-    idx: list[int]
-    status: list[str] | None = None
-    words: float | None = None
-
-
-class Counted:
-    """A judge that advances a progress bar by the targets it answers (asked 64 at a time)."""
-
-    def __init__(self, judge, bar):
-        self.judge, self.bar = judge, bar
-
-    def predict(self, messages, task):
-        out = []
-        for i in range(0, len(messages), 64):
-            out += self.judge.predict(messages[i:i + 64], task)
-            self.bar.update(len(messages[i:i + 64]))
-        return out
-
-
-def eval_targets(samples) -> list[dict]:
-    """Every target of every sample (prepare.py --eval-targets), a user's consecutively."""
-    return [t for s in samples for t in sample_targets(s)]
-
-
-NO_PROFILE = "no profile"
-# what the judge is shown besides the item: the contexts that tell whether it reads a profile
-CONTEXTS = {"none": NO_PROFILE, "history": "raw history", "template": "template profile (code, no LLM)",
-            "swapped": "template, likes/dislikes swapped"}
-
-
-def context_messages(target, kind: str, task: str) -> list[dict]:
-    """The judge's prompt for a target with one of CONTEXTS: no profile, the raw history the writer is
-    shown, the template profile, or the template with likes and dislikes exchanged (what a judge that
-    reads the profile must answer differently to)."""
-    if kind == "history":
-        return predictor_messages(target, None, task, format_interactions(target["history"]))
-    if kind in ("template", "swapped"):
-        return predictor_messages(target, template_profile(target, "right" if kind == "template" else kind),
-                                  task)
-    if kind == "none":
-        return predictor_messages(target, None, task)
-    raise LettingoError(f"unknown context {kind!r} ({' | '.join(CONTEXTS)})")
-
-
-def judge_conditions(samples, judge, task, profiles: dict | None = None) -> dict[str, Condition]:
-    """Every condition of an evaluation on every target of the samples (eval_targets): no-LLM
-    baselines, no profile, raw history, the template profile, the oracle profile (synthetic data),
-    and each set of written profiles ({name: [[text, ...] per sample]}, each asked about all of its
-    sample's targets; an unclosed profile is judged as no profile)."""
-    targets = eval_targets(samples)
-    first = [0]                                    # sample i's targets: targets[first[i]:first[i + 1]]
-    for s in samples:
-        first.append(first[-1] + len(sample_targets(s)))
-    n = len(targets)
-    rows = {name: Condition(preds, list(range(n)))
-            for name, preds in baseline_predictions(task, targets).items()}
-    if judge is None:                              # the no-LLM rows only
-        return rows
-    conditions = {name: [context_messages(t, kind, task) for t in targets] for kind, name in CONTEXTS.items()}
-    if all(t.get("oracle_profile") for t in targets):
-        conditions["oracle profile"] = [predictor_messages(t, t["oracle_profile"], task) for t in targets]
-    flats = {name: [(i, t) for i, ts in enumerate(texts) for t in ts]
-             for name, texts in (profiles or {}).items()}
-    total = n * len(conditions) + sum(first[i + 1] - first[i] for f in flats.values() for i, _ in f)
-    bar = tqdm(total=total, desc="judge", unit="target", file=sys.stderr)
-    judge = Counted(judge, bar)
-    for name, msgs in conditions.items():
-        rows[name] = Condition(judge.predict(msgs, task), list(range(n)))
-        bar.write(f"judged: {name} ({n} targets)", file=sys.stderr)
-    for name, flat in flats.items():
-        preds, scored = profile_predictions([samples[i] for i, _ in flat], [t for _, t in flat], judge,
-                                            task)
-        ok = [extract_tag(t, "user_profile") for (_, t), sc in zip(flat, scored) if sc.status != "format"]
-        span = lambda i: range(first[i], first[i + 1])
-        rows[name] = Condition([p for ps in preds for p in ps], [k for i, _ in flat for k in span(i)],
-                               [sc.status for (i, _), sc in zip(flat, scored) for _ in span(i)],
-                               sum(len(p.split()) for p in ok) / max(len(ok), 1))
-        bar.write(f"judged: {name} ({len(flat)} profiles)", file=sys.stderr)
-    bar.close()
-    return rows
-
-
-def per_user(values, targets) -> dict:
-    """{user: mean of its values} over the values that are not None."""
-    users = defaultdict(list)
-    for v, t in zip(values, targets):
-        if v is not None:
-            users[t["user_id"]].append(v)
-    return {u: sum(v) / len(v) for u, v in users.items()}
-
-
-def user_gaucs(preds, targets) -> dict:
-    """{user: GAUC} for the users with a pair of targets rated differently."""
-    gaucs = ((u, user_gauc(ps)) for u, ps in by_user(preds, targets).items())
-    return {u: g for u, g in gaucs if g is not None}
-
-
-def row_targets(c: Condition, targets) -> list[dict]:
-    """The target of each of a row's predictions. A row with several profiles per sample (rollout.py
-    --n 4) files each profile's targets under its own user id (user, k), so that GAUC and Spearman
-    compare items within one profile (by_person averages a user's profiles again)."""
-    if len(set(c.idx)) == len(c.idx):
-        return [targets[i] for i in c.idx]
-    drawn = defaultdict(int)
-    out = []
-    for i in c.idx:
-        out.append({**targets[i], "user_id": (targets[i]["user_id"], drawn[i])})
-        drawn[i] += 1
-    return out
-
-
-def by_person(values: dict) -> dict:
-    """{user or (user, profile k): value} -> {user: the mean over its profiles}."""
-    people = defaultdict(list)
-    for key, v in values.items():
-        people[key[0] if isinstance(key, tuple) else key].append(v)
-    return {u: sum(vs) / len(vs) for u, vs in people.items()}
-
-
-def paired(a: dict, b: dict, boot=1000, seed=0):
-    """paired_difference of two {user: value} over the users both have."""
-    common = [u for u in a if u in b]
-    return paired_difference([a[u] for u in common], [b[u] for u in common], boot, seed)
-
-
-def calibrations(samples, rows: dict[str, Condition]) -> dict[str, tuple[float, float]]:
-    """{condition: affine_fit of its predictions} on these (validation) samples' targets, for the
-    conditions with any prediction."""
-    targets = eval_targets(samples)
-    fits = {name: affine_fit(c.preds, [targets[i] for i in c.idx]) for name, c in rows.items()}
-    return {name: fit for name, fit in fits.items() if fit is not None}
-
-
-def summarize(task, samples, rows: dict[str, Condition], compare: list[tuple[str, str]] = (),
-              calibration: dict[str, tuple[float, float]] | None = None) -> dict:
-    """Metrics of every row over eval_targets(samples); for profile rows also the format rate and the
-    metric on the targets whose profile closed next to no-profile on those same targets; paired
-    differences over users for `compare` ((a, b): a - b, of the user's mean error -- > 0 means b is
-    better -- and of its GAUC under "paired_GAUC" -- < 0 means b is better) and for every profile row
-    against no profile; for the rows in `calibration` ({name: (a, b)} from validation users) the
-    calibrated MAE, of a + b * prediction."""
-    targets = eval_targets(samples)
-    tg = {name: row_targets(c, targets) for name, c in rows.items()}
-    err = {name: by_person(per_user(sample_errors(task, c.preds, tg[name]), tg[name]))
-           for name, c in rows.items() if len(set(c.idx)) == len(targets)}       # every target: pairable
-    gauc = ({name: by_person(user_gaucs(rows[name].preds, tg[name])) for name in err} if task == "rating"
-            else {})
-    out = {"task": task, "n_samples": len(samples), "n_targets": len(targets), "rows": {}, "paired": {},
-           "paired_GAUC": {}}
-    if task == "rating":
-        out["truth_mean"] = sum(t["rating"] for t in targets) / max(len(targets), 1)
-    for name, c in rows.items():
-        r = {"all": metrics(task, c.preds, tg[name])}
-        if name in (calibration or {}) and task == "rating":
-            a, b = calibration[name]
-            cal = metrics(task, [None if p is None else a + b * p for p in c.preds], tg[name])
-            if "MAE" in cal:                                  # not when every prediction failed
-                r["all"]["calibrated_MAE"], r["calibration"] = cal["MAE"], (a, b)
-        if c.status is not None:
-            closed = [k for k, st in enumerate(c.status) if st == "ok"]
-            r["format_rate"] = len(closed) / max(len(c.status), 1)
-            r["words"] = c.words
-            r["closed"] = metrics(task, [c.preds[k] for k in closed], [tg[name][k] for k in closed])
-            r["no_profile_on_closed"] = metrics(task, [rows[NO_PROFILE].preds[c.idx[k]] for k in closed],
-                                                [tg[name][k] for k in closed])
-        out["rows"][name] = r
-    pairs = [(NO_PROFILE, name) for name in err if name != NO_PROFILE] + list(compare)
-    for a, b in pairs:
-        if a in err and b in err:
-            out["paired"][f"{a} -> {b}"] = paired(err[a], err[b])
-            if gauc:
-                out["paired_GAUC"][f"{a} -> {b}"] = paired(gauc[a], gauc[b])
-    return out
-
-
-def print_summary(summary):
-    task = summary["task"]
-    names = ("MAE", "RMSE") if task == "rating" else ("accuracy", "macro_F1")
-    cell = lambda m, n: (f"{m[n][0]:>7.3f} [{m[n][1]:.3f},{m[n][2]:.3f}]" if n in m and m[n][1] is not None
-                         else f"{m[n][0]:>7.3f}{'':14}" if n in m else f"{'-':>21}")
-    level = task == "rating"        # the judge's mean prediction and its correlation with the truth
-    print(f"\n{'condition':<44}" + "".join(f"{n:>22}" for n in names)
-          + (f"{'pred':>6}" if level else "")
-          + f"{'closed':>8}{'words':>6}" + f"{'on closed: ' + names[0]:>24}{'no profile there':>22}")
-    for name, r in summary["rows"].items():
-        m = r["all"]
-        line = f"{name[:44]:<44}" + "".join(f" {cell(m, n)}" for n in names)
-        if level:
-            line += f"{m['mean_pred'][0]:>6.2f}" if "mean_pred" in m else f"{'-':>6}"
-        if "format_rate" in r:
-            line += (f"{r['format_rate']:>8.0%}{r['words']:>6.0f} {cell(r['closed'], names[0]):>23} "
-                     f"{cell(r['no_profile_on_closed'], names[0]):>21}")
-        print(line)
-    ranking = (("calibrated_MAE",) * any("calibration" in r for r in summary["rows"].values())
-               + ("GAUC", "Spearman", "r", "macro_F1", "balanced_acc") if level else ("balanced_acc",))
-    print(f"\n{'what a constant cannot win':<44}" + "".join(f"{n:>22}" for n in ranking))
-    for name, r in summary["rows"].items():
-        # undefined (-) where no user has two differently rated targets or predictions are constant
-        print(f"{name[:44]:<44}" + "".join(f" {cell(r['all'], n) if r['all'].get(n, (0,))[0] else '-':>21}"
-                                          for n in ranking))
-    print(f"({summary['n_samples']} users, {summary['n_targets']} targets; "
-          f"[95% bootstrap interval over users]; "
-          f"closed = format rate (profile tag closed); "
-          f"an unclosed profile is judged as no profile"
-          + (f"; pred = mean prediction (true ratings' mean {summary['truth_mean']:.2f}), "
-             + ("calibrated_MAE of a + b * prediction, a and b fitted on the validation users' predictions "
-                "of the same condition; " if "calibrated_MAE" in ranking else "")
-             + "r = Pearson over all predictions, GAUC / Spearman within each user (constant: 1/2 / 0), "
-             "macro-F1 / balanced accuracy of the nearest star's like/neutral/dislike"
-             if level else "") + ")")
-    for key, what in (("paired", "MAE" if task == "rating" else "error rate"), ("paired_GAUC", "GAUC")):
-        if summary.get(key):
-            better = "b better" if key == "paired" else "b worse"
-            print(f"\npaired differences of {what} per user (a -> b: a minus b, > 0 = {better}) "
-                  f"[95% paired bootstrap]")
-            for k, v in summary[key].items():
-                print(f"  {k:<70} {v[0]:+.3f} [{v[1]:+.3f},{v[2]:+.3f}]" if v else f"  {k:<70} -")
-
-
-def run_eval(args):
-    samples = read_samples(args.data)[:args.limit or None]
-    if args.out:
-        output_file(args.out)
-    # checked before judging
-    profiles = {f"profiles: {path}": profile_texts(path, samples) for path in args.profiles or []}
-    if args.val_data and args.task != "rating":
-        raise LettingoError("--val-data fits the calibrated MAE of ratings: it needs --task rating")
-    if args.val_profiles and not args.val_data:
-        raise LettingoError("--val-profiles needs --val-data (the samples they were written for)")
-    if args.val_data and len(args.val_profiles or []) != len(profiles):
-        raise LettingoError(f"--val-profiles: one file per --profiles file ({len(profiles)}), in the same "
-                            f"order, got {len(args.val_profiles or [])}")
-    val = read_samples(args.val_data)[:args.limit or None] if args.val_data else []
-    val_profiles = {name: profile_texts(path, val) for name, path in zip(profiles, args.val_profiles or [])}
-    if args.judge == "none" and (profiles or args.judge_url):
-        raise LettingoError("--judge none gives the no-LLM rows only: it judges no --profiles")
-    judge = None if args.judge == "none" else make_judge(
-        args.judge, args.judge_url, args.judge_mode, args.token_budget, timeout=args.timeout,
-        retries=args.retries, concurrency=args.concurrency)
-    # the affine calibration of every condition, fitted on the validation users' predictions
-    calibration = calibrations(val, judge_conditions(val, judge, args.task, val_profiles)) if val else None
-    rows = judge_conditions(samples, judge, args.task, profiles)
-    names = list(profiles)
-    headroom = [(ITEM_MEAN, ITEM_KNN)] if ITEM_KNN in rows else []    # what reading the history can add
-    summary = summarize(args.task, samples, rows, compare=[(names[0], b) for b in names[1:]] + headroom,
-                        calibration=calibration)
-    print_summary(summary)
-    if args.out:
-        with open(args.out, "w") as f:
-            for i, t in enumerate(eval_targets(samples)):
-                preds = {k: [c.preds[j] for j, x in enumerate(c.idx) if x == i] for k, c in rows.items()}
-                f.write(json.dumps({"user_id": t["user_id"], "item_id": t["item_id"],
-                                    "truth": t["rating"] if args.task == "rating" else t["label"],
-                                    **{k: v[0] if len(v) == 1 else v for k, v in preds.items()}}) + "\n")
-    if judge is None:
-        return summary
-    print(f"judge failures: {judge.failures}, unparseable answers: {judge.bad_answers}"
-          + (f", retries: {judge.retried}, fallbacks to decode: {judge.fallbacks}"
-             + (f", answer tokens' mean mass: {judge.mass_sum / judge.mass_n:.3f}" if judge.mass_n else "")
-             if isinstance(judge, HTTPJudge) else ""))
-    if judge.failures and judge.failures >= len(samples):
-        raise LettingoError(f"the judge failed on every request ({judge.failures}); "
-                            f"is {args.judge_url} reachable?")
-    return summary
-
+# ----------------------------------------------------------------------------- python reward.py
 
 def profile_texts(path, samples):
     """Generated texts per sample, matched by (user_id, item_id)."""
@@ -926,39 +652,45 @@ def profile_texts(path, samples):
     return out
 
 
+@dataclass
+class ScoreConfig(RewardConfig):
+    """python reward.py: the reward of every profile in a rollout.py file, as GRPO would score it."""
+    data: str = option(None, "samples JSONL (data/prepare.py) the profiles were written for", kind=str,
+                       required=True)
+    profiles: str = option(None, "profiles JSONL from rollout.py (matched by user_id, item_id)", kind=str,
+                           required=True)
+    out: str | None = option(None, "JSONL: each sample's profiles with their rewards", kind=str)
+
+
+def score_file(cfg: ScoreConfig):
+    samples = read_samples(cfg.data)
+    texts = profile_texts(cfg.profiles, samples)           # [sample][profile]
+    if cfg.out:
+        output_file(cfg.out)
+    flat = [(i, t) for i, ts in enumerate(texts) for t in ts]
+    with tqdm(desc="judge", unit="target", file=sys.stderr) as bar:
+        scored = score_profiles([samples[i] for i, _ in flat], [t for _, t in flat],
+                                Counted(make_judge(cfg), bar), cfg.task, cfg.reward)
+    rewards = [sc.reward for sc in scored if sc.reward is not None]
+    status = defaultdict(int)
+    for sc in scored:
+        status[sc.status] += 1
+    print(f"{len(scored)} profiles of {len(samples)} samples: mean {cfg.reward} reward "
+          f"{sum(rewards) / max(len(rewards), 1):+.4f}, " + ", ".join(f"{k} {v}" for k, v in status.items()))
+    if cfg.out:
+        with open(cfg.out, "w") as f:
+            for (i, text), sc in zip(flat, scored):
+                f.write(json.dumps({"user_id": samples[i]["user_id"], "item_id": samples[i]["item_id"],
+                                    "text": text, "reward": sc.reward, "status": sc.status,
+                                    "predictions": sc.predictions}) + "\n")
+
+
 def main():
-    p = ArgParser(description="Judge user profiles by how well a frozen recommender predicts with them.")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="eval",
-                           help="the one command: python reward.py eval --data DIR/test.jsonl "
-                                "[--profiles ...]")
-    e = sub.add_parser("eval", help="metrics for baselines and given profiles, side by side")
-    e.add_argument("--data", required=True,
-                   help="samples JSONL from data/prepare.py (e.g. DIR/test.jsonl)")
-    e.add_argument("--profiles", nargs="+",
-                   help="profiles JSONL file(s) from rollout.py (matched by user_id, item_id)")
-    e.add_argument("--judge", default="smollm2-135m",
-                   help="local judge model (or the model name sent to --judge-url); none: only the rows "
-                        "without an LLM")
-    e.add_argument("--judge-url", help="OpenAI-compatible server instead of a local judge")
-    e.add_argument("--task", default="rating", choices=["rating", "sentiment"],
-                   help="rating: MAE/RMSE; sentiment: like/neutral/dislike accuracy")
-    e.add_argument("--judge-mode", default="expect", choices=["expect", "decode"],
-                   help="expect: expected value (local, or a server's top_logprobs); "
-                        "decode: greedy answer, parsed")
-    e.add_argument("--concurrency", type=at_least(1), default=64, help="HTTP judge: requests in flight")
-    e.add_argument("--token-budget", type=at_least(64), default=1024,
-                   help="local judge: tokens per packed forward")
-    e.add_argument("--limit", type=at_least(0), default=0, help="only the first N samples")
-    e.add_argument("--timeout", type=at_least(0.001, float), default=30.0,
-                   help="HTTP judge: seconds per request")
-    e.add_argument("--retries", type=at_least(0), default=3, help="HTTP judge: retries per request")
-    e.add_argument("--val-data", help="validation samples (DIR/val.jsonl): each condition's predictions "
-                                      "there fit the affine map a + b * prediction of its calibrated MAE")
-    e.add_argument("--val-profiles", nargs="+",
-                   help="with --val-data: the same writers' profiles of the validation users, one file per "
-                        "--profiles file, in its order (--limit applies to the validation users too)")
-    e.add_argument("--out", help="per-target predictions JSONL")
-    run_eval(p.parse_args())
+    p = ArgParser(description="The reward of each written profile: a frozen recommender predicts the user's "
+                              "ratings of its targets from it (tools/evaluate.py compares profiles with "
+                              "baselines).")
+    add_config(p, ScoreConfig)
+    score_file(config_from(ScoreConfig, p.parse_args()))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from lettingo import (PROFILE_CLOSE, ArgParser, KVCache, LettingoError, Stopped, Transformer, add_config,
-                      at_least, chat_prompt, check_samples, cli, config_from, extract_tag, load_model, option,
-                      output_file, profile_answer, profile_prompt, read_jsonl)
+from lettingo import (DEFAULT_MODEL, PROFILE_CLOSE, ArgParser, KVCache, LettingoError, Stopped, Transformer,
+                      add_config, chat_prompt, check_samples, cli, config_from, extract_tag, load_model,
+                      option, output_file, profile_answer, profile_prompt, read_jsonl)
 
 END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>")
 
@@ -87,10 +87,11 @@ def row_keys(seeds: list[int], device) -> torch.Tensor:
     return mix32(mix32(s >> 32) ^ (s & M32))
 
 
-def uniforms(keys: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """Counter-based random numbers: u = hash(row key, step) in (0, 1), [B] fp32. No generator
-    state, so a step needs no Python list of generators and can be replayed from a CUDA graph."""
-    h = mix32(keys ^ mix32((step * 0x9E3779B9) & M32))
+def uniforms(keys: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Counter-based random numbers: u = hash(row key, t) in (0, 1), [B] fp32, t = tokens sampled so
+    far. No generator state, so a decode step needs no Python list of generators and can be replayed
+    from a CUDA graph."""
+    h = mix32(keys ^ mix32((t * 0x9E3779B9) & M32))
     return ((h >> 9).float() + 0.5) / 2**23                     # 23 bits + 0.5: exact in fp32, in (0, 1)
 
 
@@ -102,7 +103,7 @@ def running_sum(probs):
     return probs.cumsum(-1)
 
 
-def sample_next(logits, temperature, top_p, top_k, keys, step):
+def sample_next(logits, temperature, top_p, top_k, keys, t):
     """logits [B, V] fp32 -> (tokens [B], logprobs [B]). Inverse-CDF sampling with one counter-based
     uniform per row; log-probs are of softmax(logits / T) before top-k/top-p filtering (the
     distribution the trainer differentiates)."""
@@ -122,7 +123,7 @@ def sample_next(logits, temperature, top_p, top_k, keys, step):
     cdf = running_sum(torch.softmax(filtered, -1))                               # [B, V]
     # the first token whose cdf reaches u * total (it has probability > 0: cdf rises there), i.e. the
     # number of tokens below it -- searchsorted's answer, as a sum that torch.compile fuses
-    tokens = (cdf < (uniforms(keys, step) * cdf[:, -1])[:, None]).sum(-1)
+    tokens = (cdf < (uniforms(keys, t) * cdf[:, -1])[:, None]).sum(-1)
     return tokens, logp.gather(1, tokens[:, None]).squeeze(1)
 
 
@@ -141,10 +142,13 @@ def cpu_decode_layout(model: Transformer) -> Transformer:
 @dataclass
 class SamplingParams:
     n: int = option(1, "samples per prompt; they share one prefill", min=1)
-    max_new_tokens: int = option(256, "generation budget per sample", min=1)
+    max_new_tokens: int = option(896, "generation budget per sample (the profile budget everywhere)",
+                                 source="public code's response length", min=1)
     temperature: float = option(1.0, "0 = greedy", min=0.0)
     top_p: float = option(1.0, "nucleus sampling mass (1 = off)", min=0.0)
     top_k: int = option(0, "keep the k most likely tokens (0 = off)", min=0)
+    batch_size: int = option(64, "rows decoded together (prompts x n); the KV cache holds this many rows of "
+                             "prompt + max_new_tokens", min=1)
     stop: tuple[str, ...] = ()             # a row ends right after the first of these strings
 
 
@@ -165,15 +169,15 @@ class Sampler:
         self.compiled = cuda_graphs if compiled is None else compiled
         self.graphs = GraphedDecode(compiled=self.compiled) if cuda_graphs else None
         self.bucketed = bucketed or cuda_graphs
-        self.step = compiled_decode_step() if self.compiled else decode_step
+        self.decode = compiled_decode_step() if self.compiled else decode_step
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, *,
                  seed: int | list[int] | None = None, tokenizer=None, end_ids: set[int] | None = None,
-                 batch_size: int = 64, progress: bool = False,
+                 progress: bool = False,
                  shared: list[int] | None = None) -> list[list[Sample]]:
         """`params.n` continuations of every prompt (token id lists) -> [prompt][sample]. Prompts
-        are sorted by length and cut into chunks of at most `batch_size` rows (n rows per prompt),
+        are sorted by length and cut into chunks of at most `params.batch_size` rows (n rows per prompt),
         so the cache is sized by each chunk's longest prompt + max_new_tokens. seed: one per prompt
         (a list), or the first of consecutive ones; a prompt samples the same tokens in any batch.
         shared: per prompt, how many of its first tokens it shares with other prompts (one profile's
@@ -194,7 +198,7 @@ class Sampler:
         # prompts with the same prefix next to each other, so they share a chunk
         order = sorted(range(len(prompts)),
                        key=lambda i: (shared[i], prompts[i][:shared[i]], len(prompts[i])))
-        per_chunk = max(1, batch_size // params.n)
+        per_chunk = max(1, params.batch_size // params.n)
         out: list[list[Sample]] = [None] * len(prompts)
         bar = tqdm(desc="rollout", unit="tok", file=sys.stderr, disable=not progress, leave=False)
         for c in range(0, len(order), per_chunk):
@@ -253,16 +257,16 @@ class Sampler:
         results = [Sample([], [], prompt_tokens=len(prompts[r // n])) for r in range(B)]
         window = max((len(s) for s in stop), default=0) + 8
         every = 8 if self.bucketed else 1                 # the host reads the tokens every `every` steps
-        step = seen = counted = 0
-        while step < max_new:
-            for _ in range(min(every, max_new - step)):
+        t = seen = counted = 0                            # t: tokens sampled so far
+        while t < max_new:
+            for _ in range(min(every, max_new - t)):
                 if graph:
                     graph.replay()
                 else:
-                    self.step(model, st, *settings)
-                step += 1
-            new_t, new_lp = st.tokens[:, seen:step].tolist(), st.logprobs[:, seen:step].tolist()   # one sync
-            seen = step
+                    self.decode(model, st, *settings)
+                t += 1
+            new_t, new_lp = st.tokens[:, seen:t].tolist(), st.logprobs[:, seen:t].tolist()   # one sync
+            seen = t
             for j, r in enumerate(rows):
                 if r is not None and extend(results[r], new_t[j], new_lp[j], end_ids, stop, tokenizer,
                                             window):
@@ -271,7 +275,7 @@ class Sampler:
             bar.update(kept - counted)
             counted = kept
             live = [j for j, r in enumerate(rows) if r is not None]
-            if not live or step == max_new:
+            if not live or t == max_new:
                 break
             if self.rows(len(live)) <= len(rows) // 2:    # compact: copying the cache costs, so only
                 keep = live + [live[0]] * (self.rows(len(live)) - len(live))     # when it halves the batch
@@ -283,12 +287,13 @@ class Sampler:
                 for i in range(len(prompts))]
 
 
-def generate(model: Transformer, prompts: list[list[int]], *, n: int = 1, max_new_tokens: int = 256,
-             temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, stop: tuple[str, ...] = (),
-             cuda_graphs: bool | None = None, compiled: bool | None = None, **kw) -> list[list[Sample]]:
-    """One-off sampling: Sampler(model).generate (a caller that samples again keeps its Sampler)."""
-    params = SamplingParams(n, max_new_tokens, temperature, top_p, top_k, tuple(stop))
-    return Sampler(model, cuda_graphs, compiled).generate(prompts, params, **kw)
+def generate(model: Transformer, prompts: list[list[int]], *, cuda_graphs: bool | None = None,
+             compiled: bool | None = None, seed: int | list[int] | None = None, tokenizer=None,
+             end_ids: set[int] | None = None, **params) -> list[list[Sample]]:
+    """One-off sampling: Sampler(model).generate with SamplingParams(**params) (a caller that samples
+    again keeps its Sampler)."""
+    return Sampler(model, cuda_graphs, compiled).generate(prompts, SamplingParams(**params), seed=seed,
+                                                          tokenizer=tokenizer, end_ids=end_ids)
 
 
 def check_prompts(prompts: list[list[int]], ctx: int):
@@ -320,17 +325,17 @@ class DecodeState:
     cache: KVCache
     logits: torch.Tensor        # [B, V] fp32: the next token's logits
     keys: torch.Tensor          # [B] int64: per-row random keys (row_keys)
-    step: torch.Tensor          # [1] int64: tokens sampled so far
+    t: torch.Tensor             # [1] int64: tokens sampled so far (the decode counter)
     tokens: torch.Tensor        # [B, max_new] sampled ids (a row's tail after its end is ignored)
     logprobs: torch.Tensor      # [B, max_new] fp32
 
     def rows(self, index: torch.Tensor) -> "DecodeState":
-        return DecodeState(self.cache.rows(index), self.logits[index], self.keys[index], self.step.clone(),
+        return DecodeState(self.cache.rows(index), self.logits[index], self.keys[index], self.t.clone(),
                            self.tokens[index], self.logprobs[index])
 
     def load_(self, other: "DecodeState"):
         self.cache.load_(other.cache)
-        for name in ("logits", "keys", "step", "tokens", "logprobs"):
+        for name in ("logits", "keys", "t", "tokens", "logprobs"):
             getattr(self, name).copy_(getattr(other, name))
 
 
@@ -338,11 +343,11 @@ def decode_step(model, st: DecodeState, temperature, top_p, top_k):
     """Sample one token per row, record it, and run the model on it: the same function runs eagerly
     (CPU) and is captured into a CUDA graph and replayed (GPU). No host sync: finished rows keep
     decoding (their tokens are ignored) until the host looks, every few steps."""
-    tok, lp = sample_next(st.logits, temperature, top_p, top_k, st.keys, st.step)
-    st.tokens.index_copy_(1, st.step, tok[:, None])
-    st.logprobs.index_copy_(1, st.step, lp[:, None])
+    tok, lp = sample_next(st.logits, temperature, top_p, top_k, st.keys, st.t)
+    st.tokens.index_copy_(1, st.t, tok[:, None])
+    st.logprobs.index_copy_(1, st.t, lp[:, None])
     st.logits.copy_(model(tok[:, None], cache=st.cache, last_only=True)[:, -1])
-    st.step += 1
+    st.t += 1
 
 
 @functools.cache
@@ -362,21 +367,21 @@ class GraphedDecode:
 
     def __init__(self, keep: int = 16, compiled: bool = False):
         self.graphs, self.pool, self.keep = {}, None, keep     # the `keep` most recently used
-        self.step = compiled_decode_step() if compiled else decode_step
+        self.decode = compiled_decode_step() if compiled else decode_step
 
     def first_call(self, model, st, settings):
         """A compiler failure (an inductor bug on some shape) costs speed, not the run: the
         uncompiled step is captured instead, and said so."""
         try:
-            self.step(model, st, *settings)
+            self.decode(model, st, *settings)
         except Exception as e:
-            if self.step is decode_step:
+            if self.decode is decode_step:
                 raise
             print("rollout: torch.compile of the decode step failed "
                   f"({type(e).__name__}: {str(e).strip()[-300:]}); "
                   "capturing the uncompiled step", file=sys.stderr, flush=True)
-            self.step = decode_step
-            self.step(model, st, *settings)
+            self.decode = decode_step
+            self.decode(model, st, *settings)
 
     def adopt(self, model, st: DecodeState, settings) -> tuple[DecodeState, "torch.cuda.CUDAGraph"]:
         key = (st.tokens.shape, st.cache.k.shape, settings)
@@ -387,11 +392,11 @@ class GraphedDecode:
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):                     # warm-up outside the graph (allocator, kernels)
                 self.first_call(model, static, settings)      # (compiles)
-                self.step(model, static, *settings)
+                self.decode(model, static, *settings)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                self.step(model, static, *settings)
+                self.decode(model, static, *settings)
             self.graphs[key] = (static, graph)
             if len(self.graphs) > self.keep:
                 self.graphs.pop(next(iter(self.graphs)))
@@ -441,62 +446,67 @@ def prompt_of(row: dict, tokenizer) -> list[int]:
     raise LettingoError("a row has neither `history` (a LettinGo sample) nor `messages` (a chat)")
 
 
+@dataclass
+class RolloutConfig(SamplingParams):
+    """python rollout.py: every row of a JSONL file sampled, written as it finishes."""
+    model: str = option(DEFAULT_MODEL, "HF folder, .gguf file or alias")
+    data: str = option(None, "JSONL of LettinGo samples (data/prepare.py) or rows with `messages`", kind=str,
+                       required=True)
+    out: str = option(None, "output JSONL, one line per input row", kind=str, required=True)
+    seed: int = option(0, "sampling seed; same seed, same output")
+    limit: int = option(0, "only the first N rows (0 = all)", min=0)
+    dtype: str | None = option(None, "weights dtype (none: bfloat16 on CUDA, float32 on CPU)", kind=str,
+                               choices=("float32", "bfloat16", "float16"))
+    device: str | None = option(None, "cpu or cuda (none: cuda when available)", kind=str)
+    resume: bool = option(False, "keep the rows --out already holds (a stopped run's) and sample the rest")
+
+
 def main():
     p = ArgParser(description="Sample user profiles (or any chat completions) with a KV-cached "
                               "batched sampler and write them as JSONL.")
-    p.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file or alias")
-    p.add_argument("--data", required=True,
-                   help="JSONL of LettinGo samples (data/prepare.py) or rows with `messages`")
-    p.add_argument("--out", required=True, help="output JSONL, one line per input row")
-    add_config(p, SamplingParams, skip=("stop",))
+    add_config(p, RolloutConfig, skip=("stop",))
     p.add_argument("--stop", action="append", default=None,
                    help="stop string, repeatable (none given: </user_profile>)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed; same seed, same output")
-    p.add_argument("--batch-size", type=at_least(1), default=32,
-                   help="max rows decoded together (prompts x n)")
-    p.add_argument("--limit", type=at_least(0), default=0, help="only the first N rows (0 = all)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (none: bfloat16 on CUDA, float32 on CPU)")
-    p.add_argument("--device", default=None, help="cpu or cuda (none: cuda when available)")
-    p.add_argument("--resume", action="store_true",
-                   help="keep the rows --out already holds (a stopped run's) and sample the rest")
     args = p.parse_args()
-    params = config_from(SamplingParams, args, stop=tuple(args.stop or [PROFILE_CLOSE]))
-    output_file(args.out)
-    done = complete_rows(args.out) if args.resume else 0
-    rows = read_jsonl(args.data)[:args.limit or None]
+    sample_file(config_from(RolloutConfig, args, stop=tuple(args.stop or [PROFILE_CLOSE])))
+
+
+def sample_file(cfg: RolloutConfig):
+    """cfg.n samples of every row of cfg.data -> cfg.out, one line per row, in the rows' order."""
+    output_file(cfg.out)
+    done = complete_rows(cfg.out) if cfg.resume else 0
+    rows = read_jsonl(cfg.data)[:cfg.limit or None]
     for i, r in enumerate(rows, 1):
         if "history" not in r and not isinstance(r.get("messages"), list):
-            raise LettingoError(f"{args.data}: row {i} has neither `history` (a LettinGo sample) "
+            raise LettingoError(f"{cfg.data}: row {i} has neither `history` (a LettinGo sample) "
                                 "nor `messages` (a chat)")
     if any("history" in r for r in rows):
-        check_samples(rows, args.data)                   # LettinGo samples: all of them complete
-    model, tok = load_model(args.model, dtype=getattr(torch, args.dtype) if args.dtype else None,
-                            device=args.device)
+        check_samples(rows, cfg.data)                    # LettinGo samples: all of them complete
+    model, tok = load_model(cfg.model, dtype=getattr(torch, cfg.dtype) if cfg.dtype else None,
+                            device=cfg.device)
     prompts = [prompt_of(r, tok) for r in rows]
-    sampler, chunk = Sampler(cpu_decode_layout(model)), max(1, args.batch_size // params.n)
-    t0, gen = time.time(), 0
+    sampler, chunk = Sampler(cpu_decode_layout(model)), max(1, cfg.batch_size // cfg.n)
+    t0, generated = time.time(), 0
     # written chunk by chunk, each prompt with its own seed: a stopped run keeps its rows, and
     # --resume samples the rest exactly as one uninterrupted run would have
-    with open(args.out, "a" if done else "w") as f, tqdm(total=len(rows), initial=done, unit="prompt",
-                                                        desc="rollout", file=sys.stderr) as bar:
+    with open(cfg.out, "a" if done else "w") as f, tqdm(total=len(rows), initial=done, unit="prompt",
+                                                       desc="rollout", file=sys.stderr) as bar:
         try:
             for start in range(done, len(rows), chunk):
                 idx = range(start, min(start + chunk, len(rows)))
-                outs = sampler.generate([prompts[i] for i in idx], params, tokenizer=tok,
-                                        seed=[prompt_seed(args.seed, 0, i) for i in idx],
-                                        batch_size=args.batch_size)
+                outs = sampler.generate([prompts[i] for i in idx], cfg, tokenizer=tok,
+                                        seed=[prompt_seed(cfg.seed, 0, i) for i in idx])
                 for i, samples in zip(idx, outs):
                     f.write(json.dumps(profile_row(rows[i], prompts[i], samples, tok)) + "\n")
-                    gen += sum(len(s.tokens) for s in samples)
+                    generated += sum(len(s.tokens) for s in samples)
                 f.flush()
                 bar.update(len(idx))
         except KeyboardInterrupt:
-            raise Stopped(f"{complete_rows(args.out)} of {len(rows)} rows are in {args.out}: the same "
+            raise Stopped(f"{complete_rows(cfg.out)} of {len(rows)} rows are in {cfg.out}: the same "
                           "command with --resume samples the rest") from None
     dt = time.time() - t0
-    print(f"{len(rows) - done} prompts x {params.n} samples -> {args.out}: {dt:.1f}s, "
-          f"{(len(rows) - done) / dt:.2f} prompts/s, {gen / dt:.1f} generated tokens/s")
+    print(f"{len(rows) - done} prompts x {cfg.n} samples -> {cfg.out}: {dt:.1f}s, "
+          f"{(len(rows) - done) / dt:.2f} prompts/s, {generated / dt:.1f} generated tokens/s")
 
 
 def profile_row(row: dict, prompt: list[int], samples: list[Sample], tok) -> dict:

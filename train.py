@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import math
 import os
 import random
 import shutil
@@ -28,22 +29,25 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
-from lettingo import (ATTENTION, PROFILE_CLOSE, TREE_BACKENDS, ArgParser, LettingoError, Stopped,
-                      TokenLogprobs, Transformer, attention_backend, cli, load_model, micro_batches, option,
-                      pack_row, predictor_messages, profile_answer, profile_prompt, save_model,
+from lettingo import (ATTENTION, DEFAULT_MODEL, PROFILE_CLOSE, TREE_BACKENDS, ArgParser, LettingoError,
+                      Stopped, TokenLogprobs, Transformer, attention_backend, cli, load_model, micro_batches,
+                      option, pack_row, predictor_messages, profile_answer, profile_prompt, save_model,
                       shares_prompts)
-from reward import REWARDS, eval_targets, metrics, profile_predictions, sample_targets, template_profile
+from reward import RewardConfig, eval_targets, metrics, profile_predictions, sample_targets, template_profile
 from rollout import Sampler, SamplingParams, cpu_decode_layout
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(RewardConfig):
     """What every training run here takes: the model, the run folder, the loop, the optimizer,
-    memory and kernels, and the judge validation asks."""
-    model: str = option("smollm2-135m", "the model to train: HF folder, .gguf or alias")
+    memory and kernels, the writer's sampling budget, and the reward (RewardConfig: task, reward,
+    the judge that rewards and validation ask)."""
+    model: str = option(DEFAULT_MODEL, "the model to train: HF folder, .gguf or alias")
     out: str = option("runs/train", "run folder: checkpoints, metrics.jsonl, validation.jsonl")
-    steps: int = option(100, "training steps (GRPO: a rollout and its update, mini_batches x ppo_epochs "
-                        "optimizer steps; DPO, SFT: one optimizer step)", min=1)
+    steps: int = option(0, "training steps (0 = --epochs over the training examples); a GRPO step is a "
+                        "rollout and its update (mini_batches x ppo_epochs optimizer steps), a DPO or SFT "
+                        "step one optimizer step", min=0)
+    epochs: int = option(1, "passes over the training examples (users, pairs) when --steps is 0", min=1)
     eval_every: int = option(10, "validate every N steps (and at the end)", min=1)
     val_users: int = option(64, "validation users evaluated (0 = all)", min=0)
     save_every: int = option(50, "checkpoint every N steps (and at the end)", min=1)
@@ -51,11 +55,13 @@ class TrainConfig:
                        "state, which is 2x the weights)", min=1)
     seed: int = option(0, "data order and sampling seed")
     resume: bool = option(False, "continue from the latest complete checkpoint")
-    lr: float = option(1e-6, "AdamW learning rate (constant after warm-up)", min=0.0)
-    weight_decay: float = option(0.0, "AdamW weight decay", min=0.0)
+    lr: float = option(1e-6, "AdamW learning rate (constant after warm-up)", source="public GRPO code",
+                       min=0.0)
+    weight_decay: float = option(0.01, "AdamW weight decay", source="public GRPO code", min=0.0)
     warmup_steps: int = option(0, "linear lr warm-up over this many optimizer steps, then constant", min=0)
-    grad_clip: float = option(1.0, "global grad-norm clip", source="public code", min=0.0)
-    token_budget: int = option(8192, "max tokens per packed training micro-batch", min=16)
+    grad_clip: float = option(1.0, "global grad-norm clip", source="public GRPO code", min=0.0)
+    token_budget: int = option(8192, "max tokens per packed training micro-batch (and per no-grad "
+                               "log-prob pass)", min=16)
     activation_checkpointing: bool = option(False, "recompute each block in backward (less memory)")
     attention: str = option("auto", "packed training attention kernel (auto: FlexAttention on CUDA, SDPA on "
                             "CPU; flash/varlen have no tree mask, so each sequence keeps its own "
@@ -64,25 +70,14 @@ class TrainConfig:
     dtype: str = option("auto", "compute dtype of training and rollouts (fp32 master weights); "
                         "auto = bf16 on GPU, fp32 on CPU", choices=("auto", "float32", "bfloat16"))
     wandb: str | None = option(None, "also log to this Weights & Biases project (when installed)", kind=str)
-    task: str = option("rating", "rating: 1 - |err|/4 (the public code); sentiment: correct = 1 (the paper)",
-                       choices=("rating", "sentiment"))
-    reward: str = option("rating", "a profile's reward from the judge's predictions over the user's reward "
-                         "targets: rating = mean of 1 - |err|/4 (public code); rank = the fraction of "
-                         "pairs of targets rated differently that the predictions order right, which no "
-                         "level wins (needs --reward-targets >= 2 in data/prepare.py); rating+rank = "
-                         "their mean", choices=REWARDS)
-    judge: str = option("smollm2-135m", "local judge model (or the model name sent to --judge-url)")
-    judge_url: str | None = option(None, "OpenAI-compatible judge server (recommended for big judges)",
-                                   kind=str)
-    judge_mode: str = option("expect", "expect: expected rating from the answer token's probabilities "
-                             "(a server's top_logprobs); decode: greedy answer, parsed",
-                             choices=("expect", "decode"))
-    judge_concurrency: int = option(64, "HTTP judge: requests in flight", min=1)
-    max_new_tokens: int = option(256, "profile budget (sampling and validation)", min=1)
-
-    def __post_init__(self):
-        if self.reward != "rating" and self.task != "rating":
-            raise LettingoError(f"--reward {self.reward} orders ratings: it needs --task rating")
+    temperature: float = option(1.0, "sampling temperature of rollouts and exploration; GRPO's training, "
+                                "old-policy and reference log-probs divide the logits by it too",
+                                source="public GRPO code; the paper's exploration", min=0.0)
+    top_p: float = option(1.0, "nucleus sampling of rollouts and exploration (1 = off)", min=0.0)
+    max_new_tokens: int = option(SamplingParams.max_new_tokens, "profile budget (sampling and validation)",
+                                 source="rollout.SamplingParams", min=1)
+    batch_size: int = option(SamplingParams.batch_size, "rows decoded together (rollouts, exploration, "
+                             "validation)", source="rollout.SamplingParams", min=1)
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -234,7 +229,10 @@ def completion_logprobs(model, seqs: list[tuple[list[int], list[int]]], device, 
         share_prompts = shares_prompts(model)
     row = pack_row(seqs, share_prompts, device)
     # completion token j is predicted at position j - 1; its first token, at its prompt's last
-    index = [j for last, start, n in row.spans for j in ((last, *range(start, start + n - 1)) if n else ())]
+    index = []
+    for last, start, n in row.spans:
+        if n:
+            index += [last, *range(start, start + n - 1)]
     ids = [t for _, comp in seqs for t in comp]
     out = model.logprobs(row.tokens, torch.tensor(index, device=device), torch.tensor(ids, device=device),
                          **row.inputs(), temperature=temperature, with_entropy=with_entropy)
@@ -252,26 +250,19 @@ def synced_groups(model, seqs, budget, device) -> list[list[int]]:
     return groups + [[] for _ in range(int(all_max(len(groups), device)) - len(groups))]
 
 
-def backward_micro_batches(model, seqs, budget: int, device, loss_of, names=(), progress=False
-                           ) -> dict[str, float]:
-    """For each micro-batch g (indices into `seqs`, packed within the token budget): loss, metrics =
-    loss_of(g); loss.backward(). Gradients are reduced once, on the last micro-batch; a rank with
-    fewer micro-batches runs empty ones (a forward with zero loss) so all ranks stay in lockstep.
-    -> this rank's sums of "loss" and of the metrics `names` (every rank: the same keys)."""
-    sums = dict.fromkeys(("loss", *names), 0.0)
+def lockstep_micro_batches(model, seqs, budget: int, device, progress=False):
+    """The micro-batches of `seqs` (each a list of indices, packed within the token budget), one at
+    a time, for the caller's forward and backward: gradients are reduced once, on the last one, and
+    a rank with fewer micro-batches runs empty ones here (a forward and backward with zero loss), so
+    that all ranks stay in lockstep (FSDP). `progress`: a transient bar of micro-batches."""
     groups = synced_groups(model, seqs, budget, device)
     for k, g in enumerate(tqdm(groups, desc="update", unit="micro-batch", file=sys.stderr, leave=False,
                                disable=not progress)):
         model.set_requires_gradient_sync(k == len(groups) - 1)
-        if not g:
+        if g:
+            yield g
+        else:
             (completion_logprobs(model, [([0], [0])], device)[0].logprobs.sum() * 0.0).backward()
-            continue
-        loss, metrics_ = loss_of(g)
-        loss.backward()
-        sums["loss"] += loss.item()
-        for name, v in metrics_.items():
-            sums[name] += v
-    return sums
 
 
 @torch.no_grad()
@@ -313,7 +304,19 @@ def rank_positions(per_step: int, mini_batches: int, d: Dist) -> list[tuple[int,
     if P % (M * d.world):
         raise LettingoError(f"{P} examples per step must split evenly into "
                             f"{M} mini-batch(es) x {d.world} ranks")
-    return [(k, k // (P // M)) for k in range(P) if (k % (P // M)) // (P // (M * d.world)) == d.rank]
+    per_mb, per_rank = P // M, P // (M * d.world)       # examples in a mini-batch, a rank's share of it
+    mine = []
+    for k in range(P):
+        mini_batch, within = divmod(k, per_mb)
+        if within // per_rank == d.rank:
+            mine.append((k, mini_batch))
+    return mine
+
+
+def training_steps(steps: int, epochs: int, n_examples: int, per_step: int) -> int:
+    """`steps`, or when it is 0 the steps that show every example `epochs` times (a step that ends
+    an epoch takes the first examples of the next one, step_examples)."""
+    return steps or max(1, math.ceil(epochs * n_examples / per_step))
 
 
 def step_examples(seed: int, step: int, per_step: int, n: int, positions) -> list[tuple[int, int]]:
@@ -334,12 +337,12 @@ class TrainLoop:
     """The bookkeeping every training loop here shares (GRPO, DPO, SFT, the judge), so that the loop
     itself reads top to bottom in the algorithm's own file:
 
-        with TrainLoop(cfg, d, policy, run_dir, steps, n_examples, per_step, ckpt) as loop:
-            for step in loop.steps():                  # from the resumed step to `steps`, inclusive
+        with TrainLoop(cfg, d, policy, run_dir, n_examples, per_step, ckpt) as loop:
+            for step in loop.steps():                  # from the resumed step to loop.total, inclusive
                 if loop.validation_due(step):          # every cfg.eval_every steps and at the end
                     policy.sync()                      # the rollout copy takes the trained weights
                     loop.log_validation(step, validate(...))
-                if step == steps:
+                if step == loop.total:
                     break                              # the end: validated, nothing left to train
                 batch = loop.examples(step)            # this rank's [(example index, mini-batch)]
                 row = the algorithm's step on batch
@@ -349,10 +352,11 @@ class TrainLoop:
     Ctrl-C inside the block stops with one line naming the checkpoint to resume from; leaving the
     block prints the first and last validation."""
 
-    def __init__(self, cfg: TrainConfig, d: Dist, policy: Policy, run_dir: str, steps: int, n_examples: int,
+    def __init__(self, cfg: TrainConfig, d: Dist, policy: Policy, run_dir: str, n_examples: int,
                  per_step: int, ckpt: str | None = None, mini_batches: int = 1):
         self.cfg, self.d, self.policy, self.run_dir = cfg, d, policy, run_dir
-        self.total, self.n_examples, self.per_step = steps, n_examples, per_step
+        self.n_examples, self.per_step = n_examples, per_step
+        self.total = training_steps(cfg.steps, cfg.epochs, n_examples, per_step)
         self.start = load_trainer_state(ckpt, policy, d)["step"] if ckpt else 0
         if ckpt and d.main:
             print(f"resumed from {ckpt} at step {self.start}")
@@ -446,8 +450,8 @@ def validate(sampler: Sampler, tok, judge, val: list[dict], task: str, max_new_t
     if mine:
         outs = sampler.generate([profile_prompt(tok, s) for s in mine],
                                 SamplingParams(max_new_tokens=max_new_tokens, temperature=0,
-                                               stop=(PROFILE_CLOSE,)),
-                                tokenizer=tok, batch_size=batch_size, progress=d.main)
+                                               batch_size=batch_size, stop=(PROFILE_CLOSE,)),
+                                tokenizer=tok, progress=d.main)
         preds, scored = profile_predictions(mine, [profile_answer(o[0].text, o[0].finish) for o in outs],
                                             judge, task)
         per_sample = [sample_targets(s) for s in mine]
@@ -460,21 +464,29 @@ def validate(sampler: Sampler, tok, judge, val: list[dict], task: str, max_new_t
     rows = [r for part in gather_objects(rows) for r in part]
     closed = [r for r in rows if r.status == "ok"]
     key = "MAE" if task == "rating" else "accuracy"
-    samples = lambda rs: len({r.sample for r in rs})
-    value = lambda rs, pred, name=key: (metrics(task, [pred(r) for r in rs], [r.target for r in rs], boot=0)
-                                        .get(name, (None,))[0])
-    out = {"val_" + key: value(rows, lambda r: r.profile),
-           "val_format_rate": samples(closed) / max(samples(rows), 1),
-           f"val_{key}_closed": value(closed, lambda r: r.profile),
-           f"val_no_profile_{key}_closed": value(closed, lambda r: r.no_profile),
-           f"val_no_profile_{key}": value(rows, lambda r: r.no_profile),
-           f"val_template_{key}": value(rows, lambda r: r.template),
-           "val_judge_failures": samples([r for r in rows if r.status == "judge_failed"])}
-    if task == "rating" and len(rows) > samples(rows):         # GAUC needs samples with two targets
-        out |= {"val_GAUC": value(rows, lambda r: r.profile, "GAUC"),
-                "val_no_profile_GAUC": value(rows, lambda r: r.no_profile, "GAUC"),
-                "val_template_GAUC": value(rows, lambda r: r.template, "GAUC")}
+    out = {"val_" + key: judged_metric(task, rows, "profile", key),
+           "val_format_rate": users_in(closed) / max(users_in(rows), 1),
+           f"val_{key}_closed": judged_metric(task, closed, "profile", key),
+           f"val_no_profile_{key}_closed": judged_metric(task, closed, "no_profile", key),
+           f"val_no_profile_{key}": judged_metric(task, rows, "no_profile", key),
+           f"val_template_{key}": judged_metric(task, rows, "template", key),
+           "val_judge_failures": users_in([r for r in rows if r.status == "judge_failed"])}
+    if task == "rating" and len(rows) > users_in(rows):        # GAUC needs samples with two targets
+        out |= {"val_GAUC": judged_metric(task, rows, "profile", "GAUC"),
+                "val_no_profile_GAUC": judged_metric(task, rows, "no_profile", "GAUC"),
+                "val_template_GAUC": judged_metric(task, rows, "template", "GAUC")}
     return out
+
+
+def judged_metric(task: str, rows: list[Judged], context: str, name: str) -> float | None:
+    """The metric `name` (reward.metrics) of the judge's predictions in `context` (profile,
+    no_profile or template) over `rows`; None where it is undefined."""
+    m = metrics(task, [getattr(r, context) for r in rows], [r.target for r in rows], boot=0)
+    return m.get(name, (None,))[0]
+
+
+def users_in(rows: list[Judged]) -> int:
+    return len({r.sample for r in rows})
 
 
 # ----------------------------------------------------------------------------- checkpoints

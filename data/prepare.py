@@ -8,8 +8,8 @@ the paper's (profile from older history, 10 recent kept raw): --profile-history 
 """
 from __future__ import annotations
 
-import argparse
 import ast
+import dataclasses
 import bisect
 import csv
 import glob
@@ -21,10 +21,11 @@ import random
 import sys
 import time
 from collections import Counter, defaultdict
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from lettingo import ArgParser, LettingoError, at_least, cli  # noqa: E402
+from lettingo import ArgParser, LettingoError, add_config, cli, config_from, option  # noqa: E402
 
 
 class Drops:
@@ -471,60 +472,65 @@ def make_sample(u, rows, j, items, args, drops, oracle):
     return sample
 
 
+@dataclass
+class PrepareConfig:
+    """python data/prepare.py SOURCE: which users and interactions become which samples."""
+    source: str = option(None, "movielens | amazon | yelp | synthetic", kind=str,
+                         choices=("movielens", "amazon", "yelp", "synthetic"), required=True)
+    raw: str | None = option(None, "movielens/yelp: the dataset folder; amazon: the reviews file "
+                             "(.json/.jsonl[.gz])", kind=str)
+    meta: str | None = option(None, "amazon: optional metadata file (titles, descriptions)", kind=str)
+    out: str = option(None, "output folder for train/val/test.jsonl and stats.json", kind=str, required=True)
+    profile_history: int = option(10, "interactions the profile is written from", source="public GRPO code",
+                                  min=1)
+    recent: int = option(0, "most recent interactions kept raw for the recommender (paper: 10)", min=0)
+    min_interactions: int | None = option(None, "users with fewer are dropped (none: 20 for "
+                                          "movielens/synthetic, 5 for amazon/yelp 5-core data)", kind=int,
+                                          min=2)
+    min_history: int | None = option(None, "targets with fewer earlier interactions are dropped (none: 5, "
+                                     "or 3 for amazon/yelp)", kind=int, min=1)
+    test_users: int | None = option(None, "none: 10%% of eligible users, at most 200", kind=int, min=0)
+    val_users: int | None = option(None, "none: 5%% of eligible users, at most 50", kind=int, min=0)
+    train_users: int = option(0, "cap on training users (0 = all the rest)", min=0)
+    judge_users: int = option(0, "training users set aside for fine-tuning the judge (tools/judge.py), "
+                              "never seen by the writer: judge.jsonl", min=0)
+    judge_contexts: int = option(0, "judge users: at most this many samples per user, each a block of "
+                                 "--judge-targets targets with the history before it, newest first (0 = all)",
+                                 min=0)
+    judge_targets: int = option(10, "judge users: targets per sample (they share one copy of the context in "
+                                "training)", min=1)
+    targets_per_user: int = option(1, "train users: last N interactions as targets", min=1)
+    reward_targets: int = option(1, "train users: each sample also carries the next N-1 interactions as "
+                                 "`more_targets`; a profile's reward is its mean over all N (less noisy than "
+                                 "one item)", min=1)
+    eval_targets: int = option(5, "val/test users: the last K interactions are targets (the history before "
+                               "the first of them), so per-user orderings can be scored; 1 = one target per "
+                               "user", min=1)
+    like_min: float = option(4.0, "rating >= this is 'like'")
+    dislike_max: float = option(2.0, "rating <= this is 'dislike'")
+    review_chars: int = option(200, "review text kept per interaction", source="public GRPO code", min=0)
+    seed: int = option(0, "user split and synthetic data seed")
+    users: int = option(300, "synthetic: number of users", min=2)
+    items: int = option(400, "synthetic: catalog size", min=2)
+    total_ratings: int = option(0, "synthetic: exact number of ratings (0 = 20-60 per user)", min=0)
+    export_movielens: str | None = option(None, "synthetic: also write ratings.dat/movies.dat (ML-1M layout) "
+                                          "to this folder", kind=str)
+
+    def __post_init__(self):       # the source's thresholds where none is given
+        sparse = self.source in ("amazon", "yelp")
+        self.min_interactions = self.min_interactions or (5 if sparse else 20)
+        self.min_history = self.min_history or (3 if sparse else 5)
+
+
 def main():
     p = ArgParser(description="Turn a ratings dataset into leak-free LettinGo samples.")
     p.add_argument("source", choices=["movielens", "amazon", "yelp", "synthetic"])
-    p.add_argument("--raw",
-                   help="movielens/yelp: the dataset folder; amazon: the reviews file (.json/.jsonl[.gz])")
-    p.add_argument("--meta", help="amazon: optional metadata file (titles, descriptions)")
-    p.add_argument("--out", required=True, help="output folder for train/val/test.jsonl and stats.json")
-    p.add_argument("--profile-history", type=at_least(1), default=10,
-                   help="interactions the profile is written from")
-    p.add_argument("--recent", type=at_least(0), default=0,
-                   help="most recent interactions kept raw for the recommender (paper: 10)")
-    p.add_argument("--min-interactions", type=at_least(2), default=None,
-                   help="users with fewer are dropped "
-                        "(none: 20 for movielens/synthetic, 5 for amazon/yelp 5-core data)")
-    p.add_argument("--min-history", type=at_least(1), default=None,
-                   help="targets with fewer earlier interactions are dropped (none: 5, or 3 for amazon/yelp)")
-    p.add_argument("--test-users", type=at_least(0), default=None,
-                   help="none: 10%% of eligible users, at most 200")
-    p.add_argument("--val-users", type=at_least(0), default=None,
-                   help="none: 5%% of eligible users, at most 50")
-    p.add_argument("--train-users", type=at_least(0), default=0,
-                   help="cap on training users (0 = all the rest)")
-    p.add_argument("--judge-users", type=at_least(0), default=0,
-                   help="training users set aside for fine-tuning the judge (tools/judge.py), never seen "
-                        "by the writer: judge.jsonl")
-    p.add_argument("--judge-contexts", type=at_least(0), default=0,
-                   help="judge users: at most this many samples per user, each a block of --judge-targets "
-                        "targets with the history before it, newest first (0 = all)")
-    p.add_argument("--judge-targets", type=at_least(1), default=10,
-                   help="judge users: targets per sample (they share one copy of the context in training)")
-    p.add_argument("--targets-per-user", type=at_least(1), default=1,
-                   help="train users: last N interactions as targets")
-    p.add_argument("--reward-targets", type=at_least(1), default=1,
-                   help="train users: each sample also carries the next N-1 interactions as "
-                        "`more_targets`; a profile's reward is its mean over all N "
-                        "(less noisy than one item)")
-    p.add_argument("--eval-targets", type=at_least(1), default=5,
-                   help="val/test users: the last K interactions are targets (the history before the "
-                        "first of them), so per-user orderings can be scored; 1 = one target per user")
-    p.add_argument("--like-min", type=float, default=4.0, help="rating >= this is 'like'")
-    p.add_argument("--dislike-max", type=float, default=2.0, help="rating <= this is 'dislike'")
-    p.add_argument("--review-chars", type=at_least(0), default=200, help="review text kept per interaction")
-    p.add_argument("--seed", type=int, default=0, help="user split and synthetic data seed")
-    p.add_argument("--users", type=at_least(2), default=300, help="synthetic: number of users")
-    p.add_argument("--items", type=at_least(2), default=400, help="synthetic: catalog size")
-    p.add_argument("--total-ratings", type=at_least(0), default=0,
-                   help="synthetic: exact number of ratings (0 = 20-60 per user)")
-    p.add_argument("--export-movielens", metavar="DIR",
-                   help="synthetic: also write ratings.dat/movies.dat (ML-1M layout)")
-    given = p.parse_args()
-    sparse = given.source in ("amazon", "yelp")            # the source's thresholds where none is given
-    args = argparse.Namespace(**{**vars(given),
-                                 "min_interactions": given.min_interactions or (5 if sparse else 20),
-                                 "min_history": given.min_history or (3 if sparse else 5)})
+    add_config(p, PrepareConfig, skip=("source",))
+    prepare(config_from(PrepareConfig, p.parse_args()))
+
+
+def prepare(args: PrepareConfig):
+    """args.source -> args.out/{train,val,test[,judge]}.jsonl + stats.json."""
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise LettingoError(f"--out {args.out}: exists and is not a folder")
     t0, drops, oracle = time.time(), Drops(), None
@@ -556,7 +562,7 @@ def main():
             continue
         with open(os.path.join(args.out, f"{split}.jsonl"), "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in samples)
-    stats = {"source": args.source, "raw": args.raw, "options": vars(args),
+    stats = {"source": args.source, "raw": args.raw, "options": dataclasses.asdict(args),
              "ratings_read": len(ratings), "users_read": len({r[0] for r in ratings}),
              "items_rated": len({r[1] for r in ratings}),
              "items_in_catalog": len(items) if items is not None else None,

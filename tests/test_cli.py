@@ -40,23 +40,24 @@ def data(tmp_path_factory):
      ["--n"]),
     (["rollout.py", "--data", "D/data/test.jsonl", "--out", "D/data", "--model", NOMODEL], ["is a folder"]),
     (["rollout.py", "--data", "D/profiles.jsonl", "--out", "D/o.jsonl", "--model", NOMODEL], ["neither"]),
-    (["reward.py", "eval", "--data", "D/profiles.jsonl", "--judge", NOMODEL], ["profiles file"]),
-    (["reward.py", "eval", "--data", "D/nohistory.jsonl", "--judge", NOMODEL], ["lacks", "history"]),
-    (["reward.py", "eval", "--data", "D/data/test.jsonl", "--token-budget", "0", "--judge", NOMODEL],
-     ["--token-budget"]),
-    (["reward.py", "eval", "--data", "D/data/test.jsonl", "--profiles", "D/profiles.jsonl",
+    (["tools/evaluate.py", "--data", "D/profiles.jsonl", "--judge", NOMODEL], ["profiles file"]),
+    (["tools/evaluate.py", "--data", "D/nohistory.jsonl", "--judge", NOMODEL], ["lacks", "history"]),
+    (["tools/evaluate.py", "--data", "D/data/test.jsonl", "--judge-token-budget", "0", "--judge", NOMODEL],
+     ["--judge-token-budget"]),
+    (["tools/evaluate.py", "--data", "D/data/test.jsonl", "--profiles", "D/profiles.jsonl",
       "--judge", NOMODEL],
      ["no profile for user"]),
-    (["reward.py", "eval", "--data", "D/data/test.jsonl", "--val-data", "D/data/val.jsonl",
+    (["tools/evaluate.py", "--data", "D/data/test.jsonl", "--val-data", "D/data/val.jsonl",
       "--task", "sentiment", "--judge", NOMODEL], ["--val-data", "--task rating"]),
-    (["reward.py", "eval", "--data", "D/data/test.jsonl", "--judge-url", "http://127.0.0.1:9",
-      "--retries", "0"],
+    (["tools/evaluate.py", "--data", "D/data/test.jsonl", "--judge-url", "http://127.0.0.1:9",
+      "--judge-retries", "0"],
      ["does not answer"]),
     (["tools/serve.py", "--port", "-1", "--model", NOMODEL], ["--port"]),
     (["grpo.py", "--group-size", "0", "--model", NOMODEL], ["--group-size"]),
     (["grpo.py", "--reward", "rank", "--task", "sentiment", "--model", NOMODEL],
      ["--reward rank", "--task rating"]),
-    (["dpo.py", "evaluate", "--reward", "rating+rank", "--data", "D/data/train.jsonl", "--model", NOMODEL],
+    (["dpo.py", "evaluate", "--reward", "rating+rank", "--task", "sentiment", "--data", "D/data/train.jsonl",
+      "--model", NOMODEL],
      ["--reward rating+rank"]),
     (["grpo.py", "--eval-every", "0", "--model", NOMODEL], ["--eval-every"]),
     (["grpo.py", "--max-new-tokens", "0", "--model", NOMODEL], ["--max-new-tokens"]),
@@ -67,7 +68,7 @@ def data(tmp_path_factory):
      ["exists and is not a folder"]),
     (["dpo.py", "explore", "--data", "D/data/train.jsonl", "--out", "D/profiles.jsonl", "--model", NOMODEL],
      ["exists and is not a folder"]),
-    (["dpo.py", "--n", "0"], ["--n"]),
+    (["dpo.py", "--explore-n", "0"], ["--explore-n"]),
     (["tools/learning.py", "--raw", "D/data", "--dpo-n", "0"], ["--dpo-n"]),
     (["tools/learning.py", "--raw", "D/data", "--dpo-min-margin", "-0.1"], ["--dpo-min-margin"]),
     (["tools/learning.py", "--raw", "D/data", "--dpo-start", "sft"], ["--dpo-start"]),
@@ -80,9 +81,10 @@ def data(tmp_path_factory):
     (["lettingo.py", "D/badcfg"], ["cannot read the model", "JSON"]),
     (["lettingo.py", "D/cut"], ["cannot read the model"]),
     (["lettingo.py", "D/run"], ["a training run's folder", "run/ckpt-000002/model"]),
-    (["dpo.py", "train", "--data", "D/data", "--out", "D/dpo", "--model", NOMODEL], ["a folder", "train.jsonl"]),
+    (["dpo.py", "train", "--data", "D/data", "--out", "D/dpo", "--model", NOMODEL],
+     ["a folder", "train.jsonl"]),
     (["data/prepare.py", "movielens", "--raw", "D/data/train.jsonl", "--out", "D/s"], ["a file", "folder"]),
-    (["reward.py"], ["eval"]),
+    (["reward.py"], ["--data", "--profiles"]),
     (["lettingo.py", "D/run/ckpt-000002"], ["a training run's folder", "ckpt-000002/model"]),
 ])
 def test_bad_input_is_one_clear_line(data, argv, words):
@@ -132,3 +134,38 @@ def test_plot_usage():
     r = run("tools/plot.py", "--help")
     assert r.returncode == 0 and "RUN_DIR" in r.stdout and "curves.png" in r.stdout, r.stderr
     assert_clear_error(run("tools/plot.py", "/nonexistent/run"), "no metrics.jsonl")
+
+
+def test_each_setting_has_one_default():
+    """A setting shared by several commands is one field of one config class (RewardConfig,
+    SamplingParams, TrainConfig, ...) that the others inherit or refer to; no config class declares a
+    field of its base again with another default (the run folder `out` excepted: each command has its
+    own), and every command line's flags come from these classes."""
+    import dataclasses
+    import dpo
+    import grpo
+    import reward
+    import rollout
+    import train
+    from data import prepare
+    from tools import evaluate, judge, learning
+    configs = [reward.RewardConfig, reward.ScoreConfig, rollout.SamplingParams, rollout.RolloutConfig,
+               train.TrainConfig, grpo.GRPOConfig, dpo.DPOConfig, evaluate.EvalConfig, judge.JudgeTrainConfig,
+               prepare.PrepareConfig, learning.LearningConfig]
+    for cls in configs:
+        own = cls.__dict__.get("__annotations__", {})
+        for base in cls.__mro__[1:]:
+            if dataclasses.is_dataclass(base):
+                again = sorted(set(own) & {f.name for f in dataclasses.fields(base)} - {"out"})
+                assert not again, f"{cls.__name__} declares {again} of {base.__name__} again"
+    # the same name means the same default wherever two unrelated configs both have it
+    defaults = {}
+    for cls in configs:
+        for f in dataclasses.fields(cls):
+            if f.name != "out" and f.default is not dataclasses.MISSING and f.default is not None:
+                defaults.setdefault(f.name, {})[cls.__name__] = f.default
+    mixed = {name: by for name, by in defaults.items() if len(set(map(repr, by.values()))) > 1}
+    # the recipe's flags are its presets' values (grpo.LEARNING, ...), which differ from the classes'
+    mixed = {name: by for name, by in mixed.items() if set(by) - {"LearningConfig"} and
+             len({repr(v) for k, v in by.items() if k != "LearningConfig"}) > 1}
+    assert not mixed, mixed

@@ -180,7 +180,7 @@ def test_two_ranks_match_one_and_resume(setup, tmp_path):
 
 def test_stages_skip_when_up_to_date(setup, tmp_path):
     base = ["--data", setup / "data" / "train.jsonl", "--out", tmp_path, "--model", setup / "model",
-            "--judge", setup / "model", "--users", "4", "--n", "3", "--max-new-tokens", "8",
+            "--judge", setup / "model", "--explore-users", "4", "--explore-n", "3", "--max-new-tokens", "8",
             "--task", "rating", "--min-margin", "0"]
     for stage in ("explore", "evaluate", "pairs"):
         r = run("dpo.py", stage, *base)
@@ -250,7 +250,7 @@ def test_template_explorer_writes_the_hand_derived_profile(tmp_path):
              "history": [h("E", "Western", 1), h("F", "Comedy", 3)]}]
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = run("dpo.py", "explore", "--data", tmp_path / "train.jsonl", "--out", tmp_path / "ex",
-            "--models", "template", "--n", "4")
+            "--models", "template", "--explore-n", "4")
     assert r.returncode == 0, r.stderr[-2000:]
     prof = [json.loads(x) for x in open(tmp_path / "ex" / "profiles.jsonl")]
     assert [(p["user_id"], p["model"], p["k"], p["text"]) for p in prof] == [

@@ -155,6 +155,13 @@ def test_every_epoch_shows_each_example_once_even_when_steps_cross_epochs():
     two = [step_examples(3, 2, per_step, n, rank_positions(per_step, 1, Dist(r, 2, torch.device("cpu"))))
            for r in (0, 1)]
     assert sorted(i for part in two for i, _ in part) == sorted(stream[8:12])
+    # --steps 0: every example --epochs times, counted by hand: 2 epochs of 10 in steps of 4 = 5 steps
+    from train import training_steps
+    assert training_steps(0, 2, n, per_step) == 5 and training_steps(0, 1, n, per_step) == 3
+    assert training_steps(7, 2, n, per_step) == 7
+    shown = [i for s in range(training_steps(0, 2, n, per_step)) for i, _ in step_examples(3, s, per_step, n,
+                                                                                         positions)]
+    assert all(shown.count(i) == 2 for i in range(n))
 
 
 def test_the_reference_runs_the_policys_attention_kernel(tiny):

@@ -1,5 +1,5 @@
 """tools/judge.py: the judge's fine-tuning loss against transformers' logits and the formula by hand;
-a fine-tuned tiny judge loads wherever a judge is taken (make_judge, reward.py eval, tools/serve.py)."""
+a fine-tuned tiny judge loads wherever a judge is taken (make_judge, tools/evaluate.py, tools/serve.py)."""
 import json
 import math
 import os
@@ -11,7 +11,8 @@ import torch
 from conftest import ROOT, run, tiny_run_folder
 
 from lettingo import chat_prompt, load_model
-from reward import ANSWERS, HTTPJudge, answer_tokens, context_messages, make_judge, packed_answer_logits
+from reward import ANSWERS, HTTPJudge, RewardConfig, answer_tokens, make_judge, packed_answer_logits
+from tools.evaluate import context_messages
 from tools.judge import judge_loss, make_example
 
 H = lambda t, g, r: {"item_id": t, "title": t, "genres": g, "rating": r, "timestamp": 1}
@@ -83,9 +84,9 @@ def test_a_fine_tuned_judge_logs_the_loss_by_hand_and_loads_everywhere(tmp_path)
     logged = json.loads(open(out / "metrics.jsonl").readline())
     assert logged["step"] == 0 and logged["loss"] == pytest.approx(sum(losses) / len(losses), abs=1e-4)
     path = str(out / "ckpt-000002" / "model")
-    judge = make_judge(path)                     # grpo.py, dpo.py evaluate, validation: --judge PATH
+    judge = make_judge(RewardConfig(judge=path))          # grpo.py, dpo.py evaluate, validation: --judge PATH
     assert len(judge.predict([context_messages(s, "template", "rating") for s in samples[:2]], "rating")) == 2
-    r = run("reward.py", "eval", "--data", d / "data" / "test.jsonl", "--judge", path, "--limit", 2,
+    r = run("tools/evaluate.py", "--data", d / "data" / "test.jsonl", "--judge", path, "--limit", 2,
             timeout=300)
     assert r.returncode == 0 and "template, likes/dislikes swapped" in r.stdout, r.stderr[-2000:]
     import socket

@@ -6,11 +6,12 @@ context; the loss is on the answer only, the way the judge answers (reward.Local
 
     python data/prepare.py movielens --raw DATA/ml-100k --out runs/ml100k --judge-users 300
     python tools/judge.py --data runs/ml100k/judge.jsonl --val-data runs/ml100k/val.jsonl --out runs/judge
-    python reward.py eval --data runs/ml100k/val.jsonl --judge runs/judge/ckpt-000100/model
+    python tools/evaluate.py --data runs/ml100k/val.jsonl --judge runs/judge/ckpt-000100/model
 OUT/ckpt-STEP/model is a Hugging Face folder: `--judge PATH` in every script and tools/serve.py.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -21,21 +22,20 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from lettingo import (ArgParser, LettingoError, add_config, cli, config_from, option,  # noqa: E402
                       output_folder, read_samples)
-from reward import (ANSWERS, CONTEXTS, ITEM_MEAN, LocalJudge, answer_prompts, answer_tokens,  # noqa: E402
-                    baseline_predictions, context_messages, eval_targets, metrics, packed_answer_logits,
-                    sample_targets)
+from reward import (ANSWERS, LocalJudge, answer_prompts, answer_tokens, eval_targets, metrics,  # noqa: E402
+                    packed_answer_logits, sample_targets)
+from tools.evaluate import CONTEXTS, ITEM_MEAN, baseline_predictions, context_messages  # noqa: E402
 from train import (Dist, Policy, TrainConfig, TrainLoop, all_sum, apply_update,  # noqa: E402
-                   backward_micro_batches, close_distributed, gather_objects, load_policy, resolve_start,
+                   lockstep_micro_batches, close_distributed, gather_objects, load_policy, resolve_start,
                    setup_distributed)
 
 STARS = torch.arange(1.0, 6.0)                     # the answers "1".."5" as numbers
 
 
 @dataclass
-class JudgeConfig(TrainConfig):
-    """The judge's fine-tuning: which users, which contexts, which loss."""
-    model: str = option("smollm2-135m", "the judge to fine-tune: HF folder, .gguf or alias")
-    out: str = option("runs/judge", "run folder: checkpoints (ckpt-STEP/model is the judge), metrics.jsonl")
+class JudgeTrainConfig(TrainConfig):
+    """The judge's fine-tuning: which users, which contexts, which loss (the loop's settings: TrainConfig,
+    its defaults here: DEFAULTS)."""
     data: str | None = option(None, "the judge users' samples (data/prepare.py --judge-users: judge.jsonl)",
                               kind=str)
     val_data: str | None = option(None, "validation samples (val.jsonl): the judge's MAE and GAUC in every "
@@ -47,13 +47,6 @@ class JudgeConfig(TrainConfig):
                        "(a half star splits its mass between the two stars); mse: squared error of the "
                        "expected rating, the judge's prediction", choices=("ce", "mse"))
     contexts_per_step: int = option(8, "examples (a context and its targets) per optimizer step", min=1)
-    steps: int = option(100, "optimizer steps", min=1)
-    lr: float = option(3e-5, "AdamW learning rate (constant after warm-up)", min=0.0)
-    warmup_steps: int = option(5, "linear lr warm-up, then constant", min=0)
-    eval_every: int = option(50, "validate every N steps (and at the end)", min=1)
-    save_every: int = option(50, "checkpoint every N steps (and at the end)", min=1)
-    val_users: int = option(50, "validation users evaluated (0 = all)", min=0)
-    token_budget: int = option(2048, "max tokens per packed training micro-batch", min=16)
 
     def __post_init__(self):
         super().__post_init__()
@@ -62,11 +55,15 @@ class JudgeConfig(TrainConfig):
             raise LettingoError(f"--contexts: unknown {', '.join(unknown)} (of {', '.join(CONTEXTS)})")
 
 
+# A judge's fine-tuning by default: a short run of a higher lr than a writer's, without weight decay.
+DEFAULTS = JudgeTrainConfig(out="runs/judge", steps=100, lr=3e-5, weight_decay=0.0, warmup_steps=5,
+                            eval_every=50, save_every=50, val_users=50, token_budget=2048)
 # The learning recipe's judge (tools/learning.py --train-judge).
-JUDGE = JudgeConfig(steps=80, lr=5e-5)
+JUDGE = dataclasses.replace(DEFAULTS, steps=80, lr=5e-5)
 
-# flags of TrainConfig that a judge's fine-tuning does not use
-UNUSED = ("task", "reward", "judge", "judge_url", "judge_mode", "judge_concurrency", "max_new_tokens")
+# flags of TrainConfig that a judge's fine-tuning does not use (it is the judge: it asks none)
+UNUSED = ("task", "reward", "judge", "judge_url", "judge_mode", "judge_token_budget", "judge_concurrency",
+          "judge_timeout", "judge_retries", "temperature", "top_p", "max_new_tokens", "batch_size")
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -100,7 +97,7 @@ def make_example(tok, sample: dict, kind: str) -> Example:
                    [float(t["rating"]) for t in targets])
 
 
-def judge_step(policy: Policy, batch: list[Example], answer_ids: list[int], cfg: JudgeConfig,
+def judge_step(policy: Policy, batch: list[Example], answer_ids: list[int], cfg: JudgeTrainConfig,
                d: Dist) -> dict:
     """One optimizer step of
         loss = sum over the global batch's targets of judge_loss / the number of those targets
@@ -110,21 +107,22 @@ def judge_step(policy: Policy, batch: list[Example], answer_ids: list[int], cfg:
     seqs = [p for e in batch for p in e.pairs]                                    # [targets]
     ratings = torch.tensor([r for e in batch for r in e.ratings])
     n = all_sum({"targets": len(seqs)}, d.device)["targets"]
-
-    def loss_of(g):
+    sums = {"loss": 0.0, "abs_error": 0.0}
+    for g in lockstep_micro_batches(policy.model, seqs, cfg.token_budget, d.device):
         logits = packed_answer_logits(policy.model, [seqs[i] for i in g], answer_ids)      # [len(g), 5]
         y = ratings[g].to(logits.device)
         expected = torch.softmax(logits.detach().float(), -1) @ STARS.to(logits.device)
-        return judge_loss(logits, y, cfg.loss).sum() / n, {"abs_error": (expected - y).abs().sum().item()}
-
-    sums = all_sum(backward_micro_batches(policy.model, seqs, cfg.token_budget, d.device, loss_of,
-                                          ("abs_error",)), d.device)
+        loss = judge_loss(logits, y, cfg.loss).sum() / n
+        loss.backward()
+        sums["loss"] += loss.item()
+        sums["abs_error"] += (expected - y).abs().sum().item()
+    sums = all_sum(sums, d.device)
     norm, ok = apply_update(policy, sums["loss"], cfg.grad_clip, d)
     return {"loss": sums["loss"], "train_MAE": sums["abs_error"] / max(n, 1), "grad_norm": norm,
             "skipped": not ok, "lr": policy.scheduler.get_last_lr()[0], "time": time.time() - t0}
 
 
-def validate_judge(policy: Policy, val: list[dict], cfg: JudgeConfig, d: Dist) -> dict:
+def validate_judge(policy: Policy, val: list[dict], cfg: JudgeTrainConfig, d: Dist) -> dict:
     """The judge's MAE and GAUC on the validation users in every context (reward.CONTEXTS), the item
     mean's GAUC beside them: a judge that knows the items orders a user's items without any context,
     one that reads a profile does better with it, and answers differently with likes and dislikes
@@ -145,7 +143,7 @@ def validate_judge(policy: Policy, val: list[dict], cfg: JudgeConfig, d: Dist) -
     return out
 
 
-def run(cfg: JudgeConfig):
+def run(cfg: JudgeTrainConfig):
     output_folder(cfg.out)
     if not cfg.data:
         raise LettingoError("--data is required: judge.jsonl from data/prepare.py --judge-users N")
@@ -159,27 +157,27 @@ def run(cfg: JudgeConfig):
     answer_ids = answer_tokens(policy.tok, *ANSWERS["rating"])
     # example k: sample k // len(contexts) in context k % len(contexts), tokenized when a step takes it
     n_examples = len(samples) * len(contexts)
-    if d.main:
-        print(f"judge: {len(samples)} samples of {len({s['user_id'] for s in samples})} judge users x "
-              f"{len(contexts)} contexts ({cfg.contexts}) = {n_examples} examples; {cfg.steps} steps of "
-              f"{cfg.contexts_per_step}, loss {cfg.loss}", flush=True)
-
-    with TrainLoop(cfg, d, policy, cfg.out, cfg.steps, n_examples, cfg.contexts_per_step, ckpt) as loop:
+    with TrainLoop(cfg, d, policy, cfg.out, n_examples, cfg.contexts_per_step, ckpt) as loop:
+        if d.main:
+            print(f"judge: {len(samples)} samples of {len({s['user_id'] for s in samples})} judge users x "
+                  f"{len(contexts)} contexts ({cfg.contexts}) = {n_examples} examples; {loop.total} steps "
+                  f"of {cfg.contexts_per_step}, loss {cfg.loss}", flush=True)
         for step in loop.steps():
             if val and loop.validation_due(step):
                 loop.log_validation(step, validate_judge(policy, val, cfg, d))
-            if step == cfg.steps:
+            if step == loop.total:
                 break
             examples = [make_example(policy.tok, samples[k // len(contexts)], contexts[k % len(contexts)])
                         for k, _ in loop.examples(step)]
             loop.log_step(step, judge_step(policy, examples, answer_ids, cfg, d))
 
 
-def parse_config(argv=None) -> JudgeConfig:
+def parse_config(argv=None) -> JudgeTrainConfig:
     p = ArgParser(description="Fine-tune the judge on judge users the writer never sees "
                               "(data/prepare.py --judge-users).")
-    add_config(p, JudgeConfig, skip=UNUSED)
-    return config_from(JudgeConfig, p.parse_args(argv))
+    add_config(p, JudgeTrainConfig, skip=UNUSED)
+    p.set_defaults(**{k: v for k, v in dataclasses.asdict(DEFAULTS).items() if k not in UNUSED})
+    return config_from(JudgeTrainConfig, p.parse_args(argv))
 
 
 def main():

@@ -10,7 +10,6 @@ output exists is skipped, so rerunning the command continues a stopped run.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -23,13 +22,14 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, HERE)
 import dpo  # noqa: E402
 import grpo  # noqa: E402
-from lettingo import (PROFILE_CLOSE, PROFILE_OPEN, ArgParser, LettingoError, at_least, cli,  # noqa: E402
-                      read_jsonl)
-from reward import (REWARDS, calibrations, judge_conditions, make_judge, print_summary,  # noqa: E402
-                    profile_texts, summarize, template_profile)
+from data.prepare import PrepareConfig  # noqa: E402
+from lettingo import (DEFAULT_MODEL, PROFILE_CLOSE, PROFILE_OPEN, ArgParser, LettingoError,  # noqa: E402
+                      add_config, cli, config_from, option, read_jsonl)
+from reward import REWARDS, RewardConfig, make_judge, profile_texts, template_profile  # noqa: E402
+from tools.evaluate import calibrations, judge_conditions, print_summary, summarize  # noqa: E402
 from tools.judge import JUDGE  # noqa: E402
 
-BASE = "smollm2-135m"                         # the untrained writer: explorer, DPO's start, a test row
+BASE = DEFAULT_MODEL                          # the untrained writer: explorer, DPO's start, a test row
 DPO_START = {"base": "base writer", "warm": "warm start"}
 
 
@@ -85,12 +85,13 @@ def recipe(args, out) -> list[Stage]:
     written = lambda split, model, name: Stage(
         f"{split} profiles: {name}", "rollout.py",
         ["--model", model, "--data", os.path.join(data, f"{split}.jsonl"), "--temperature", "0",
-         "--max-new-tokens", str(args.max_new_tokens), "--batch-size", "64", "--dtype", "bfloat16",
+         "--max-new-tokens", str(args.max_new_tokens), "--dtype", "bfloat16",
          "--out", os.path.join(out, f"{split}-{name}.jsonl")], os.path.join(out, f"{split}-{name}.jsonl"))
     stages = [Stage("prepare data", "data/prepare.py", prep, te)] + judge_stage(args, data)
     stages += [
         Stage("explore: " + explorers.replace(",", " + "), "dpo.py",
-              stage("explore", out=eb, models=explorers, users=args.explore_users, n=args.explore_n),
+              stage("explore", out=eb, models=explorers, explore_users=args.explore_users,
+                    explore_n=args.explore_n),
               f"{eb}/profiles.jsonl"),
         Stage("evaluate explored profiles", "dpo.py", stage("evaluate", out=eb), f"{eb}/scores-rating.jsonl"),
         Stage("warm start: SFT on the best explored profiles", "dpo.py",
@@ -105,8 +106,9 @@ def recipe(args, out) -> list[Stage]:
     if not args.no_dpo:
         if args.dpo_start == "warm":
             stages += [Stage("DPO: explore with the warm start", "dpo.py",
-                             stage("explore", out=ew, models=warm, users=args.dpo_users, n=args.dpo_n,
-                                   temperature=args.dpo_temperature), f"{ew}/profiles.jsonl"),
+                             stage("explore", out=ew, models=warm, explore_users=args.dpo_users,
+                                   explore_n=args.dpo_n, temperature=args.dpo_temperature),
+                             f"{ew}/profiles.jsonl"),
                        Stage("DPO: evaluate", "dpo.py", stage("evaluate", out=ew),
                              f"{ew}/scores-rating.jsonl")]
         stages += [Stage("DPO: pairs", "dpo.py", stage("pairs", out=dpo_dir, min_margin=args.dpo_min_margin),
@@ -167,7 +169,8 @@ def run_recipe(args):
         profiles["template without genres"] = [[f"{PROFILE_OPEN}{template_profile(s, 'none')}{PROFILE_CLOSE}"]
                                                for s in samples]                # what the judge reads
         return samples, judge_conditions(samples, judge, "rating", profiles)
-    judge = make_judge(judge_of(args), args.judge_url, args.judge_mode)
+    judge = make_judge(RewardConfig(judge=judge_of(args), judge_url=args.judge_url,
+                                    judge_mode=args.judge_mode))
     calibration = calibrations(*conditions("val"))
     test, rows = conditions("test")
     pairs = [("base", "warm"), ("warm", "grpo"), ("warm", "dpo"), ("base", "grpo"), ("base", "dpo")]
@@ -213,65 +216,66 @@ def print_closing_lines(summary, names, args):
 
 
 
-def parse_args(argv=None):
-    """The recipe's own flags; each default is its preset's value (grpo.LEARNING, dpo.LEARNING, ...)."""
-    g, d, s = grpo.LEARNING, dpo.LEARNING, dpo.LEARNING_SFT
+@dataclass
+class LearningConfig:
+    """The recipe's own settings; a default that a stage also has is that stage's preset value
+    (grpo.LEARNING, dpo.LEARNING, dpo.LEARNING_SFT, tools/judge.JUDGE, data/prepare.PrepareConfig)."""
+    dataset: str = option("movielens", "data/prepare.py's reader", choices=("movielens", "amazon", "yelp",
+                                                                             "synthetic"))
+    raw: str | None = option(None, "the dataset as data/prepare.py reads it (folder or file)", kind=str)
+    meta: str | None = option(None, "amazon: metadata file", kind=str)
+    out: str = option("runs/learning", "run folder (stages found done there are skipped)")
+    judge: str = option(grpo.LEARNING.judge, "the judge of every stage and of the test users: a local model, "
+                        "or the name sent to --judge-url")
+    judge_url: str | None = option(None, "an OpenAI-compatible judge server (vLLM, SGLang, tools/serve.py) "
+                                   "for every stage", kind=str)
+    judge_mode: str = option(grpo.LEARNING.judge_mode, "expect: expected rating (a server must return "
+                             "top_logprobs); decode: greedy answer, parsed", choices=("expect", "decode"))
+    train_judge: bool = option(False, "fine-tune the judge first (tools/judge.py) on --judge-users training "
+                               "users the writer never sees; every later stage and the test judging use it")
+    judge_users: int = option(300, "--train-judge: training users kept for the judge", min=1)
+    judge_steps: int = option(JUDGE.steps, "--train-judge: the judge's steps", min=1)
+    profile_history: int = option(PrepareConfig.profile_history, "interactions the profile is written from "
+                                  "(data/prepare.py; the paper: 30)", min=1)
+    recent: int = option(PrepareConfig.recent, "most recent interactions shown raw to the judge "
+                         "(data/prepare.py; the paper: 10)", min=0)
+    test_users: int = option(100, "held-out users every writer is judged on", min=1)
+    val_users: int = option(dpo.LEARNING.val_users, "the only users settings are chosen on", min=1)
+    max_new_tokens: int = option(dpo.LEARNING.max_new_tokens, "profile budget of every stage", min=1)
+    reward_targets: int = option(4, "training rewards average the judge over this many next items of the "
+                                 "user (data/prepare.py --reward-targets)", min=1)
+    eval_targets: int = option(PrepareConfig.eval_targets, "validation and test users are judged on this "
+                               "many of their last items (1: one target each)", min=1)
+    explore_users: int = option(dpo.LEARNING.explore_users, "training users the base writer explores", min=1)
+    explore_n: int = option(dpo.LEARNING.explore_n, "profiles explored per user", min=1)
+    explore_template: bool = option(True, "the template profile (code) joins the explored profiles: the warm "
+                                    "start then fine-tunes on whichever scores best per user")
+    sft_steps: int = option(dpo.LEARNING_SFT.steps, "warm start (SFT) steps", min=1)
+    grpo_steps: int = option(grpo.LEARNING.steps, "GRPO steps (validated every third)", min=3)
+    grpo_lr: float = option(grpo.LEARNING.lr, "GRPO learning rate", min=0.0)
+    grpo_kl: float = option(grpo.LEARNING.kl_coef, "GRPO's k3 KL-to-the-warm-start weight (0: no reference "
+                            "model)", min=0.0)
+    grpo_seed: int = option(grpo.LEARNING.seed, "GRPO's data order and sampling seed")
+    grpo_reward: str = option(grpo.LEARNING.reward, "GRPO's reward (grpo.py --reward)", choices=REWARDS)
+    dpo_start: str = option("base", "DPO's start, and the start its gain is measured over: base = the paper "
+                            "(the base writer, on pairs of the first exploration); warm = the warm start, on "
+                            "pairs of a second exploration by it", choices=tuple(sorted(DPO_START)))
+    dpo_users: int = option(96, "--dpo-start warm: users the warm start explores", min=1)
+    dpo_n: int = option(4, "--dpo-start warm: profiles explored per user", min=1)
+    dpo_temperature: float = option(0.8, "--dpo-start warm: exploration temperature", min=0.0)
+    dpo_min_margin: float = option(dpo.LEARNING.min_margin, "DPO: a pair's least reward gap (1 star = 0.25)",
+                                   min=0.0)
+    dpo_steps: int = option(dpo.LEARNING.steps, "DPO steps (validated every half)", min=2)
+    dpo_rpo_alpha: float = option(dpo.LEARNING.rpo_alpha, "DPO: weight of the chosen profiles' NLL "
+                                  "(dpo.py --rpo-alpha; 0 = plain DPO)", min=0.0)
+    no_dpo: bool = option(False, "the GRPO branch only (about half the time)")
+
+
+def parse_args(argv=None) -> LearningConfig:
     p = ArgParser(description="The learning recipe: prepare -> explore -> warm start -> GRPO / DPO -> "
                               "judged on held-out test users.")
-    a = p.add_argument
-    a("--dataset", default="movielens", choices=["movielens", "amazon", "yelp", "synthetic"],
-      help="data/prepare.py's reader")
-    a("--raw", help="the dataset as data/prepare.py reads it (folder or file)")
-    a("--meta", help="amazon: metadata file")
-    a("--out", default="runs/learning", help="run folder (stages found done there are skipped)")
-    a("--judge", default=g.judge,
-      help="the judge of every stage and of the test users: a local model, or the name sent to --judge-url")
-    a("--judge-url", help="an OpenAI-compatible judge server (vLLM, SGLang, tools/serve.py) for every stage")
-    a("--judge-mode", choices=["expect", "decode"], default=g.judge_mode,
-      help="expect: expected rating (a server must return top_logprobs); decode: greedy answer, parsed")
-    a("--train-judge", action="store_true",
-      help="fine-tune the judge first (tools/judge.py) on --judge-users training users the writer never "
-           "sees; every later stage and the test judging use it")
-    a("--judge-users", type=at_least(1), default=300, help="--train-judge: training users kept for the judge")
-    a("--judge-steps", type=at_least(1), default=JUDGE.steps, help="--train-judge: the judge's steps")
-    a("--profile-history", type=at_least(1), default=10,
-      help="interactions the profile is written from (data/prepare.py; the paper: 30)")
-    a("--recent", type=at_least(0), default=0,
-      help="most recent interactions shown raw to the judge (data/prepare.py; the paper: 10)")
-    a("--test-users", type=at_least(1), default=100, help="held-out users every writer is judged on")
-    a("--val-users", type=at_least(1), default=d.val_users, help="the only users settings are chosen on")
-    a("--max-new-tokens", type=at_least(1), default=d.max_new_tokens, help="profile budget of every stage")
-    a("--reward-targets", type=at_least(1), default=4,
-      help="training rewards average the judge over this many next items of the user")
-    a("--eval-targets", type=at_least(1), default=5,
-      help="validation and test users are judged on this many of their last items (1: one target each)")
-    a("--explore-users", type=at_least(1), default=d.users, help="training users the base writer explores")
-    a("--explore-n", type=at_least(1), default=d.n, help="profiles explored per user")
-    a("--explore-template", action=argparse.BooleanOptionalAction, default=True,
-      help="the template profile (code) joins the explored profiles: the warm start then fine-tunes on "
-           "whichever scores best per user")
-    a("--sft-steps", type=at_least(1), default=s.steps, help="warm start (SFT) steps")
-    a("--grpo-steps", type=at_least(3), default=g.steps, help="GRPO steps (validated every third)")
-    a("--grpo-lr", type=at_least(0.0, float), default=g.lr, help="GRPO learning rate")
-    a("--grpo-kl", type=at_least(0.0, float), default=g.kl_coef,
-      help="GRPO's k3 KL-to-the-warm-start weight (0: no reference model)")
-    a("--grpo-seed", type=int, default=g.seed, help="GRPO's data order and sampling seed")
-    a("--grpo-reward", choices=REWARDS, default=g.reward, help="GRPO's reward (grpo.py --reward)")
-    a("--dpo-start", choices=sorted(DPO_START), default="base",
-      help="DPO's start, and the start its gain is measured over: base = the paper (the base writer, "
-           "on pairs of the first exploration); warm = the warm start, on pairs of a second exploration "
-           "by it")
-    a("--dpo-users", type=at_least(1), default=96, help="--dpo-start warm: users the warm start explores")
-    a("--dpo-n", type=at_least(1), default=4, help="--dpo-start warm: profiles explored per user")
-    a("--dpo-temperature", type=at_least(0.0, float), default=0.8,
-      help="--dpo-start warm: exploration temperature")
-    a("--dpo-min-margin", type=at_least(0.0, float), default=d.min_margin,
-      help="DPO: a pair's least reward gap (1 star = 0.25)")
-    a("--dpo-steps", type=at_least(2), default=d.steps, help="DPO steps (validated every half)")
-    a("--dpo-rpo-alpha", type=at_least(0.0, float), default=d.rpo_alpha,
-      help="DPO: weight of the chosen profiles' NLL (dpo.py --rpo-alpha; 0 = plain DPO)")
-    a("--no-dpo", action="store_true", help="the GRPO branch only (about half the time)")
-    return p.parse_args(argv)
+    add_config(p, LearningConfig)
+    return config_from(LearningConfig, p.parse_args(argv))
 
 
 def main():

@@ -16,7 +16,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-from lettingo import ArgParser, LettingoError, at_least, chat_prompt, cli, load_model, pack_row  # noqa: E402
+from lettingo import (DEFAULT_MODEL, ArgParser, LettingoError, at_least, chat_prompt, cli,  # noqa: E402
+                      load_model, pack_row)
 from rollout import Sampler, SamplingParams, cpu_decode_layout  # noqa: E402
 
 
@@ -102,9 +103,10 @@ def decode_worker(sampler: Sampler, tok, pending: queue.Queue, batch_size: int):
                        (stop,) if isinstance(stop, str) else tuple(stop))
                 groups.setdefault(key, []).append(job)
             for (max_tokens, temperature, stop), jobs in groups.items():
-                params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, stop=stop)
+                params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, stop=stop,
+                                        batch_size=batch_size)
                 prompts = [request_prompt(tok, j["req"]) for j in jobs]
-                outs = [o[0] for o in sampler.generate(prompts, params, tokenizer=tok, batch_size=batch_size)]
+                outs = [o[0] for o in sampler.generate(prompts, params, tokenizer=tok)]
                 scored = [i for i, j in enumerate(jobs) if j["req"].get("logprobs")]
                 for i, lp in zip(scored, token_logprobs_json(
                         sampler.model, tok, [(prompts[i], outs[i].tokens) for i in scored],
@@ -189,10 +191,10 @@ def serve(model_name: str, host: str, port: int, batch_size: int, device: str | 
 
 def main():
     p = ArgParser(description="OpenAI-compatible chat server for a local model.")
-    p.add_argument("--model", default="smollm2-135m", help="model to serve: HF folder, .gguf or alias")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model to serve: HF folder, .gguf or alias")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 = all)")
     p.add_argument("--port", type=at_least(0), default=8008, help="TCP port (0 = any free one)")
-    p.add_argument("--batch-size", type=at_least(1), default=16,
+    p.add_argument("--batch-size", type=at_least(1), default=SamplingParams.batch_size,
                    help="max concurrent requests decoded together")
     p.add_argument("--device", default=None, help="cpu or cuda")
     a = p.parse_args()
