@@ -269,7 +269,7 @@ class Transformer(nn.Module):
         """The logits of a few answer tokens (a judge's "1".."5") at positions `index` of the flattened
         [B*T] batch -> [M, len(answer_ids)] fp32, without the rest of the vocabulary."""
         h = self.hidden(tokens, doc_ids=doc_ids, branch_ids=branch_ids, positions=positions)
-        return (h.flatten(0, 1)[index] @ self.lm_head.weight[answer_ids].T).float()
+        return (take_rows(h.flatten(0, 1), index) @ self.lm_head.weight[answer_ids].T).float()
 
     def hidden(self, tokens, *, mask=None, doc_ids=None, branch_ids=None, positions=None,
                cache: KVCache | None = None) -> torch.Tensor:
@@ -341,7 +341,7 @@ def token_logprobs(hidden, weight, index, ids, temperature=1.0, chunk=256, with_
     of the flattened [B*T] hidden predicts ids[m] (a position may appear several times). With
     with_entropy also the entropy of each of those next-token distributions (a metric: no gradient),
     from the same logits. -> ([M] fp32, [M] or None)"""
-    h = hidden.reshape(-1, hidden.shape[-1])[index]                                  # [M, D]
+    h = take_rows(hidden.reshape(-1, hidden.shape[-1]), index)      # [M, D]: a prompt's last token repeats
 
     def piece(h_c, t_c):
         logits = (h_c @ weight.t()).float() / temperature
@@ -487,7 +487,8 @@ def row_attention(index, starts, lens, branch_ids):
 
         def attend(layer, q, k, v):
             B, H, T, hd = q.shape
-            qd, kd, vd = (t.transpose(1, 2).reshape(B * T, -1, hd)[rows].transpose(1, 2) for t in (q, k, v))
+            qd, kd, vd = (take_rows(t.transpose(1, 2).reshape(B * T, -1, hd), rows).transpose(1, 2)
+                          for t in (q, k, v))
             o = sdpa(qd, kd, vd, None).transpose(1, 2)[row_valid]                       # [N, H, hd]
             y = torch.zeros(B * T, H, hd, dtype=o.dtype, device=o.device)
             return y.index_put((rows[row_valid],), o).view(B, T, H * hd)
@@ -513,15 +514,23 @@ def row_attention(index, starts, lens, branch_ids):
     def attend(layer, q, k, v):
         B, H, T, hd = q.shape
         qf, kf, vf = (t.transpose(1, 2).reshape(B * T, -1, hd) for t in (q, k, v))     # [B*T, heads, hd]
-        qp, kp, vp = (t[p_rows].transpose(1, 2) for t in (qf, kf, vf))                  # [P, heads, Lp, hd]
+        qp, kp, vp = (take_rows(t, p_rows).transpose(1, 2) for t in (qf, kf, vf))       # [P, heads, Lp, hd]
         op = sdpa(qp, kp, vp, None).transpose(1, 2)[p_valid]
         y = torch.zeros(B * T, H, hd, dtype=op.dtype, device=op.device).index_put((p_rows[p_valid],), op)
         if len(b_rows):                                   # none: every document a prompt alone
-            qb = qf[b_rows].transpose(1, 2)                                              # [Bn, H, Lb, hd]
-            kb, vb = (t[kv_rows].transpose(1, 2) for t in (kf, vf))                      # [Bn, KV, K, hd]
+            qb = take_rows(qf, b_rows).transpose(1, 2)                                   # [Bn, H, Lb, hd]
+            kb, vb = (take_rows(t, kv_rows).transpose(1, 2) for t in (kf, vf))           # [Bn, KV, K, hd]
             y = y.index_put((b_rows[b_valid],), sdpa(qb, kb, vb, mask).transpose(1, 2)[b_valid])
         return y.view(B, T, H * hd)
     return attend
+
+
+def take_rows(t, rows):
+    """t[rows] for a tensor of positions `rows` (a prompt's keys repeated for each of its branches)
+    -> [*rows.shape, *t.shape[1:]]. index_select, whose backward sums a repeated position's
+    gradients in a fixed order: the backward of t[rows] adds them with atomics from several CPU
+    threads, in an order that depends on their timing (a loaded machine gave other bits)."""
+    return t.index_select(0, rows.reshape(-1)).view(*rows.shape, *t.shape[1:])
 
 
 def segment_rows(index, starts, lens):

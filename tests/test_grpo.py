@@ -638,3 +638,29 @@ def test_cuda_attention_backends_match_sdpa(tiny, kernel):
     rel = max(((grads[n] - p.grad.float()).norm() / (p.grad.float().norm() + 1e-6)).item()
               for n, p in m.named_parameters())
     assert rel < 0.05, rel
+
+
+def test_the_packed_backward_is_the_same_bits_on_a_busy_machine(tmp_path):
+    """A prompt's keys and last token are gathered once per completion; the backward must sum those
+    copies in a fixed order. Advanced indexing's backward adds them with atomics from the CPU's
+    threads, so a process burning a core beside it changed the gradient's last bits (and a GRPO run's
+    lines from step 10 on); 40 backwards of the same packed batch must give one gradient."""
+    import hashlib
+    from lettingo import load_model
+    from train import completion_logprobs
+    make_model(str(tmp_path / "m"), "llama", hidden_size=128, intermediate_size=192)
+    model = load_model(str(tmp_path / "m"), dtype=torch.float32, device="cpu")[0]
+    model.attention = "sdpa"
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 200, (n,), generator=g).tolist() for n in (250, 170, 300)]
+    seqs = [(p, torch.randint(3, 200, (40,), generator=g).tolist()) for p in prompts for _ in range(4)]
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        seen = set()
+        for _ in range(40):
+            model.zero_grad()
+            sum(x.logprobs.sum() for x in completion_logprobs(model, seqs, "cpu", share_prompts=True)).backward()
+            seen.add(hashlib.sha1(b"".join(p.grad.numpy().tobytes() for p in model.parameters())).hexdigest())
+    finally:
+        burner.kill()
+    assert torch.get_num_threads() > 1 and len(seen) == 1, len(seen)
