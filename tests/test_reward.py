@@ -485,3 +485,27 @@ def test_template_profile_by_hand():
         "A harsh rater: average rating 1.5")
 
 
+
+
+def test_reward_cli_scores_each_profile_of_a_rollout_file(tiny, tmp_path):
+    """python reward.py: every generation of a rollout.py file gets the reward GRPO would give it: an
+    unclosed profile the format penalty without asking the judge, a closed one the judge's reward."""
+    from conftest import run
+    folder, _ = tiny
+    run("data/prepare.py", "synthetic", "--users", "40", "--out", tmp_path, "--test-users", "3",
+        "--val-users", "2", check=True)
+    rows = [json.loads(x) for x in open(tmp_path / "test.jsonl")]
+    prof = tmp_path / "p.jsonl"
+    prof.write_text("".join(json.dumps({"user_id": r["user_id"], "item_id": r["item_id"], "generations": [
+        {"text": f"<user_profile>{r['oracle_profile']}</user_profile>"}, {"text": "no tag"}]}) + "\n"
+        for r in rows))
+    r = run("reward.py", "--data", tmp_path / "test.jsonl", "--profiles", prof, "--judge", folder,
+            "--out", tmp_path / "scored.jsonl")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = [json.loads(x) for x in open(tmp_path / "scored.jsonl")]
+    assert len(out) == 2 * len(rows) and "format 3" in r.stdout
+    model, tok = load_model(folder, device="cpu")
+    want = score_profiles(rows, [f"<user_profile>{r['oracle_profile']}</user_profile>" for r in rows],
+                          LocalJudge(model, tok), "rating")
+    assert [o["reward"] for o in out[0::2]] == pytest.approx([w.reward for w in want], abs=1e-6)
+    assert all(o["reward"] == FORMAT_PENALTY and o["status"] == "format" for o in out[1::2])
