@@ -659,8 +659,10 @@ def test_the_packed_backward_is_the_same_bits_on_a_busy_machine(tmp_path):
         seen = set()
         for _ in range(40):
             model.zero_grad()
-            sum(x.logprobs.sum() for x in completion_logprobs(model, seqs, "cpu", share_prompts=True)).backward()
-            seen.add(hashlib.sha1(b"".join(p.grad.numpy().tobytes() for p in model.parameters())).hexdigest())
+            lps = completion_logprobs(model, seqs, "cpu", share_prompts=True)
+            sum(x.logprobs.sum() for x in lps).backward()
+            grads = b"".join(p.grad.numpy().tobytes() for p in model.parameters())
+            seen.add(hashlib.sha1(grads).hexdigest())
     finally:
         burner.kill()
     assert torch.get_num_threads() > 1 and len(seen) == 1, len(seen)

@@ -233,7 +233,8 @@ def test_packed_decode_judge_answers_as_separate_decoding(tiny, smol, task, whic
     parse = parse_rating if task == "rating" else parse_sentiment
     assert preds == [parse(t) for t in alone]
     texts = [o[0].text for o in orig([chat_prompt(tok, m) for m in msgs],
-                                     SamplingParams(max_new_tokens=20, temperature=0, stop=stop, batch_size=5),
+                                     SamplingParams(max_new_tokens=20, temperature=0, stop=stop,
+                                                    batch_size=5),
                                      tokenizer=tok, shared=seen[0])]
     assert texts == alone
 

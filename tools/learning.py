@@ -75,19 +75,14 @@ def recipe(args, out) -> list[Stage]:
     run = lambda preset, **kw: to_argv(dataclasses.replace(preset, max_new_tokens=args.max_new_tokens,
                                                            **judging, **kw))
     stage = lambda stage, **kw: [stage] + run(dpo.LEARNING, data=tr, **kw)
-    prep = [args.dataset, "--out", data, "--test-users", str(args.test_users),
-            "--val-users", str(args.val_users), "--reward-targets", str(args.reward_targets),
-            "--eval-targets", str(args.eval_targets), "--profile-history", str(args.profile_history),
-            "--recent", str(args.recent)] + (
-            ["--judge-users", str(args.judge_users)] if args.train_judge else []) + (
-            ["--raw", args.raw] if args.raw else []) + (["--meta", args.meta] if args.meta else [])
     explorers = BASE + (",template" if args.explore_template else "")     # code as a second explorer
     written = lambda split, model, name: Stage(
         f"{split} profiles: {name}", "rollout.py",
         ["--model", model, "--data", os.path.join(data, f"{split}.jsonl"), "--temperature", "0",
          "--max-new-tokens", str(args.max_new_tokens), "--dtype", "bfloat16",
          "--out", os.path.join(out, f"{split}-{name}.jsonl")], os.path.join(out, f"{split}-{name}.jsonl"))
-    stages = [Stage("prepare data", "data/prepare.py", prep, te)] + judge_stage(args, data)
+    stages = [Stage("prepare data", "data/prepare.py", prepare_argv(args, data), te)]
+    stages += judge_stage(args, data)
     stages += [
         Stage("explore: " + explorers.replace(",", " + "), "dpo.py",
               stage("explore", out=eb, models=explorers, explore_users=args.explore_users,
@@ -122,6 +117,16 @@ def recipe(args, out) -> list[Stage]:
         [] if args.no_dpo else [(dpo_model, "dpo")])
     # the validation users' profiles fit each writer's calibration (reward.affine_fit)
     return stages + [written(split, m, name) for split in ("test", "val") for m, name in writers]
+
+
+def prepare_argv(args, data) -> list[str]:
+    """data/prepare.py's command line for the recipe's data."""
+    return [args.dataset, "--out", data, "--test-users", str(args.test_users),
+            "--val-users", str(args.val_users), "--reward-targets", str(args.reward_targets),
+            "--eval-targets", str(args.eval_targets), "--profile-history", str(args.profile_history),
+            "--recent", str(args.recent)] + (
+            ["--judge-users", str(args.judge_users)] if args.train_judge else []) + (
+            ["--raw", args.raw] if args.raw else []) + (["--meta", args.meta] if args.meta else [])
 
 
 def judge_stage(args, data) -> list[Stage]:
