@@ -172,8 +172,7 @@ def explore(cfg: DPOConfig, d: Dist):
     out = os.path.join(cfg.out, "profiles.jsonl")
     models = cfg.models or cfg.model
     fp = fingerprint("explore", cfg.data, models, cfg.explore_n, cfg.explore_users, cfg.temperature,
-                     cfg.top_p,
-                     cfg.max_new_tokens, cfg.seed,
+                     cfg.top_p, cfg.max_new_tokens, cfg.seed,
                      profile_messages({"history": [], "user_mean": 3.0}))   # the prompt wording too
     if up_to_date(out, fp):
         return print(f"explore: {out} is up to date, skipped") if d.main else None

@@ -333,8 +333,9 @@ def grpo_step(policy: Policy, ref, prompts: list[Prompt], rewards, cfg: GRPOConf
     t3 = time.time()
     mean = totals["r"] / max(totals["valid"], 1)
     spread = math.sqrt(max(totals["r2"] / max(totals["valid"], 1) - mean * mean, 0.0))
-    row = {"reward_mean": mean, "reward_std": spread,
-           "format_rate": 1 - totals["format"] / max(totals["all"], 1), "judge_failures": totals["judge_failed"],
+    formatted = 1 - totals["format"] / max(totals["all"], 1)
+    row = {"reward_mean": mean, "reward_std": spread, "format_rate": formatted,
+           "judge_failures": totals["judge_failed"],
            "zero_variance_groups": totals["flat"], "trained_samples": totals["trained"],
            "response_length": totals["tokens"] / max(totals["all"], 1), **st, "judge_down": judge_down,
            "lr": policy.scheduler.get_last_lr()[0],
