@@ -14,7 +14,6 @@ machine, plus the fraction of the hardware limit (measured copy bandwidth / matm
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import resource
@@ -256,6 +255,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start = torch.cuda.memory_allocated()
         else:
+            from lettingo import release_freed_memory
             release_freed_memory()
             self.start = self.peak = resident_bytes()
             self.running = True
@@ -275,15 +275,6 @@ class PeakMemory:
             self.running = False
             self.thread.join()
             self.peak_bytes = max(self.peak, resident_bytes()) - self.start
-
-
-def release_freed_memory():
-    """glibc keeps freed blocks for reuse, so the resident set would still hold an earlier run's peak:
-    give them back to the OS first (malloc_trim), so each run's peak is its own."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):      # not glibc: the peaks may include earlier runs' memory
-        pass
 
 
 def resident_bytes() -> int:

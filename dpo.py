@@ -36,7 +36,7 @@ from reward import HTTPJudge, make_judge, score_profiles, target_rewards, templa
 from rollout import Sampler, SamplingParams, cpu_decode_layout, prompt_seed, turn_end_id
 from train import (Dist, Policy, TrainConfig, TrainLoop, all_sum, apply_update, lockstep_micro_batches,
                    close_distributed, completion_logprobs, compute_dtype, demo_data, gather_objects,
-                   load_policy, logprobs_no_grad, resolve_start, setup_distributed, validate)
+                   load_judge, load_policy, logprobs_no_grad, resolve_start, setup_distributed, validate)
 
 STAGES = ("explore", "evaluate", "pairs", "train", "sft")
 
@@ -446,14 +446,14 @@ def sft(cfg: DPOConfig, d: Dist):
 def train_on(cfg: DPOConfig, d: Dist, kind: str, run_dir, examples, samples, note):
     """The DPO (kind "dpo", examples: pairs) or SFT ("sft", examples: each user's best profile) loop,
     from cfg.model; validation when cfg.val_data is given."""
-    weights, ckpt = resolve_start(run_dir, cfg.model, cfg.resume)
+    weights, ckpt = resolve_start(run_dir, cfg.model, cfg.resume, cfg.lora_rank > 0)
     policy = load_policy(weights, cfg, d)
     end = turn_end_id(policy.tok)
     sample_of = [samples[(e["user_id"], e["item_id"])] for e in examples]
     data = ([tokenize_pair(policy.tok, s, e, end) for s, e in zip(sample_of, examples)] if kind == "dpo" else
             [(profile_prompt(policy.tok, s), response_ids(policy.tok, e["chosen"], end))
              for s, e in zip(sample_of, examples)])
-    judge = make_judge(cfg, device=d.device) if cfg.val_data else None
+    judge = load_judge(cfg, policy, d) if cfg.val_data else None
     val = read_samples(cfg.val_data)[:cfg.val_users or None] if cfg.val_data else []
     with TrainLoop(cfg, d, policy, run_dir, len(examples), cfg.pairs_per_step, ckpt) as loop:
         if d.main:

@@ -10,6 +10,7 @@ shares (config fields, flags, one-line errors, JSONL readers).
 from __future__ import annotations
 
 import argparse
+import ctypes
 import dataclasses
 import functools
 import importlib.util
@@ -715,6 +716,17 @@ def alias_folder(alias: str, gguf_path: str) -> str:
         shutil.rmtree(cache)
     os.replace(tmp, cache)
     return cache
+
+
+def release_freed_memory():
+    """Give the pages of freed tensors back to the OS (glibc's malloc_trim). glibc keeps them for reuse,
+    but the next phase (sampling, the judge, the update, a checkpoint) allocates other sizes around
+    the tensors that stay, so without this the resident set grows by each phase's leftovers: the
+    CPU demo peaked 0.9 GB higher. Called before each micro-batch and phase; a no-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def default_device():

@@ -27,8 +27,8 @@ from tqdm import tqdm
 
 from lettingo import (DEFAULT_MODEL, ArgParser, LettingoError, add_config, chat_prompt, cli, config_from,
                       extract_tag, load_model, micro_batches, option, output_file, pack_row,
-                      predictor_messages, profile_answer, read_jsonl, read_samples, shares_prompts,
-                      split_shared_prefixes)
+                      predictor_messages, profile_answer, read_jsonl, read_samples, release_freed_memory,
+                      shares_prompts, split_shared_prefixes)
 from rollout import Sampler, SamplingParams, cpu_decode_layout
 
 LABELS = ("like", "neutral", "dislike")
@@ -116,6 +116,7 @@ class LocalJudge:
         ids = answer_tokens(self.tok, prefix, answers)
         out = torch.empty(len(pairs), len(answers))
         for g in micro_batches(pairs, self.token_budget, shares_prompts(self.model)):
+            release_freed_memory()
             out[g] = torch.softmax(packed_answer_logits(self.model, [pairs[i] for i in g], ids).cpu(), -1)
         return out
 
@@ -347,14 +348,15 @@ def answer_index(token: str, answers) -> int | None:
     return hits[0] if len(hits) == 1 else None
 
 
-def make_judge(cfg: RewardConfig, device=None):
-    """cfg.judge_url: the server (probed once); else cfg.judge loaded here."""
+def make_judge(cfg: RewardConfig, device=None, loaded: tuple | None = None):
+    """cfg.judge_url: the server (probed once); else cfg.judge loaded here, or `loaded` (model,
+    tokenizer): cfg.judge already in memory (train.load_judge)."""
     if cfg.judge_url:
         http_judge = HTTPJudge(cfg.judge_url, model=cfg.judge, mode=cfg.judge_mode, timeout=cfg.judge_timeout,
                                retries=cfg.judge_retries, concurrency=cfg.judge_concurrency)
         http_judge.probe()
         return http_judge
-    model, tok = load_model(cfg.judge, device=device)
+    model, tok = loaded or load_model(cfg.judge, device=device)
     model = cpu_decode_layout(model) if cfg.judge_mode == "decode" else model
     return LocalJudge(model, tok, cfg.judge_mode, cfg.judge_token_budget)
 

@@ -24,16 +24,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
 from lettingo import (ATTENTION, DEFAULT_MODEL, PROFILE_CLOSE, TREE_BACKENDS, ArgParser, LettingoError,
                       Stopped, TokenLogprobs, Transformer, attention_backend, cli, load_model, micro_batches,
-                      option, pack_row, predictor_messages, profile_answer, profile_prompt, save_model,
-                      shares_prompts)
-from reward import RewardConfig, eval_targets, metrics, profile_predictions, sample_targets, template_profile
+                      option, pack_row, predictor_messages, profile_answer, profile_prompt,
+                      release_freed_memory, rope_frequencies, save_model, shares_prompts)
+from reward import (RewardConfig, eval_targets, make_judge, metrics, profile_predictions, sample_targets,
+                    template_profile)
 from rollout import Sampler, SamplingParams, cpu_decode_layout
 
 
@@ -63,6 +66,10 @@ class TrainConfig(RewardConfig):
     token_budget: int = option(8192, "max tokens per packed training micro-batch (and per no-grad "
                                "log-prob pass)", min=16)
     activation_checkpointing: bool = option(False, "recompute each block in backward (less memory)")
+    lora_rank: int = option(0, "LoRA: train only a rank-r update W + (alpha / r) B A of every linear layer "
+                            "in the blocks, the base weights frozen (0 = full fine-tuning)",
+                            source="verl lora_rank, peft LoraConfig.r", min=0)
+    lora_alpha: float = option(16.0, "LoRA scale numerator alpha", source="verl lora_alpha", min=0.0)
     attention: str = option("auto", "packed training attention kernel (auto: FlexAttention on CUDA, SDPA on "
                             "CPU; flash/varlen have no tree mask, so each sequence keeps its own "
                             "prompt copy)",
@@ -165,25 +172,95 @@ def shard(model: Transformer, dtype: torch.dtype) -> Transformer:
     return model
 
 
+class LoRALinear(torch.nn.Module):
+    """y = x W^T + b + (alpha / r) (x A^T) B^T: the base W, b frozen (same tensors, same names as the
+    checkpoint's), A [r, in] and B [out, r] trained. A is drawn as peft's (Kaiming-uniform), B starts
+    at 0, so training starts from the base model exactly (Hu et al. 2021, LoRA)."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int, alpha: float, generator: torch.Generator):
+        super().__init__()
+        self.weight, self.bias, self.scale = base.weight, base.bias, alpha / rank
+        a = torch.empty(rank, base.in_features, dtype=base.weight.dtype)
+        torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+        self.lora_A = torch.nn.Parameter(a.to(base.weight.device))
+        self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype,
+                                                     device=base.weight.device))
+
+    def forward(self, x):
+        update = F.linear(F.linear(x, self.lora_A), self.lora_B)
+        return F.linear(x, self.weight, self.bias) + update * self.scale
+
+
+LORA_KEYS = (".lora_A", ".lora_B")
+
+
+def add_lora(model: Transformer, rank: int, alpha: float, seed: int) -> Transformer:
+    """Freeze every weight and put a LoRA update on each linear layer of the blocks (attention and
+    MLP: all of them, as LoRA matches full fine-tuning best that way -- Schulman et al. 2025, "LoRA
+    Without Regret"); embeddings, norms and the head stay frozen. A's draw is seeded by `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, torch.nn.Linear):
+                    setattr(parent, name, LoRALinear(child, rank, alpha, generator))
+    return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A (possibly FSDP-sharded) tensor whole; in one process, the same storage."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def merged_weight(params: dict, name: str, scale: float) -> torch.Tensor:
+    """params[name] (a weight by its checkpoint name) whole; a LoRA layer's merged: W + scale B A."""
+    w = full_tensor(params[name])
+    stem = name.removesuffix(".weight")
+    if stem + ".lora_A" in params:
+        w = w + scale * (full_tensor(params[stem + ".lora_B"]) @ full_tensor(params[stem + ".lora_A"]))
+    return w
+
+
+def frozen_base(model: Transformer, attention: str) -> Transformer:
+    """A plain model over a one-process LoRA policy's frozen weights -- the same tensors, no copy: the
+    starting model, for a judge or KL reference that is that model."""
+    with torch.device("meta"):
+        base = Transformer(model.cfg)
+    weights = {name: full_tensor(p) for name, p in model.named_parameters() if not name.endswith(LORA_KEYS)}
+    base.load_state_dict(weights, strict=False, assign=True)   # strict=False: a tied head is not listed
+    base.tie()
+    base.inv_freq = rope_frequencies(model.cfg).to(model.lm_head.weight.device)
+    base.attention = attention
+    return base.requires_grad_(False).eval()
+
+
 @dataclass
 class Policy:
-    """The model being trained (fp32 master weights, sharded), its plain `dtype` copy that samples,
-    the sampler over that copy, the tokenizer, the optimizer and its schedule."""
+    """The model being trained (fp32 master weights, sharded; with LoRA only the adapters train), its
+    plain `dtype` copy that samples, the sampler over that copy, the tokenizer, the optimizer and its
+    schedule. `start`: the weights it was loaded from; `base`: with LoRA in one CPU process, those
+    weights as a plain model sharing the frozen tensors (see frozen_base), else None."""
     model: Transformer
     rollout: Transformer
     sampler: Sampler
     tok: object
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    start: str = ""
+    lora_scale: float = 0.0
+    base: Transformer | None = None
 
     @torch.no_grad()
     def sync(self):
-        """Copy the sharded policy into the rollout copy: one all-gather per tensor per step, so
-        sampling runs with no FSDP hooks and no collective per decoded token (at the cost of one
-        full copy of the weights per rank, as verl's colocated inference engine)."""
-        dst = dict(self.rollout.named_parameters())
-        for name, p in self.model.named_parameters():
-            dst[name].copy_(p.full_tensor() if hasattr(p, "full_tensor") else p)
+        """Copy the sharded policy into the rollout copy (LoRA merged into its weights): one all-gather
+        per tensor per step, so sampling runs with no FSDP hooks and no collective per decoded token
+        (at the cost of one full copy of the weights per rank, as verl's colocated inference engine)."""
+        release_freed_memory()                          # sampling follows: the update's leftovers go
+        params = dict(self.model.named_parameters())
+        for name, p in self.rollout.named_parameters():
+            p.copy_(merged_weight(params, name, self.lora_scale))
 
 
 def load_policy(path: str, cfg: TrainConfig, d: Dist) -> Policy:
@@ -196,17 +273,34 @@ def load_policy(path: str, cfg: TrainConfig, d: Dist) -> Policy:
               f"{'yes' if kernel in TREE_BACKENDS else 'no'})", flush=True)
     model, tok = load_model(path, dtype=torch.float32, device=d.device)
     model.checkpointing, model.attention = cfg.activation_checkpointing, cfg.attention
+    if cfg.lora_rank:
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
     rollout = cpu_decode_layout(load_model(path, dtype=dtype, device=d.device)[0])
     model = shard(model, dtype).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=(0.9, 0.999), eps=1e-8)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
+                                  eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    return Policy(model, rollout, Sampler(rollout), tok, optimizer, scheduler)
+    shared = cfg.lora_rank and d.world == 1 and d.device.type == "cpu"
+    return Policy(model, rollout, Sampler(rollout), tok, optimizer, scheduler, path,
+                  cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0,
+                  frozen_base(model, cfg.attention) if shared else None)
 
 
-def load_reference(path: str, cfg: TrainConfig, d: Dist) -> Transformer:
-    """A frozen copy of the starting model (KL reference), sharded like the policy."""
+def load_judge(cfg: TrainConfig, policy: Policy, d: Dist):
+    """The judge (reward.make_judge); a local judge that is the model a LoRA policy started from, in
+    one CPU process, judges with the policy's frozen weights (one copy of the model less)."""
+    if policy.base is not None and not cfg.judge_url and cfg.judge == policy.start:
+        return make_judge(cfg, d.device, loaded=(policy.base, policy.tok))
+    return make_judge(cfg, d.device)
+
+
+def load_reference(path: str, cfg: TrainConfig, d: Dist, policy: Policy) -> Transformer:
+    """A frozen copy of the starting model (KL reference), sharded like the policy; a LoRA policy's
+    own frozen weights when they are that model (one CPU process: Policy.base)."""
+    if policy.base is not None and path == policy.start:
+        return policy.base
     ref = load_model(path, dtype=torch.float32, device=d.device)[0]
     ref.attention = cfg.attention                          # the policy's kernel, and its packing
     ref = shard(ref, compute_dtype(cfg.dtype, d.device))
@@ -259,6 +353,7 @@ def lockstep_micro_batches(model, seqs, budget: int, device, progress=False):
     for k, g in enumerate(tqdm(groups, desc="update", unit="micro-batch", file=sys.stderr, leave=False,
                                disable=not progress)):
         model.set_requires_gradient_sync(k == len(groups) - 1)
+        release_freed_memory()
         if g:
             yield g
         else:
@@ -270,6 +365,7 @@ def logprobs_no_grad(model, seqs, budget, device, temperature=1.0) -> list[torch
     """Per (prompt, completion), the completion's log-probs under `model` (old policy, reference)."""
     out = []
     for g in synced_groups(model, seqs, budget, device):
+        release_freed_memory()
         # empty: lockstep
         lps = completion_logprobs(model, [seqs[i] for i in g] or [([0], [0])], device, temperature)
         out += [x.logprobs for x in lps[:len(g)]]
@@ -492,11 +588,15 @@ def users_in(rows: list[Judged]) -> int:
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(run_dir, step, policy: Policy, state: dict, d: Dist, keep=2):
-    """run_dir/ckpt-STEP/{model (HF folder), trainer.pt}. Written under a temp name and renamed, so a
-    run killed mid-write leaves the previous checkpoint as the latest complete one. Of the `keep`
-    newest, only the newest keeps the optimizer state (resume reads the newest); older ones go."""
+    """run_dir/ckpt-STEP/{model (HF folder; LoRA merged in), trainer.pt (with LoRA, the adapters too)}.
+    Written under a temp name and renamed, so a run killed mid-write leaves the previous checkpoint
+    as the latest complete one. Of the `keep` newest, only the newest keeps the optimizer state
+    (resume reads the newest); older ones go."""
+    release_freed_memory()
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     full = get_model_state_dict(policy.model, options=options)
+    adapters = {k: full[k] for k in full if k.endswith(LORA_KEYS)} if policy.lora_scale else None
+    weights = {k: merged_weight(full, k, policy.lora_scale) for k in full if not k.endswith(LORA_KEYS)}
     osd = get_optimizer_state_dict(policy.model, policy.optimizer, options=options)
     rng = gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),
                           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})
@@ -504,9 +604,9 @@ def save_checkpoint(run_dir, step, policy: Policy, state: dict, d: Dist, keep=2)
         final = os.path.join(run_dir, f"ckpt-{step:06d}")
         tmp = final + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_model(policy.model, policy.tok, os.path.join(tmp, "model"), state_dict=full)
+        save_model(policy.model, policy.tok, os.path.join(tmp, "model"), state_dict=weights)
         torch.save({"step": step, "optimizer": osd, "scheduler": policy.scheduler.state_dict(), "rng": rng,
-                    "state": state}, os.path.join(tmp, "trainer.pt"))
+                    "adapters": adapters, "state": state}, os.path.join(tmp, "trainer.pt"))
         shutil.rmtree(final, ignore_errors=True)        # the same step written again (a resumed run)
         os.replace(tmp, final)
         older = [c for c in sorted(checkpoints(run_dir)) if c != final]
@@ -541,11 +641,18 @@ def latest_checkpoint(run_dir) -> str | None:
 
 
 def load_trainer_state(ckpt, policy: Policy, d: Dist) -> dict:
-    """Optimizer, scheduler and RNG states of a checkpoint (the weights come from ckpt/model)."""
+    """Optimizer, scheduler and RNG states of a checkpoint (the weights come from ckpt/model; with
+    LoRA, the base from --model and the adapters from here)."""
     blob = torch.load(os.path.join(ckpt, "trainer.pt"), map_location="cpu", weights_only=False)
     if "optimizer" not in blob:
         raise LettingoError(f"{ckpt} holds the weights only (its optimizer state went when a newer "
                             f"checkpoint was written): it starts a run as --model {ckpt}/model, not a resume")
+    if (blob.get("adapters") is None) != (not policy.lora_scale):
+        trained = "with" if blob.get("adapters") else "without"
+        raise LettingoError(f"{ckpt} was trained {trained} LoRA: resume it with the same --lora-rank")
+    if policy.lora_scale:
+        set_model_state_dict(policy.model, blob["adapters"],
+                             options=StateDictOptions(full_state_dict=True, strict=False))
     set_optimizer_state_dict(policy.model, policy.optimizer, optim_state_dict=blob["optimizer"],
                              options=StateDictOptions(full_state_dict=True))
     policy.scheduler.load_state_dict(blob["scheduler"])
@@ -557,8 +664,9 @@ def load_trainer_state(ckpt, policy: Policy, d: Dist) -> dict:
     return blob["state"] | {"step": blob["step"]}
 
 
-def resolve_start(run_dir, model_path, resume: bool) -> tuple[str, str | None]:
-    """-> (weights to load, checkpoint to resume from or None)."""
+def resolve_start(run_dir, model_path, resume: bool, lora: bool = False) -> tuple[str, str | None]:
+    """-> (weights to load, checkpoint to resume from or None). A LoRA run resumes from its base,
+    `model_path`, and the checkpoint's adapters (load_trainer_state)."""
     if not resume:
         if checkpoints(run_dir) or os.path.isfile(os.path.join(run_dir, "metrics.jsonl")):
             raise LettingoError(f"--out {run_dir} holds a run already: --resume continues it, another --out "
@@ -567,7 +675,7 @@ def resolve_start(run_dir, model_path, resume: bool) -> tuple[str, str | None]:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise LettingoError(f"--resume: no complete checkpoint in {run_dir}")
-    return os.path.join(ckpt, "model"), ckpt
+    return (model_path if lora else os.path.join(ckpt, "model")), ckpt
 
 
 def demo_data(folder):

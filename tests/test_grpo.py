@@ -666,3 +666,83 @@ def test_the_packed_backward_is_the_same_bits_on_a_busy_machine(tmp_path):
     finally:
         burner.kill()
     assert torch.get_num_threads() > 1 and len(seen) == 1, len(seen)
+
+
+def test_lora_layer_against_the_formula(tiny):
+    """A LoRA layer's output and its adapters' gradients against the formula written out: y = x W^T + b
+    + s (x A^T) B^T, dL/dB = s dy^T (x A^T), dL/dA = s (dy B)^T x; W, b get no gradient."""
+    from train import LoRALinear
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5)
+    layer = LoRALinear(base, 3, 12.0, torch.Generator().manual_seed(0))
+    base.weight.requires_grad_(False)
+    base.bias.requires_grad_(False)
+    with torch.no_grad():
+        layer.lora_B.normal_()                              # B starts at 0: give it values to test
+    x, dy = torch.randn(4, 6, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+    layer = layer.double()
+    W, b, A, B, s = layer.weight, layer.bias, layer.lora_A, layer.lora_B, 12.0 / 3
+    y = layer(x)
+    (y * dy).sum().backward()
+    assert torch.allclose(y, x @ W.T + b + s * (x @ A.T) @ B.T, atol=1e-12)
+    assert torch.allclose(B.grad, s * dy.T @ (x @ A.T), atol=1e-12)
+    assert torch.allclose(A.grad, s * (dy @ B).T @ x, atol=1e-12)
+    assert W.grad is None and b.grad is None
+
+
+def test_a_lora_policy_starts_as_the_base_and_its_judge_shares_the_weights(tiny):
+    """With LoRA the policy's logits at the start equal transformers' on the checkpoint; only the
+    adapters train; the rollout copy holds W + s B A; one CPU process judges with the policy's own
+    frozen tensors, and the judge's probabilities equal those of a judge loaded on its own."""
+    from lettingo import load_model
+    from reward import LocalJudge
+    from train import TrainConfig, close_distributed, full_tensor, load_judge, load_policy, setup_distributed
+    folder, reference = tiny
+    d = setup_distributed()
+    try:
+        cfg = TrainConfig(model=folder, judge=folder, lora_rank=4, lora_alpha=8.0)
+        policy = load_policy(folder, cfg, d)
+        judge, params = load_judge(cfg, policy, d), dict(policy.model.named_parameters())
+        shared = {p.data_ptr() for p in judge.model.parameters()}       # (before a forward unshards them)
+        assert all(full_tensor(p).data_ptr() in shared for p in params.values() if not p.requires_grad)
+        tokens = torch.tensor([[5, 17, 42, 9, 100, 3, 77]])
+        with torch.no_grad():
+            assert (policy.model(tokens) - reference(tokens).logits).abs().max() < 1e-4
+        trained = [n for n, p in params.items() if p.requires_grad]
+        assert len(trained) == 2 * 7 * 2 and all(n.endswith((".lora_A", ".lora_B")) for n in trained)
+        with torch.no_grad():
+            for n in trained:
+                if n.endswith(".lora_B"):
+                    params[n].to_local().normal_()          # as if trained
+        policy.sync()
+        stem = "model.layers.1.mlp.down_proj."
+        W, A, B = (params[stem + k].to_local() for k in ("weight", "lora_A", "lora_B"))
+        assert torch.allclose(policy.rollout.model.layers[1].mlp.down_proj.weight, W + 2.0 * B @ A, atol=1e-6)
+        with torch.no_grad():
+            assert (policy.rollout(tokens) - policy.model(tokens)).abs().max() < 1e-4
+        alone = LocalJudge(*load_model(folder, device="cpu"))
+        messages = [[{"role": "user", "content": f"Toy Story (1995): rated {r}/5. Heat (1995)?"}]
+                    for r in (1, 5)]
+        assert torch.allclose(judge.probabilities(messages, "rating"),
+                              alone.probabilities(messages, "rating"), atol=1e-6)
+    finally:
+        close_distributed()
+
+
+def test_lora_runs_resume_exactly_and_match_across_ranks(toy_setup, tmp_path):
+    """GRPO with LoRA: 4 steps straight, 2 + 2 resumed (the base from --model, the adapters from the
+    checkpoint) and on 2 ranks (FSDP with frozen and trained tensors in one unit) save the same merged
+    model, which differs from the start in the adapted layers only; resuming without LoRA is one error."""
+    lora = ("--lora-rank", "4", "--lora-alpha", "8", "--lr", "3e-2", "--save-every", "2")
+    toy(toy_setup, tmp_path / "straight", "--steps", "4", *lora)
+    toy(toy_setup, tmp_path / "split", "--steps", "2", *lora)
+    toy(toy_setup, tmp_path / "split", "--steps", "4", "--resume", *lora)
+    toy(toy_setup, tmp_path / "two", "--steps", "4", *lora, nproc=2)
+    a, b, c = (weights(tmp_path / run / "ckpt-000004") for run in ("straight", "split", "two"))
+    start = weights_start(toy_setup)
+    moved = {k for k in a if not torch.equal(a[k], start[k])}
+    assert moved and all(k.endswith("_proj.weight") for k in moved), moved
+    assert max_diff(a, b) < 1e-6 and max_diff(a, c) < 1e-5
+    r = toy(toy_setup, tmp_path / "split", "--steps", "6", "--resume", check=False)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("error:") and "--lora-rank" in last

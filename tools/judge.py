@@ -152,7 +152,7 @@ def run(cfg: JudgeTrainConfig):
     samples = read_samples(cfg.data)
     val = read_samples(cfg.val_data)[:cfg.val_users or None] if cfg.val_data else []
     contexts = cfg.contexts.split(",")
-    weights, ckpt = resolve_start(cfg.out, cfg.model, cfg.resume)
+    weights, ckpt = resolve_start(cfg.out, cfg.model, cfg.resume, cfg.lora_rank > 0)
     policy = load_policy(weights, cfg, d)
     answer_ids = answer_tokens(policy.tok, *ANSWERS["rating"])
     # example k: sample k // len(contexts) in context k % len(contexts), tokenized when a step takes it
