@@ -873,35 +873,57 @@ def read_gguf(path):
 
 def save_model(model: Transformer, tokenizer, folder: str, state_dict=None, shard_bytes=5 * 2**30):
     """A Hugging Face folder (config.json, safetensors, tokenizer) loadable by transformers and vLLM.
-    `state_dict` (full, on CPU) may be passed in when the model itself is sharded (FSDP)."""
-    from safetensors.torch import save_file
+    `state_dict` (full, on CPU) may be passed in when the model itself is sharded (FSDP); any mapping
+    will do (train.MergedWeights computes each tensor when it is read): tensors are written one at a
+    time, so saving holds one tensor beyond the model."""
     os.makedirs(folder, exist_ok=True)
     sd = state_dict if state_dict is not None else model.state_dict()
-    sd = {k: v.detach().contiguous().cpu() for k, v in sd.items()
-          if not (model.cfg.tie_word_embeddings and k == "lm_head.weight")}
-    shards, cur, size = [], {}, 0
-    for k, v in sd.items():  # split into <= shard_bytes files, as HF does for big models
-        if cur and size + v.numel() * v.element_size() > shard_bytes:
+    names = [k for k in sd if not (model.cfg.tie_word_embeddings and k == "lm_head.weight")]
+    shapes = {k: (sd[k].dtype, tuple(sd[k].shape)) for k in names}
+    shards, cur, size = [], [], 0
+    for k in names:  # split into <= shard_bytes files, as HF does for big models
+        nbytes = math.prod(shapes[k][1]) * shapes[k][0].itemsize
+        if cur and size + nbytes > shard_bytes:
             shards.append(cur)
-            cur, size = {}, 0
-        cur[k] = v
-        size += v.numel() * v.element_size()
+            cur, size = [], 0
+        cur.append(k)
+        size += nbytes
     shards.append(cur)
-    if len(shards) == 1:
-        save_file(shards[0], os.path.join(folder, "model.safetensors"), metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, os.path.join(folder, fname), metadata={"format": "pt"})
-            weight_map.update({k: fname for k in shard})
+    files = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for fname, shard in zip(files, shards):
+        write_safetensors(os.path.join(folder, fname), sd, shard, shapes)
+    if len(shards) > 1:
+        weight_map = {k: fname for fname, shard in zip(files, shards) for k in shard}
         with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=2)
     hf = dict(model.cfg.hf)
-    hf["torch_dtype"] = str(next(iter(sd.values())).dtype).replace("torch.", "")
+    hf["torch_dtype"] = str(shapes[names[0]][0]).replace("torch.", "")
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     tokenizer.save_pretrained(folder)
+
+
+SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def write_safetensors(path: str, tensors, names: list[str], shapes: dict):
+    """The safetensors format written tensor by tensor: an 8-byte little-endian header length, the JSON
+    header (dtype, shape, byte offsets; padded to 8 bytes), then each tensor's bytes in order."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for k in names:
+        dtype, shape = shapes[k]
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[k] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                     "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for k in names:
+            t = tensors[k].detach().to("cpu").contiguous()
+            f.write(t.view(-1).view(torch.uint8).numpy().data)
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -223,6 +224,24 @@ def merged_weight(params: dict, name: str, scale: float) -> torch.Tensor:
     return w
 
 
+class MergedWeights(Mapping):
+    """A LoRA model's weights by their checkpoint names, each merged (W + scale B A, merged_weight)
+    when it is read: lettingo.save_model writes them one at a time, never all merged at once."""
+
+    def __init__(self, state: dict, scale: float):
+        self.state, self.scale = state, scale
+        self.names = [k for k in state if not k.endswith(LORA_KEYS)]
+
+    def __getitem__(self, name):
+        return merged_weight(self.state, name, self.scale)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self):
+        return len(self.names)
+
+
 def frozen_base(model: Transformer, attention: str) -> Transformer:
     """A plain model over a one-process LoRA policy's frozen weights -- the same tensors, no copy: the
     starting model, for a judge or KL reference that is that model."""
@@ -296,10 +315,10 @@ def load_judge(cfg: TrainConfig, policy: Policy, d: Dist):
     return make_judge(cfg, d.device)
 
 
-def load_reference(path: str, cfg: TrainConfig, d: Dist, policy: Policy) -> Transformer:
+def load_reference(path: str, cfg: TrainConfig, d: Dist, policy: Policy | None = None) -> Transformer:
     """A frozen copy of the starting model (KL reference), sharded like the policy; a LoRA policy's
     own frozen weights when they are that model (one CPU process: Policy.base)."""
-    if policy.base is not None and path == policy.start:
+    if policy is not None and policy.base is not None and path == policy.start:
         return policy.base
     ref = load_model(path, dtype=torch.float32, device=d.device)[0]
     ref.attention = cfg.attention                          # the policy's kernel, and its packing
@@ -596,7 +615,7 @@ def save_checkpoint(run_dir, step, policy: Policy, state: dict, d: Dist, keep=2)
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     full = get_model_state_dict(policy.model, options=options)
     adapters = {k: full[k] for k in full if k.endswith(LORA_KEYS)} if policy.lora_scale else None
-    weights = {k: merged_weight(full, k, policy.lora_scale) for k in full if not k.endswith(LORA_KEYS)}
+    weights = MergedWeights(full, policy.lora_scale)
     osd = get_optimizer_state_dict(policy.model, policy.optimizer, options=options)
     rng = gather_objects({"torch": torch.get_rng_state(), "python": random.getstate(),
                           "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None})

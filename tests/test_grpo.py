@@ -690,13 +690,16 @@ def test_lora_layer_against_the_formula(tiny):
     assert W.grad is None and b.grad is None
 
 
-def test_a_lora_policy_starts_as_the_base_and_its_judge_shares_the_weights(tiny):
+def test_a_lora_policy_starts_as_the_base_and_its_judge_shares_the_weights(tiny, tmp_path):
     """With LoRA the policy's logits at the start equal transformers' on the checkpoint; only the
-    adapters train; the rollout copy holds W + s B A; one CPU process judges with the policy's own
-    frozen tensors, and the judge's probabilities equal those of a judge loaded on its own."""
-    from lettingo import load_model
+    adapters train; the rollout copy and a saved model hold W + s B A; one CPU process judges with the
+    policy's own frozen tensors, and the judge's probabilities equal those of a judge loaded alone."""
+    from safetensors.torch import load_file
+
+    from lettingo import load_model, save_model
     from reward import LocalJudge
-    from train import TrainConfig, close_distributed, full_tensor, load_judge, load_policy, setup_distributed
+    from train import (MergedWeights, TrainConfig, close_distributed, full_tensor, load_judge, load_policy,
+                       setup_distributed)
     folder, reference = tiny
     d = setup_distributed()
     try:
@@ -720,6 +723,10 @@ def test_a_lora_policy_starts_as_the_base_and_its_judge_shares_the_weights(tiny)
         assert torch.allclose(policy.rollout.model.layers[1].mlp.down_proj.weight, W + 2.0 * B @ A, atol=1e-6)
         with torch.no_grad():
             assert (policy.rollout(tokens) - policy.model(tokens)).abs().max() < 1e-4
+        save_model(policy.model, policy.tok, str(tmp_path / "merged"), state_dict=MergedWeights(params, 2.0))
+        saved = load_file(str(tmp_path / "merged" / "model.safetensors"))     # safetensors' own reader
+        assert torch.allclose(saved[stem + "weight"], W + 2.0 * B @ A, atol=1e-6)
+        assert not any(k.endswith(("lora_A", "lora_B")) for k in saved) and len(saved) == 2 * 9 + 2
         alone = LocalJudge(*load_model(folder, device="cpu"))
         messages = [[{"role": "user", "content": f"Toy Story (1995): rated {r}/5. Heat (1995)?"}]
                     for r in (1, 5)]
