@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Llama / Qwen2 / Qwen3 checkpoints built with transformers (the
 independent reference), with a small byte-level BPE tokenizer and a ChatML template."""
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -98,6 +99,13 @@ def run(script, *args, nproc=1, timeout=300, check=False):
     if check:
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     return r
+
+
+def default_sigint():
+    """A child's SIGINT back to the default before it starts (Popen's preexec_fn): a suite run in the
+    background of a shell (`pytest &`) ignores SIGINT, and a child would inherit that, so a test's
+    Ctrl-C would never reach it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def clean_env():

@@ -10,8 +10,8 @@ import time
 
 import pytest
 import torch
-from conftest import (ROOT, JSONHandler, clean_env, make_model, max_diff, optimized, run, start_server,
-                      tiny_run_folder)
+from conftest import (ROOT, JSONHandler, clean_env, default_sigint, make_model, max_diff, optimized, run,
+                      start_server, tiny_run_folder)
 from conftest import checkpoint_weights as weights
 
 from grpo import clipped_policy_loss, group_advantages, kl_k3, token_weights
@@ -447,7 +447,7 @@ def test_ctrl_c_is_one_line_and_exit_130(toy_setup, tmp_path):
            "--val-users", "2",
            "--steps", "500", "--save-every", "1"]
     proc = subprocess.Popen(list(map(str, cmd)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=clean_env())
+                            cwd=ROOT, env=clean_env(), preexec_fn=default_sigint)
     for line in proc.stdout:
         if line.startswith("step    1 |"):
             break

@@ -243,7 +243,7 @@ def test_ctrl_c_keeps_the_rows_written_and_resume_completes_them(tiny, tmp_path)
     import signal
     import subprocess
     import sys
-    from conftest import ROOT, clean_env
+    from conftest import ROOT, clean_env, default_sigint
     folder, _ = tiny
     data = tmp_path / "in.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"rate {k}"}]}) + "\n"
@@ -254,7 +254,7 @@ def test_ctrl_c_keeps_the_rows_written_and_resume_completes_them(tiny, tmp_path)
     out = tmp_path / "part.jsonl"
     proc = subprocess.Popen([sys.executable, f"{ROOT}/rollout.py", *map(str, args), "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env=clean_env())
+                            env=clean_env(), preexec_fn=default_sigint)
     while not (out.exists() and out.read_text().count("\n") >= 3):
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
