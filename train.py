@@ -279,7 +279,8 @@ class Policy:
         release_freed_memory()                          # sampling follows: the update's leftovers go
         params = dict(self.model.named_parameters())
         for name, p in self.rollout.named_parameters():
-            p.copy_(merged_weight(params, name, self.lora_scale))
+            if params[name].requires_grad or name.removesuffix(".weight") + ".lora_A" in params:
+                p.copy_(merged_weight(params, name, self.lora_scale))   # a frozen base weight: loaded equal
 
 
 def load_policy(path: str, cfg: TrainConfig, d: Dist) -> Policy:
@@ -397,7 +398,7 @@ def apply_update(policy: Policy, loss_sum: float, max_norm: float, d: Dist) -> t
     """Clip and step -- unless the loss or the global gradient norm is not finite: then the
     gradients are dropped and nothing is applied (returns applied=False)."""
     norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), max_norm)
-    norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
+    norm = full_tensor(norm).item()
     ok = bool(torch.isfinite(torch.tensor([norm, loss_sum])).all())
     if ok:
         policy.optimizer.step()
