@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from tqdm import tqdm
 
 from lettingo import (ATTENTION, DEFAULT_MODEL, PROFILE_CLOSE, TREE_BACKENDS, ArgParser, LettingoError,
@@ -156,6 +156,13 @@ def compute_dtype(name: str, device) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
 
 
+def sharded(world: int, dtype: torch.dtype) -> bool:
+    """Whether FSDP has work: several ranks, or a compute dtype other than the fp32 master weights.
+    One fp32 process trains the plain model: FSDP there would only copy every weight before each
+    use (the root's embedding for the whole forward and backward)."""
+    return world > 1 or dtype != torch.float32
+
+
 def shard(model: Transformer, dtype: torch.dtype) -> Transformer:
     """FSDP2: one unit per block, then the root (embeddings, final norm, head). Master weights stay
     fp32; forward/backward run in `dtype`, gradients are reduced in fp32. Gradients are summed across
@@ -257,10 +264,11 @@ def frozen_base(model: Transformer, attention: str) -> Transformer:
 
 @dataclass
 class Policy:
-    """The model being trained (fp32 master weights, sharded; with LoRA only the adapters train), its
-    plain `dtype` copy that samples, the sampler over that copy, the tokenizer, the optimizer and its
-    schedule. `start`: the weights it was loaded from; `base`: with LoRA in one CPU process, those
-    weights as a plain model sharing the frozen tensors (see frozen_base), else None."""
+    """The model being trained (fp32 master weights, sharded where `sharded` says; with LoRA only the
+    adapters train), the model that samples (a plain `dtype` copy when the policy is sharded or cast,
+    else the policy itself), its sampler, the tokenizer, the optimizer and its schedule. `start`: the
+    weights it was loaded from; `base`: with LoRA in one unsharded process, those weights as a plain
+    model sharing the frozen tensors (see frozen_base), else None."""
     model: Transformer
     rollout: Transformer
     sampler: Sampler
@@ -275,8 +283,11 @@ class Policy:
     def sync(self):
         """Copy the sharded policy into the rollout copy (LoRA merged into its weights): one all-gather
         per tensor per step, so sampling runs with no FSDP hooks and no collective per decoded token
-        (at the cost of one full copy of the weights per rank, as verl's colocated inference engine)."""
+        (at the cost of one full copy of the weights per rank, as verl's colocated inference engine).
+        A policy that samples itself has nothing to copy."""
         release_freed_memory()                          # sampling follows: the update's leftovers go
+        if self.rollout is self.model:
+            return
         params = dict(self.model.named_parameters())
         for name, p in self.rollout.named_parameters():
             if params[name].requires_grad or name.removesuffix(".weight") + ".lora_A" in params:
@@ -293,24 +304,25 @@ def load_policy(path: str, cfg: TrainConfig, d: Dist) -> Policy:
               f"{'yes' if kernel in TREE_BACKENDS else 'no'})", flush=True)
     model, tok = load_model(path, dtype=torch.float32, device=d.device)
     model.checkpointing, model.attention = cfg.activation_checkpointing, cfg.attention
+    split = sharded(d.world, dtype)
+    # sharded or cast: sampling reads a plain `dtype` copy (Policy.sync); else the policy samples itself
+    rollout = cpu_decode_layout(load_model(path, dtype=dtype, device=d.device)[0] if split else model)
     if cfg.lora_rank:
         add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.seed)
-    rollout = cpu_decode_layout(load_model(path, dtype=dtype, device=d.device)[0])
-    model = shard(model, dtype).train()
+    model = (shard(model, dtype) if split else model).train()
     trained = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                                   eps=1e-8)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer,
                                                   lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    shared = cfg.lora_rank and d.world == 1 and d.device.type == "cpu"
     return Policy(model, rollout, Sampler(rollout), tok, optimizer, scheduler, path,
                   cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0,
-                  frozen_base(model, cfg.attention) if shared else None)
+                  frozen_base(model, cfg.attention) if cfg.lora_rank and not split else None)
 
 
 def load_judge(cfg: TrainConfig, policy: Policy, d: Dist):
     """The judge (reward.make_judge); a local judge that is the model a LoRA policy started from, in
-    one CPU process, judges with the policy's frozen weights (one copy of the model less)."""
+    one unsharded process, judges with the policy's frozen weights (one copy of the model less)."""
     if policy.base is not None and not cfg.judge_url and cfg.judge == policy.start:
         return make_judge(cfg, d.device, loaded=(policy.base, policy.tok))
     return make_judge(cfg, d.device)
@@ -318,12 +330,13 @@ def load_judge(cfg: TrainConfig, policy: Policy, d: Dist):
 
 def load_reference(path: str, cfg: TrainConfig, d: Dist, policy: Policy | None = None) -> Transformer:
     """A frozen copy of the starting model (KL reference), sharded like the policy; a LoRA policy's
-    own frozen weights when they are that model (one CPU process: Policy.base)."""
+    own frozen weights when they are that model (one unsharded process: Policy.base)."""
     if policy is not None and policy.base is not None and path == policy.start:
         return policy.base
     ref = load_model(path, dtype=torch.float32, device=d.device)[0]
     ref.attention = cfg.attention                          # the policy's kernel, and its packing
-    ref = shard(ref, compute_dtype(cfg.dtype, d.device))
+    dtype = compute_dtype(cfg.dtype, d.device)
+    ref = shard(ref, dtype) if sharded(d.world, dtype) else ref
     for p in ref.parameters():
         p.requires_grad_(False)
     return ref.eval()
@@ -372,7 +385,8 @@ def lockstep_micro_batches(model, seqs, budget: int, device, progress=False):
     groups = synced_groups(model, seqs, budget, device)
     for k, g in enumerate(tqdm(groups, desc="update", unit="micro-batch", file=sys.stderr, leave=False,
                                disable=not progress)):
-        model.set_requires_gradient_sync(k == len(groups) - 1)
+        if isinstance(model, FSDPModule):              # one unsharded process has nothing to reduce
+            model.set_requires_gradient_sync(k == len(groups) - 1)
         release_freed_memory()
         if g:
             yield g

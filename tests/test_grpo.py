@@ -196,7 +196,7 @@ def hand_objective(logp, old, sampler, adv, w, level, correction, cap, eps=0.2):
                                                   ("sequence", "seq-mask", 1.3), ("token", "seq-mask", 1.3)])
 def test_gspo_and_rollout_corrections_against_the_formula_by_hand(tiny, level, correction, cap):
     from grpo import Episode, GRPOConfig, grpo_loss
-    from train import close_distributed, completion_logprobs, load_policy, setup_distributed
+    from train import close_distributed, completion_logprobs, full_tensor, load_policy, setup_distributed
     d = setup_distributed()
     try:
         cfg = GRPOConfig(kl_coef=0.0, importance_sampling_level=level, rollout_correction=correction,
@@ -214,13 +214,13 @@ def test_gspo_and_rollout_corrections_against_the_formula_by_hand(tiny, level, c
         episodes = [Episode(prompt, c, a, 0, s, o) for c, a, s, o in zip(comps, adv, sampler, old)]
         loss, m = grpo_loss(model, episodes, w, cfg, d.device)
         loss.backward()
-        got = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
+        got = {n: full_tensor(p.grad).clone() for n, p in model.named_parameters()}
         model.zero_grad()
         logp = [x.logprobs for x in completion_logprobs(model, seqs, d.device)]
         want = hand_objective(logp, old, sampler, adv, w, level, correction, cap)
         want.backward()
         assert loss.item() == pytest.approx(want.item(), abs=1e-6)
-        assert max((got[n] - p.grad.full_tensor()).abs().max().item()
+        assert max((got[n] - full_tensor(p.grad)).abs().max().item()
                    for n, p in model.named_parameters()) < 1e-6
         d_all = torch.cat([o - s for o, s in zip(old, sampler)])
         assert m["mismatch_diff"] == pytest.approx(d_all.sum().item(), abs=1e-5)
@@ -241,7 +241,7 @@ def test_the_loss_equals_trls_compute_loss(tiny, level, correction):
     from trl import GRPOTrainer
 
     from grpo import Episode, GRPOConfig, grpo_loss, token_weights
-    from train import close_distributed, completion_logprobs, load_policy, setup_distributed
+    from train import close_distributed, completion_logprobs, full_tensor, load_policy, setup_distributed
     d = setup_distributed()
     try:
         cfg = GRPOConfig(kl_coef=0.0, importance_sampling_level=level, rollout_correction=correction,
@@ -259,7 +259,7 @@ def test_the_loss_equals_trls_compute_loss(tiny, level, correction):
         loss, _ = grpo_loss(model, episodes, token_weights(list(map(len, comps)), "token-mean", 3, n_tok, 8),
                             cfg, d.device)
         loss.backward()
-        ours = {n: p.grad.full_tensor().clone() for n, p in model.named_parameters()}
+        ours = {n: full_tensor(p.grad).clone() for n, p in model.named_parameters()}
         model.zero_grad()
         pad = lambda xs: torch.nn.utils.rnn.pad_sequence(xs, batch_first=True)              # [B, T]
         logp = [x.logprobs for x in completion_logprobs(model, seqs, d.device)]
@@ -283,7 +283,7 @@ def test_the_loss_equals_trls_compute_loss(tiny, level, correction):
         want = GRPOTrainer._compute_loss(fake, None, inputs)
         want.backward()
         assert loss.item() == pytest.approx(want.item(), abs=1e-6)
-        assert max((ours[n] - p.grad.full_tensor()).abs().max().item()
+        assert max((ours[n] - full_tensor(p.grad)).abs().max().item()
                    for n, p in model.named_parameters()) < 1e-6
     finally:
         close_distributed()
@@ -692,8 +692,11 @@ def test_lora_layer_against_the_formula(tiny):
 
 def test_a_lora_policy_starts_as_the_base_and_its_judge_shares_the_weights(tiny, tmp_path):
     """With LoRA the policy's logits at the start equal transformers' on the checkpoint; only the
-    adapters train; the rollout copy and a saved model hold W + s B A; one CPU process judges with the
+    adapters train; one fp32 process samples with the policy itself, whose logits are those of
+    transformers' model with W + s B A, and a saved model holds W + s B A; it judges with the
     policy's own frozen tensors, and the judge's probabilities equal those of a judge loaded alone."""
+    import copy
+
     from safetensors.torch import load_file
 
     from lettingo import load_model, save_model
@@ -706,26 +709,27 @@ def test_a_lora_policy_starts_as_the_base_and_its_judge_shares_the_weights(tiny,
         cfg = TrainConfig(model=folder, judge=folder, lora_rank=4, lora_alpha=8.0)
         policy = load_policy(folder, cfg, d)
         judge, params = load_judge(cfg, policy, d), dict(policy.model.named_parameters())
-        shared = {p.data_ptr() for p in judge.model.parameters()}       # (before a forward unshards them)
+        shared = {p.data_ptr() for p in judge.model.parameters()}
         assert all(full_tensor(p).data_ptr() in shared for p in params.values() if not p.requires_grad)
         tokens = torch.tensor([[5, 17, 42, 9, 100, 3, 77]])
         with torch.no_grad():
             assert (policy.model(tokens) - reference(tokens).logits).abs().max() < 1e-4
         trained = [n for n, p in params.items() if p.requires_grad]
         assert len(trained) == 2 * 7 * 2 and all(n.endswith((".lora_A", ".lora_B")) for n in trained)
+        merged = copy.deepcopy(reference)
         with torch.no_grad():
             for n in trained:
                 if n.endswith(".lora_B"):
-                    params[n].to_local().normal_()          # as if trained
+                    B, A = full_tensor(params[n]).normal_(), full_tensor(params[n.replace("_B", "_A")])
+                    merged.get_parameter(n.replace("lora_B", "weight")).add_(2.0 * B @ A)   # as if trained
         policy.sync()
-        stem = "model.layers.1.mlp.down_proj."
-        W, A, B = (params[stem + k].to_local() for k in ("weight", "lora_A", "lora_B"))
-        assert torch.allclose(policy.rollout.model.layers[1].mlp.down_proj.weight, W + 2.0 * B @ A, atol=1e-6)
+        assert policy.rollout is policy.model
         with torch.no_grad():
-            assert (policy.rollout(tokens) - policy.model(tokens)).abs().max() < 1e-4
+            assert (policy.rollout(tokens) - merged(tokens).logits).abs().max() < 1e-4
+        stem = "model.layers.1.mlp.down_proj."
         save_model(policy.model, policy.tok, str(tmp_path / "merged"), state_dict=MergedWeights(params, 2.0))
         saved = load_file(str(tmp_path / "merged" / "model.safetensors"))     # safetensors' own reader
-        assert torch.allclose(saved[stem + "weight"], W + 2.0 * B @ A, atol=1e-6)
+        assert torch.allclose(saved[stem + "weight"], merged.get_parameter(stem + "weight"), atol=1e-6)
         assert not any(k.endswith(("lora_A", "lora_B")) for k in saved) and len(saved) == 2 * 9 + 2
         alone = LocalJudge(*load_model(folder, device="cpu"))
         messages = [[{"role": "user", "content": f"Toy Story (1995): rated {r}/5. Heat (1995)?"}]
