@@ -227,7 +227,7 @@ def bench_update_kernels(args):
             peaks.append(mem.peak_bytes)
         name = f"{kernel}_{'shared' if share else 'unshared'}" + ("_checkpointing" if checkpointing else "")
         best = min(times[-args.repeats:])
-        out[name] = {"s": round(best, 2), "peak_GB": round(max(peaks) / 2**30, 2),
+        out[name] = {"s": round(best, 2), "peak_GiB": round(max(peaks) / 2**30, 2),
                      "tokens_computed": shared_tokens if share else seq_tokens,
                      "sequence_tokens_per_s": round(seq_tokens / best)}
         print(f"  {name}: {out[name]}", flush=True)

@@ -461,7 +461,7 @@ def train_on(cfg: DPOConfig, d: Dist, kind: str, run_dir, examples, samples, not
                   f"{loop.total} steps of {cfg.pairs_per_step}; {note}")
         for step in loop.steps():
             if judge and loop.validation_due(step):
-                policy.sync()                             # the rollout copy takes the trained weights
+                policy.sync()                             # a rollout copy takes the trained weights
                 loop.log_validation(step, validate(policy.sampler, policy.tok, judge, val, cfg.task,
                                                    cfg.max_new_tokens, cfg.batch_size, d))
             if step == loop.total:

@@ -401,7 +401,7 @@ def run(cfg: GRPOConfig, rewards=None):
     with TrainLoop(cfg, d, policy, cfg.out, len(train), cfg.prompts_per_step, ckpt, cfg.mini_batches) as loop:
         for step in loop.steps():
             if loop.validation_due(step):
-                policy.sync()                             # the rollout copy takes the trained weights
+                policy.sync()                             # a rollout copy takes the trained weights
                 loop.log_validation(step, validate(policy.sampler, policy.tok, judge, val, cfg.task,
                                                    cfg.max_new_tokens, cfg.batch_size, d))
             if step == loop.total:

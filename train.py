@@ -470,7 +470,7 @@ class TrainLoop:
         with TrainLoop(cfg, d, policy, run_dir, n_examples, per_step, ckpt) as loop:
             for step in loop.steps():                  # from the resumed step to loop.total, inclusive
                 if loop.validation_due(step):          # every cfg.eval_every steps and at the end
-                    policy.sync()                      # the rollout copy takes the trained weights
+                    policy.sync()                      # a rollout copy takes the trained weights
                     loop.log_validation(step, validate(...))
                 if step == loop.total:
                     break                              # the end: validated, nothing left to train
