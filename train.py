@@ -411,8 +411,13 @@ def logprobs_no_grad(model, seqs, budget, device, temperature=1.0) -> list[torch
 def apply_update(policy: Policy, loss_sum: float, max_norm: float, d: Dist) -> tuple[float, bool]:
     """Clip and step -- unless the loss or the global gradient norm is not finite: then the
     gradients are dropped and nothing is applied (returns applied=False)."""
-    norm = torch.nn.utils.clip_grad_norm_(policy.model.parameters(), max_norm)
-    norm = full_tensor(norm).item()
+    params = [p for p in policy.model.parameters() if p.grad is not None]
+    # each gradient's norm summed in row-major order, one copy at a time: a policy that samples itself keeps
+    # the decode layout (cpu_decode_layout), and a sum's last bits follow the order it reads memory in
+    norms = [torch._foreach_norm([p.grad.contiguous()])[0] for p in params]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    norm = full_tensor(total).item()
     ok = bool(torch.isfinite(torch.tensor([norm, loss_sum])).all())
     if ok:
         policy.optimizer.step()

@@ -306,6 +306,28 @@ def test_non_finite_step_is_skipped():
     assert ok and not torch.equal(before[0], model.weight)
 
 
+def test_the_clipped_update_does_not_depend_on_the_weights_layout():
+    """One fp32 process samples with the policy itself, whose weights keep the decode layout (transposed
+    strides, rollout.cpu_decode_layout): the clipped AdamW update must be the bits torch's clip_grad_norm_
+    and AdamW give on the same weights and gradients stored row-major (a norm summed in memory order
+    differs in its last bits)."""
+    import copy
+    torch.manual_seed(0)
+    rowmajor = torch.nn.Linear(1536, 576)
+    moved = copy.deepcopy(rowmajor)
+    moved.weight.data = moved.weight.data.t().contiguous().t()
+    (rowmajor(torch.randn(8, 1536)) ** 2).sum().backward()
+    moved.weight.grad = rowmajor.weight.grad.t().contiguous().t()
+    moved.bias.grad = rowmajor.bias.grad.clone()
+    assert not moved.weight.grad.is_contiguous() and torch.equal(moved.weight.grad, rowmajor.weight.grad)
+    reference = torch.optim.AdamW(rowmajor.parameters(), lr=0.1, weight_decay=0.0)
+    want = torch.nn.utils.clip_grad_norm_(rowmajor.parameters(), 1e-3).item()
+    reference.step()
+    norm, ok = apply_update(optimized(moved, 0.1), 1.0, 1e-3, Dist(0, 1, torch.device("cpu")))
+    assert ok and norm == want
+    assert torch.equal(moved.weight, rowmajor.weight) and torch.equal(moved.bias, rowmajor.bias)
+
+
 @pytest.fixture(scope="module")
 def toy_setup(tmp_path_factory):
     return tiny_run_folder(tmp_path_factory.mktemp("toy"), users=40)
